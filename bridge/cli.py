@@ -1,0 +1,216 @@
+"""`m2m-bridge`: the daemon, config checks, one-off reads, the simulator and the demo.
+
+Exit codes (DESIGN.md): 0 ok, 1 the device or broker failed, 2 usage, 78 config error
+(EX_CONFIG from sysexits.h, which systemd's RestartPreventExitStatus= users know).
+Expected failures print one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from bridge import __version__
+from bridge.config import config_json_schema, load_config
+from bridge.demo import run_demo
+from bridge.errors import BridgeError, ConfigError, UsageError
+from bridge.logs import configure
+from bridge.oneshot import read_config_points, read_url
+from bridge.report import plan_report
+from bridge.service import Service
+from bridge.simulator import run_simulator
+from bridge.systemd import notify
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"m2m-bridge: {message} (see '{self.prog} --help')\n")
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> int:
+    print(f"m2m-bridge: {message}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="m2m-bridge", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"m2m-bridge {__version__}")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-json", action="store_true", default=None,
+                        help="JSON log lines even on a terminal (default: JSON when not a tty)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help_: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, epilog=f"example: {example}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", required=True, type=Path, help="bridge YAML file")
+
+    config_arg(command("run", "run the daemon in the foreground (systemd Type=notify)",
+                       "m2m-bridge run -c /etc/m2m-bridge/bridge.yaml"))
+    config_arg(command("validate", "check a config; exit 0, or 78 listing every error",
+                       "m2m-bridge validate -c configs/bridge.yaml"))
+    command("schema", "print the JSON Schema of the config format", "m2m-bridge schema > s.json")
+    config_arg(command("plan", "show the read requests per device and the registers they span",
+                       "m2m-bridge plan -c configs/bridge.yaml"))
+
+    read = command(
+        "read", "read registers once, from a URL or a configured device",
+        "m2m-bridge read tcp://127.0.0.1:5020 --unit 1 --table input --address 0 "
+        "--type float32 --count 3\n"
+        "         m2m-bridge read -c configs/bridge.yaml meter-1 voltage_l1",
+    )
+    read.add_argument("-c", "--config", type=Path, help="bridge YAML file (config form)")
+    read.add_argument("target", help="device URL (tcp://host[:port]) or, with -c, a device name")
+    read.add_argument("points", nargs="*", help="with -c: point names (default: all)")
+    read.add_argument("--unit", type=int, default=1, help="slave id, 0-247 (default 1)")
+    read.add_argument("--table", default="holding",
+                      choices=["holding", "input", "coil", "discrete"])
+    read.add_argument("--address", type=int, default=0, help="0-based PDU address")
+    read.add_argument("--count", type=int, default=1, help="how many values of --type")
+    read.add_argument("--type", dest="type_", default=None, help="value type (default uint16)")
+    read.add_argument("--byte-order", default="ABCD", choices=["ABCD", "CDAB", "BADC", "DCBA"])
+    read.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    read.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    sim = command("simulate", "serve the configured devices as Modbus slaves",
+                  "m2m-bridge simulate -c configs/bridge.yaml")
+    config_arg(sim)
+    demo = command("demo", "simulated devices -> bridge -> broker, with a live view",
+                   "m2m-bridge demo")
+    demo.add_argument("-c", "--config", type=Path, default=None,
+                      help="config to demo (default: configs/bridge.yaml)")
+    demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure(level=args.log_level, json=args.log_json)
+    handler = _COMMANDS[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except BridgeError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    points = sum(len(d.points) for d in config.devices)
+    print(f"{args.config}: ok ({len(config.links)} links, {len(config.devices)} devices, "
+          f"{points} points)")
+    return EXIT_OK
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(config_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    print(plan_report(load_config(args.config)))
+    return EXIT_OK
+
+
+def _cmd_read(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        config = load_config(args.config)
+        rows = asyncio.run(read_config_points(config, args.target, args.points))
+        if args.json:
+            print(json.dumps([{"point": r.name, "value": r.value, "unit": r.unit} for r in rows]))
+        else:
+            _table([("point", "value", "unit")]
+                   + [(r.name, json.dumps(r.value), r.unit or "") for r in rows])
+        return EXIT_OK
+    if args.points:
+        return _fail("point names need -c FILE; with a URL use --address", EXIT_USAGE)
+    values = asyncio.run(read_url(
+        args.target, unit=args.unit, table=args.table, address=args.address, count=args.count,
+        type_=args.type_, byte_order=args.byte_order, timeout=args.timeout,
+    ))
+    if args.json:
+        print(json.dumps([{"address": a, "value": v} for a, v in values]))
+    else:
+        _table([("address", "value")] + [(str(a), json.dumps(v)) for a, v in values])
+    return EXIT_OK
+
+
+def _table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)  # a bad config stops here, before any device is touched
+    service = Service(config)
+
+    async def daemon() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:  # a second signal means now
+                sys.stderr.write("m2m-bridge: second signal, exiting at once\n")
+                sys.stderr.flush()
+                os._exit(EXIT_FAILED)
+            notify("STOPPING=1")
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+
+        def ready() -> None:
+            notify("READY=1")
+
+        await service.run(stop=stop, ready=ready)
+
+    asyncio.run(daemon())
+    return EXIT_OK
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+
+    def ready() -> None:
+        print("simulating; Ctrl-C stops", file=sys.stderr)
+
+    asyncio.run(run_simulator(config, on_ready=ready))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    code: int = asyncio.run(run_demo(args.config, duration=args.duration))
+    return code
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "validate": _cmd_validate,
+    "schema": _cmd_schema,
+    "plan": _cmd_plan,
+    "read": _cmd_read,
+    "simulate": _cmd_simulate,
+    "demo": _cmd_demo,
+}

@@ -1,0 +1,71 @@
+"""The bridge's exceptions: one small tree, each branch saying whose fault it is.
+
+    BridgeError
+    ├── ConfigError        the YAML (or a secret it names) is wrong; carries every issue found
+    ├── CodecError         a value does not fit a point's type (encode) or registers are short
+    ├── DeviceError        the device answered, but not with data (Modbus exception, bad frame)
+    │                      `retryable` says whether asking again later may help (06 busy: yes)
+    ├── TransportError     the link failed: refused, timed out, closed; always retryable
+    ├── BrokerError        the MQTT broker refused us or went away
+    └── UsageError         the command line asks for something impossible (exit 2)
+
+Foreign exceptions (pymodbus, paho/aiomqtt, OSError) are turned into these at the edge modules,
+so nothing above the transports ever catches a library's exception type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class BridgeError(Exception):
+    """Base of every error the bridge raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in a config file, located for a human: `file:line: path: message`."""
+
+    file: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(BridgeError):
+    """The configuration is invalid; `issues` lists every problem, not just the first."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(issue) for issue in issues))
+
+
+class CodecError(BridgeError, ValueError):
+    """A value cannot be encoded for, or decoded from, a point's registers."""
+
+
+class DeviceError(BridgeError):
+    """The device answered with a Modbus exception or an unusable reply."""
+
+    def __init__(self, message: str, *, code: int | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+class TransportError(BridgeError):
+    """The link to the device failed (connect refused, timeout, connection lost)."""
+
+    retryable = True
+
+
+class BrokerError(BridgeError):
+    """The MQTT broker could not be reached or refused the connection."""
+
+
+class UsageError(BridgeError):
+    """A CLI argument is wrong: a bad URL, a type that does not exist, a count out of range."""

@@ -1,0 +1,58 @@
+"""`m2m-bridge plan`: what the planner will ask each device for, and what it costs the bus."""
+
+from __future__ import annotations
+
+import math
+
+from bridge.config import Config, SerialLink, TcpLink
+from bridge.planner import ReadRequest, plan_device, registers_spanned
+
+BITS_PER_CHAR = 11  # RTU: start + 8 data + parity (or 2nd stop) + stop
+RTU_REQUEST_BYTES = 8  # unit, function, address(2), count(2), CRC(2)
+RTU_REPLY_OVERHEAD = 5  # unit, function, byte count, CRC(2)
+
+
+def silence(baudrate: int) -> float:
+    """Inter-frame silence: 3.5 characters, fixed at 1.75 ms above 19200 baud (serial-line spec)."""
+    return 0.00175 if baudrate > 19200 else 3.5 * BITS_PER_CHAR / baudrate
+
+
+def rtu_seconds(request: ReadRequest, baudrate: int) -> float:
+    """Bus time of one RTU read: both frames on the wire plus the silence after each."""
+    data = math.ceil(request.count / 8) if request.is_bits else 2 * request.count
+    frame_bytes = RTU_REQUEST_BYTES + RTU_REPLY_OVERHEAD + data
+    return frame_bytes * BITS_PER_CHAR / baudrate + 2 * silence(baudrate)
+
+
+def plan_report(config: Config) -> str:
+    lines: list[str] = []
+    total_requests = total_points = 0
+    for device in config.devices:
+        link = config.link(device.link)
+        if not isinstance(link, TcpLink | SerialLink):
+            lines.append(f"{device.name}: line instrument on {link.name}, one request per poll")
+            continue
+        groups = plan_device(device.points, interval=device.interval,
+                             max_registers=link.max_registers, max_gap=link.max_gap)
+        requests = sum(len(g.requests) for g in groups)
+        points = sum(1 for p in device.points if p.address is not None)
+        total_requests += requests
+        total_points += points
+        lines.append(
+            f"{device.name} (unit {device.unit} on {link.name}): {requests} requests per cycle "
+            f"for {points} points, {registers_spanned(groups)} registers spanned"
+        )
+        for group in groups:
+            for request in group.requests:
+                cost = ""
+                if isinstance(link, SerialLink):
+                    cost = f"  ~{rtu_seconds(request, link.baudrate) * 1000:.1f} ms"
+                names = ", ".join(p.name for p in request.points)
+                lines.append(f"  every {group.interval:g}s  {request}{cost}  [{names}]")
+        if isinstance(link, SerialLink):
+            busy = sum(rtu_seconds(r, link.baudrate) / g.interval
+                       for g in groups for r in g.requests)
+            lines.append(f"  bus time: {busy * 100:.1f}% of {link.name} at {link.baudrate} baud")
+    lines.append(f"total: {total_requests} requests per cycle instead of {total_points} "
+                 f"(one per point)")
+    return "\n".join(lines)

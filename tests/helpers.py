@@ -1,0 +1,171 @@
+"""Real parts for tests: a mosquitto broker, the daemon as a subprocess, an MQTT recorder.
+
+Everything binds 127.0.0.1 on a free port and is stopped by process id, so tests never touch a
+broker that may already run on 1883.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@dataclass
+class Broker:
+    """A mosquitto started for one test."""
+
+    port: int
+    conf: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.process = subprocess.Popen(
+            [exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@contextlib.contextmanager
+def mosquitto(tmp: Path, extra: str = "") -> Iterator[Broker]:
+    port = free_port()
+    conf = tmp / f"mosquitto-{port}.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}"
+    )
+    broker = Broker(port, conf)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@dataclass
+class Recorder:
+    """Every message seen on a topic filter, in arrival order."""
+
+    messages: list[tuple[str, bytes, bool]] = field(default_factory=list)
+
+    def payloads(self, topic: str) -> list[bytes]:
+        return [p for t, p, _ in self.messages if t == topic]
+
+    def values(self, topic: str) -> list[Any]:
+        return [json.loads(p) for p in self.payloads(topic)]
+
+    def last(self, topic: str) -> bytes | None:
+        found = self.payloads(topic)
+        return found[-1] if found else None
+
+    async def wait_for(self, predicate: Any, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                seen = sorted({t for t, _, _ in self.messages})
+                raise AssertionError(f"condition not met within {timeout}s; topics seen: {seen}")
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def recording(port: int, topic: str) -> AsyncIterator[Recorder]:
+    recorder = Recorder()
+    async with aiomqtt.Client("127.0.0.1", port, identifier=f"test-{os.getpid()}-{port}") as client:
+        await client.subscribe(topic, qos=1)
+
+        async def pump() -> None:
+            async for message in client.messages:
+                payload = message.payload
+                assert isinstance(payload, bytes)
+                recorder.messages.append((str(message.topic), payload, message.retain))
+
+        task = asyncio.create_task(pump())
+        try:
+            yield recorder
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@dataclass
+class Daemon:
+    """`m2m-bridge run` as a subprocess."""
+
+    config: Path
+    process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    def start(self) -> None:
+        self.log = self.config.with_suffix(".log")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "--log-json", "run", "-c", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("wb"),
+            cwd=self.config.parent,
+        )
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log and self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`m2m-bridge ARGS` as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, check=False,
+    )
