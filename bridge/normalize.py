@@ -7,6 +7,8 @@ ask for (DESIGN.md complaint 8).
 
 from __future__ import annotations
 
+import decimal
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,16 +45,28 @@ def engineering(point: Scaled, raw: Value) -> Value:
     if point.values is not None and isinstance(raw, int):
         return point.values.get(raw, raw)  # an unlisted state is still worth seeing as a number
     value: float | int = raw
+    precision = point.precision
     if point.scale != 1 or point.offset != 0:
         value = raw * point.scale + point.offset
+        if precision is None and isinstance(raw, int):
+            # 215 * 0.1 is 21.500000000000004 in binary floating point; an integer register
+            # scaled by 0.1 carries one decimal, so that is what we publish.
+            precision = max(_decimals(point.scale), _decimals(point.offset))
     if isinstance(value, float):
         if not math.isfinite(value):
             raise BadValue(f"{value} is not a finite number")
-        if point.precision is not None:
-            value = round(value, point.precision)
-            if point.precision == 0:
+        if precision is not None:
+            value = round(value, precision)
+            if precision == 0:
                 value = int(value)
     return value
+
+
+@functools.lru_cache(maxsize=256)
+def _decimals(number: float) -> int:
+    """Decimal places `number` is written with: 0.1 -> 1, 0.025 -> 3, 10 -> 0."""
+    exponent = decimal.Decimal(repr(number)).normalize().as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
 
 
 @dataclass(slots=True)

@@ -163,7 +163,9 @@ class Daemon:
             self.process.wait()
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """`m2m-bridge ARGS` as a user would run it."""
     return subprocess.run(
         [sys.executable, "-m", "bridge", *args],

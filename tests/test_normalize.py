@@ -25,6 +25,13 @@ class TestEngineering:
         """value = raw * scale + offset, rounded to precision."""
         assert engineering(P(scale=0.1, offset=-40, precision=1), 655) == 25.5
 
+    def test_scaled_integer_has_no_float_noise(self) -> None:
+        """An integer register times 0.1 publishes 21.5, not 21.500000000000004."""
+        assert engineering(P(scale=0.1), 215) == 21.5
+        assert repr(engineering(P(scale=0.1), 214)) == "21.4"
+        assert engineering(P(scale=0.01, offset=-40), 6543) == 25.43
+        assert engineering(P(scale=2), 21) == 42
+
     def test_integers_stay_integers_without_scaling(self) -> None:
         """A counter with scale 1 is published as 1234, not 1234.0."""
         value = engineering(P(), 1234)
