@@ -73,6 +73,7 @@ class Publisher:
         self.published = 0
         self.reconnects = 0
         self.on_connect: Callable[[], None] | None = None
+        self.last_error = ""
 
     def set_status(self, device: str, online: bool) -> None:
         """Record a device's status; it goes out now if connected, else on the next connect."""
@@ -98,6 +99,7 @@ class Publisher:
                     await client.publish(self.topics.gateway_status, b"offline", qos=1, retain=True)
                     return
             except aiomqtt.MqttError as exc:
+                self.last_error = repr(exc)
                 self.connected.clear()
                 if not was_down or attempt == 0:
                     log.warning("broker unreachable", host=self.settings.host, error=str(exc))

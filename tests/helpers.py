@@ -69,11 +69,20 @@ class Broker:
 
 
 @contextlib.contextmanager
-def mosquitto(tmp: Path, extra: str = "") -> Iterator[Broker]:
-    port = free_port()
+def mosquitto(tmp: Path, extra: str = "", port: int | None = None) -> Iterator[Broker]:
+    """A broker on 127.0.0.1; it keeps sessions in `tmp` across restarts on the same port."""
+    port = port or free_port()
+    # Started as root, mosquitto drops to its own user: give it a directory it may write.
+    data = tmp / "mosquitto"
+    data.mkdir(exist_ok=True)
+    data.chmod(0o777)
+    tmp.chmod(0o755)
     conf = tmp / f"mosquitto-{port}.conf"
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}"
+        f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+        f"persistence true\npersistence_location {data}/\n"
+        f"persistence_file {port}.db\nlog_dest file {data}/{port}.log\n"
+        f"log_type error\nlog_type warning\nlog_type notice\n{extra}"
     )
     broker = Broker(port, conf)
     broker.start()
@@ -109,9 +118,15 @@ class Recorder:
 
 
 @contextlib.asynccontextmanager
-async def recording(port: int, topic: str) -> AsyncIterator[Recorder]:
+async def recording(
+    port: int, topic: str, *, session: str | None = None
+) -> AsyncIterator[Recorder]:
+    """Record `topic`; with `session`, a persistent session the broker queues for."""
     recorder = Recorder()
-    async with aiomqtt.Client("127.0.0.1", port, identifier=f"test-{os.getpid()}-{port}") as client:
+    async with aiomqtt.Client(
+        "127.0.0.1", port, identifier=session or f"test-{os.getpid()}-{port}",
+        clean_session=session is None,
+    ) as client:
         await client.subscribe(topic, qos=1)
 
         async def pump() -> None:

@@ -1,0 +1,84 @@
+"""Secret references in config values: `${env:NAME}`, `${file:/path}`, `${credential:NAME}`.
+
+References are substituted in the parsed YAML data, before validation, so a secret can stand
+in any string value (or part of one). The paths that held a reference are returned, so the
+error reporter can show `<secret>` instead of echoing the value. Problems name the reference,
+never what it resolved to.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # yamlsource imports this module
+    from bridge.yamlsource import Loc
+
+_REFERENCE = re.compile(r"\$\{(?P<source>[A-Za-z_]+):(?P<name>[^}]*)\}")
+# systemd credential names are file names in $CREDENTIALS_DIRECTORY: refuse anything that
+# could walk out of it.
+_CREDENTIAL_NAME = re.compile(r"[A-Za-z0-9_.@-]+")
+
+
+@dataclass(frozen=True)
+class Substituted:
+    """Data with every reference replaced, where references were, and what could not resolve."""
+
+    data: Any
+    secret_paths: frozenset[Loc]
+    problems: list[tuple[Loc, str]]
+
+
+def substitute(data: Any, environ: Mapping[str, str]) -> Substituted:
+    """Replace every secret reference in the string values of `data` (not in keys)."""
+    paths: set[Loc] = set()
+    problems: list[tuple[Loc, str]] = []
+
+    def walk(value: Any, at: Loc) -> Any:
+        if isinstance(value, dict):
+            return {key: walk(item, (*at, key)) for key, item in value.items()}
+        if isinstance(value, list):
+            return [walk(item, (*at, index)) for index, item in enumerate(value)]
+        if isinstance(value, str) and _REFERENCE.search(value):
+            paths.add(at)
+
+            def replace(match: re.Match[str]) -> str:
+                resolved, problem = _resolve(match["source"], match["name"], environ)
+                if problem:
+                    problems.append((at, f"secret {match[0]} {problem}"))
+                return resolved
+
+            return _REFERENCE.sub(replace, value)
+        return value
+
+    return Substituted(walk(data, ()), frozenset(paths), problems)
+
+
+def _resolve(source: str, name: str, environ: Mapping[str, str]) -> tuple[str, str]:
+    """(value, "") or ("", why it could not be resolved)."""
+    if source == "env":
+        return (environ[name], "") if name in environ else ("", "is not set")
+    if source == "credential":
+        directory = environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            return "", "cannot be read: $CREDENTIALS_DIRECTORY is not set"
+        if not _CREDENTIAL_NAME.fullmatch(name):
+            return "", "is not a valid credential name"
+        return _read(Path(directory) / name)
+    if source == "file":
+        return _read(Path(name))
+    return "", "has an unknown source: use env, file or credential"
+
+
+def _read(path: Path) -> tuple[str, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return "", f"cannot be read: {exc.strerror}"
+    except UnicodeDecodeError:
+        return "", "cannot be read: not UTF-8 text"
+    # Files written with `echo` end in a newline that is not part of the password.
+    return (text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")), ""

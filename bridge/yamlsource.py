@@ -1,0 +1,229 @@
+"""YAML documents that remember where every value came from, and locate errors in them.
+
+PyYAML's `safe_load` forgets line numbers, and config errors must name them (DESIGN.md:
+`bridge.yaml:23: devices[0].points[3].type: …`). So the file is composed into nodes and built
+into plain Python data by hand, recording the 1-based line of every mapping key and sequence
+item under its path tuple, e.g. `("devices", 0, "points", 3, "type")`. Duplicate keys, which
+`safe_load` silently resolves to the last one, are reported instead.
+
+`Document.validation_issues` turns a pydantic ValidationError into ConfigIssues at those lines,
+with short messages that never echo a value a secret reference went into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import yaml
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+
+from bridge.errors import ConfigError, ConfigIssue
+from bridge.secrets import substitute
+
+Loc: TypeAlias = tuple[str | int, ...]
+
+
+def render_path(path: Loc) -> str:
+    """`("devices", 0, "points", 3, "type")` -> `devices[0].points[3].type`."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+@dataclass(frozen=True)
+class Document:
+    """One parsed YAML file: its data, the line of every path, and which paths hold secrets."""
+
+    file: str
+    data: Any
+    lines: Mapping[Loc, int]
+    secret_paths: frozenset[Loc] = frozenset()
+
+    def line(self, path: Loc) -> int:
+        """Line of the deepest recorded prefix of `path` (a missing key: its parent's line)."""
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.lines:
+                return self.lines[path[:end]]
+        return 0
+
+    def is_secret(self, path: Loc) -> bool:
+        """Whether the value at `path`, or any value inside it, came from a secret reference."""
+        return any(path[: len(s)] == s or s[: len(path)] == path for s in self.secret_paths)
+
+    def issue(self, path: Loc, message: str) -> ConfigIssue:
+        """A ConfigIssue located at `path` in this file."""
+        return ConfigIssue(self.file, self.line(path), render_path(path), message)
+
+    def show(self, path: Loc, value: Any = None) -> str:
+        """`repr` of the value at `path` for a message; `<secret>` if a secret went into it."""
+        if self.is_secret(path):
+            return "<secret>"
+        if value is None:
+            value = self.data
+            for part in path:
+                value = value[part]
+        return repr(value)
+
+    def items(self, key: str) -> list[Any]:
+        """The top-level list `key`, or [] if there is none (a wrong type is reported anyway)."""
+        items = self.data.get(key) if isinstance(self.data, dict) else None
+        return items if isinstance(items, list) else []
+
+    def names(self, key: str) -> list[tuple[int, str]]:
+        """(index, name) of the items of the top-level list `key` that have a string name."""
+        return [
+            (index, item["name"])
+            for index, item in enumerate(self.items(key))
+            if isinstance(item, dict) and isinstance(item.get("name"), str)
+        ]
+
+    def duplicate_names(self, key: str) -> list[ConfigIssue]:
+        """An issue at each item of the list `key` whose name an earlier item already has.
+
+        Read from the raw data, so an item that fails validation still takes part.
+        """
+        first: dict[str, int] = {}
+        issues = []
+        for index, name in self.names(key):
+            if name in first:
+                message = f"duplicate name {name!r} (first at line {self.line((key, first[name]))})"
+                issues.append(self.issue((key, index, "name"), message))
+            first.setdefault(name, index)
+        return issues
+
+    def validation_issues(self, exc: ValidationError) -> list[ConfigIssue]:
+        """Pydantic's errors as located, short, human messages (no URLs, no secret values)."""
+        issues = []
+        for error in exc.errors(include_url=False):
+            path = _path(self.data, error)
+            issues.append(self.issue(path, _message(error, path, self)))
+        return issues
+
+
+def parse_yaml(text: str, file: str) -> tuple[Document, list[ConfigIssue]]:
+    """Parse `text`; return the document and its duplicate-key issues.
+
+    Raises ConfigError with one issue when the text is not YAML at all.
+    """
+    loader = yaml.SafeLoader(text)
+    lines: dict[Loc, int] = {(): 1}
+    issues: list[ConfigIssue] = []
+    try:
+        node = loader.get_single_node()
+        data = _build(loader, node, (), lines=lines, issues=issues, file=file) if node else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        line = mark.line + 1 if mark is not None else 0
+        raise ConfigError([ConfigIssue(file, line, "", f"invalid YAML: {problem}")]) from None
+    finally:
+        loader.dispose()
+    return Document(file, data, lines), issues
+
+
+class UnreadableFileError(Exception):
+    """The file could not be read at all; the message says why."""
+
+
+def read_document(
+    path: Path, file: str, environ: Mapping[str, str]
+) -> tuple[Document, list[ConfigIssue]]:
+    """Read and parse `path` (shown as `file`), substituting secret references.
+
+    Returns the document and the problems that did not stop parsing (duplicate keys, missing
+    secrets). Raises UnreadableFileError, or ConfigError if the text is not YAML.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UnreadableFileError(exc.strerror or str(exc)) from None
+    except UnicodeDecodeError:
+        raise UnreadableFileError("not UTF-8 text") from None
+    parsed, issues = parse_yaml(text, file)
+    secrets = substitute(parsed.data, environ)
+    doc = Document(file, secrets.data, parsed.lines, secrets.secret_paths)
+    return doc, issues + [doc.issue(at, message) for at, message in secrets.problems]
+
+
+def _build(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    at: Loc,
+    *,
+    lines: dict[Loc, int],
+    issues: list[ConfigIssue],
+    file: str,
+) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolves `<<: *anchor` merge keys like safe_load does
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key: Any = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, list | dict):
+                issues.append(ConfigIssue(file, line, render_path(at), "a key must be a scalar"))
+                continue
+            path: Loc = (*at, key)
+            if key in result:
+                message = f"duplicate key {key!r} (first at line {lines[path]})"
+                issues.append(ConfigIssue(file, line, render_path(path), message))
+                continue
+            lines[path] = line
+            result[key] = _build(loader, value_node, path, lines=lines, issues=issues, file=file)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for index, item in enumerate(node.value):
+            lines[(*at, index)] = item.start_mark.line + 1
+            items.append(_build(loader, item, (*at, index), lines=lines, issues=issues, file=file))
+        return items
+    return loader.construct_object(node, deep=True)
+
+
+def _path(data: Any, error: ErrorDetails) -> Loc:
+    """The error's location as a path into the YAML data.
+
+    Pydantic's `loc` also holds steps that are not in the file, such as the union tag of a
+    link (`links.0.tcp.port`); those are dropped. A final step not in the data is kept: it
+    names a missing key.
+    """
+    path: list[str | int] = []
+    node = data
+    loc = error["loc"]
+    for step, part in enumerate(loc):
+        in_dict = isinstance(node, dict) and part in node
+        if in_dict or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):
+            node = node[part]
+        elif not (isinstance(node, dict) and step == len(loc) - 1):
+            continue
+        path.append(part)
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        path.append("type")  # the one discriminated union here is a link's `type`
+    return tuple(path)
+
+
+def _message(error: ErrorDetails, path: Loc, doc: Document) -> str:
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind == "extra_forbidden":
+        return f"unknown key {path[-1]!r}"
+    if kind in ("missing", "union_tag_not_found"):
+        return "required key missing"
+    if kind == "literal_error":
+        return f"{doc.show(path, error['input'])} is not one of {ctx['expected']}"
+    if kind == "union_tag_invalid":
+        return f"{doc.show(path, ctx['tag'])} is not one of {ctx['expected_tags']}"
+    if kind == "string_pattern_mismatch":
+        return f"{doc.show(path, error['input'])} may only contain [A-Za-z0-9_-]"
+    if kind == "value_error":
+        return error["msg"].removeprefix("Value error, ")
+    if kind == "model_type" and not path:
+        return "expected a mapping of keys"
+    return error["msg"]

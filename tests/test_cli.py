@@ -1,0 +1,194 @@
+"""The CLI as an operator uses it: exit codes, one-line errors, tables and JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge.config import load_config
+from bridge.simulator import Simulator
+from tests.helpers import ROOT, free_port
+
+POINTS = [
+    {"name": "voltage", "table": "input", "address": 0, "type": "float32", "unit": "V"},
+    {"name": "current", "table": "input", "address": 2, "type": "float32", "byte_order": "CDAB",
+     "unit": "A"},
+    {"name": "temp", "address": 10, "type": "int16", "scale": 0.1, "unit": "°C"},
+    {"name": "state", "address": 11, "values": {0: "stopped", 1: "running"}},
+    {"name": "pump_on", "table": "coil", "address": 4},
+]
+
+
+def config_file(tmp_path: Path, port: int) -> Path:
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1,
+        "gateway": {"id": "cli"},
+        "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": port,
+                   "timeout": "300ms"}],
+        "devices": [{"name": "meter", "link": "plc", "unit": 3, "points": POINTS}],
+    }, allow_unicode=True))
+    return path
+
+
+async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `m2m-bridge ARGS` without blocking the loop the simulated device runs in."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+async def device(tmp_path: Path) -> AsyncIterator[tuple[Path, int]]:
+    port = free_port()
+    path = config_file(tmp_path, port)
+    sim = Simulator(load_config(path))
+    await sim.start()
+    values: dict[str, Any] = {"voltage": 230.5, "current": 4.25, "temp": 21.5,
+                              "state": "running", "pump_on": True}
+    for name, value in values.items():
+        sim.set_value("meter", name, value)
+    try:
+        yield path, port
+    finally:
+        await sim.stop()
+
+
+class TestRead:
+    """`read` from a URL or a configured device."""
+
+    async def test_url_read_json(self, device: tuple[Path, int]) -> None:
+        """--json prints [{"address", "value"}] decoded with --type and --byte-order."""
+        _, port = device
+        r = await cli("read", f"tcp://127.0.0.1:{port}", "--unit", "3", "--table", "input",
+                      "--address", "0", "--type", "float32", "--count", "1", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == [{"address": 0, "value": 230.5}]
+        r = await cli("read", f"tcp://127.0.0.1:{port}", "--unit", "3", "--table", "input",
+                      "--address", "2", "--type", "float32", "--byte-order", "CDAB", "--json")
+        assert json.loads(r.stdout) == [{"address": 2, "value": 4.25}]
+
+    async def test_url_read_table(self, device: tuple[Path, int]) -> None:
+        """Without --json the output is a readable table of address and value."""
+        _, port = device
+        r = await cli("read", f"tcp://127.0.0.1:{port}", "--unit", "3", "--address", "10",
+                      "--count", "2", "--type", "int16")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split("\n")[0].split() == ["address", "value"]
+        assert r.stdout.split("\n")[1].split() == ["10", "215"]
+        assert r.stdout.split("\n")[2].split() == ["11", "1"]
+
+    async def test_config_read_scales_and_names(self, device: tuple[Path, int]) -> None:
+        """`read -c FILE DEVICE` reads points as the daemon publishes them."""
+        path, _ = device
+        r = await cli("read", "-c", str(path), "meter", "--json")
+        assert r.returncode == 0, r.stderr
+        assert {row["point"]: row["value"] for row in json.loads(r.stdout)} == {
+            "voltage": 230.5, "current": 4.25, "temp": 21.5, "state": "running",
+            "pump_on": True,
+        }
+        r = await cli("read", "-c", str(path), "meter", "temp")
+        assert r.stdout.split("\n")[1].split() == ["temp", "21.5", "°C"]
+
+    async def test_unknown_point_is_a_usage_error(self, device: tuple[Path, int]) -> None:
+        """A point the device does not have: exit 2 and a line naming it."""
+        path, _ = device
+        r = await cli("read", "-c", str(path), "meter", "nope")
+        assert r.returncode == 2
+        assert r.stderr.strip() == "m2m-bridge: device 'meter' has no point 'nope'"
+
+    async def test_modbus_exception_is_one_line(self, device: tuple[Path, int]) -> None:
+        """A unit the gateway does not serve: exit 1 and one line naming the exception."""
+        _, port = device
+        r = await cli("read", f"tcp://127.0.0.1:{port}", "--unit", "9", "--timeout", "0.5")
+        assert r.returncode == 1
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert "unit 9" in lines[0]
+        assert "Modbus exception 04 (server device failure)" in lines[0]
+
+
+async def test_unreachable_device_is_exit_1_one_line() -> None:
+    """Nothing listening: exit 1, one line, no traceback."""
+    r = await cli("read", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.5")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("m2m-bridge: tcp://127.0.0.1:")
+    assert "connection failed" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["read", "ftp://x"], "scheme must be one of"),
+        (["read", "tcp://127.0.0.1:99999"], "port"),
+        (["read", "tcp://127.0.0.1", "--type", "int33"], "--type 'int33'"),
+        (["read", "tcp://127.0.0.1", "--unit", "300"], "--unit 300"),
+        (["read", "tcp://127.0.0.1", "--count", "200", "--type", "float32"], "more than one"),
+        (["read", "tcp://127.0.0.1", "--table", "coil", "--type", "float32"], "hold bits"),
+        (["read", "tcp://127.0.0.1", "--bogus"], "unrecognized arguments: --bogus"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+async def test_bad_arguments_exit_2(args: list[str], needle: str) -> None:
+    """Bad arguments: exit 2 and a message naming the argument."""
+    r = await cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+async def test_validate_ok_and_errors(tmp_path: Path) -> None:
+    """validate: 0 with a summary, or 78 listing every error with file:line: path."""
+    good = config_file(tmp_path, 502)
+    r = await cli("validate", "-c", str(good))
+    assert r.returncode == 0, r.stderr
+    assert "ok (1 links, 1 devices, 5 points)" in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("type: float32", "type: float33", 1)
+                   .replace("unit: 3", "unit: 300"))
+    r = await cli("validate", "-c", str(bad))
+    assert r.returncode == 78
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert all(line.startswith(f"{bad}:") for line in lines)
+    assert any("float33" in line for line in lines)
+    assert any("devices[0].unit" in line for line in lines)
+
+
+async def test_schema_is_json_schema() -> None:
+    """schema prints a JSON Schema naming the top-level sections."""
+    r = await cli("schema")
+    assert r.returncode == 0
+    schema = json.loads(r.stdout)
+    assert {"version", "mqtt", "links", "devices"} <= set(schema["properties"])
+
+
+async def test_plan_shows_coalesced_requests(tmp_path: Path) -> None:
+    """plan lists each request with its registers and counts requests against points."""
+    r = await cli("plan", "-c", str(config_file(tmp_path, 502)))
+    assert r.returncode == 0, r.stderr
+    assert "meter (unit 3 on plc): 3 requests per cycle for 5 points" in r.stdout
+    assert "input 0-3 (4, 2 points)" in r.stdout
+    assert "total: 3 requests per cycle instead of 5 (one per point)" in r.stdout
+
+
+async def test_every_command_has_help_with_an_example() -> None:
+    """--help of each command shows an example."""
+    for command in ("run", "validate", "schema", "plan", "read", "simulate", "demo"):
+        r = await cli(command, "--help")
+        assert r.returncode == 0
+        assert "example: m2m-bridge" in r.stdout, command
