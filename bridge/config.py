@@ -211,7 +211,8 @@ class Point(_Model):
     name: Name
     table: Table = "holding"
     type: PointType = Field(default="uint16", description="default: bool on coil and discrete")
-    count: int | None = Field(default=None, ge=1, validate_default=True)  # strings: registers
+    # strings: registers; one read request carries at most 125 (Modbus spec)
+    count: int | None = Field(default=None, ge=1, le=125, validate_default=True)
     address: int | None = Field(default=None, ge=0, le=65535, description="0-based PDU address")
     bit: int | None = Field(default=None, ge=0, le=15)
     byte_order: ByteOrder | None = None
@@ -226,6 +227,13 @@ class Point(_Model):
     min: float | None = None
     max: float | None = None
     simulate: SimHint | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_status_topic(cls, value: str) -> str:
+        if value == "status":
+            raise ValueError("'status' is reserved: <prefix>/<device>/status is the device status")
+        return value
 
     @property
     def order(self) -> ByteOrder:

@@ -43,7 +43,7 @@ def make_client(settings: MqttSettings, *, will: aiomqtt.Will | None = None) -> 
     v5 = settings.protocol == 5
     protocol = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
     password = settings.password.get_secret_value() if settings.password else None
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         settings.host,
         settings.port,
         username=settings.username,
@@ -56,6 +56,9 @@ def make_client(settings: MqttSettings, *, will: aiomqtt.Will | None = None) -> 
         max_inflight_messages=BATCH,
         timeout=30,
     )
+    # aiomqtt warns past 10 pending publishes; we keep up to BATCH in flight on purpose.
+    client.pending_calls_threshold = 2 * BATCH
+    return client
 
 
 class Publisher:

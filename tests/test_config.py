@@ -208,6 +208,20 @@ class TestLocatedErrors:
         assert (issue.line, issue.path) == (9, "devices[0].points[0].count")
         assert "only for strings" in issue.message
 
+    def test_string_longer_than_one_request_is_refused(self, tmp_path: Path) -> None:
+        """A string must fit one read request: 125 registers at most."""
+        issue = only_issue(
+            tmp_path, device_with("{name: p, address: 0, type: string, count: 126}")
+        )
+        assert (issue.line, issue.path) == (9, "devices[0].points[0].count")
+        assert "125" in issue.message
+
+    def test_point_named_status_is_refused(self, tmp_path: Path) -> None:
+        """A point called status would publish on the device's status topic."""
+        issue = only_issue(tmp_path, device_with("{name: status, address: 0}"))
+        assert (issue.line, issue.path) == (9, "devices[0].points[0].name")
+        assert "reserved" in issue.message
+
     @pytest.mark.parametrize("table", ["input", "discrete"])
     def test_writable_read_only_table_is_refused(self, tmp_path: Path, table: str) -> None:
         """Input registers and discrete inputs cannot be written."""
