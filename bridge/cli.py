@@ -44,8 +44,8 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="m2m-bridge", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"m2m-bridge {__version__}")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="default info; warning for demo, whose live view is the output")
     parser.add_argument("--log-json", action="store_true", default=None,
                         help="JSON log lines even on a terminal (default: JSON when not a tty)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure(level=args.log_level, json=args.log_json)
+    quiet = args.command == "demo"
+    configure(level=args.log_level or ("warning" if quiet else "info"), json=args.log_json)
     handler = _COMMANDS[args.command]
     try:
         return handler(args)

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import signal
 import socket
-import ssl
 import sys
 import tempfile
 import time
@@ -19,11 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-import aiomqtt
-
 from bridge.broker import EmbeddedBroker, broker_answers, start_embedded_broker
 from bridge.config import Config, MqttSettings, load_config
 from bridge.errors import BridgeError
+from bridge.mqtt import make_client
 from bridge.simulator import Simulator
 
 DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "bridge.yaml"
@@ -36,15 +34,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _tls_context(mqtt: MqttSettings) -> ssl.SSLContext | None:
-    if mqtt.tls is None:
-        return None
-    context = ssl.create_default_context(cafile=mqtt.tls.ca_file)
-    if mqtt.tls.cert_file:
-        context.load_cert_chain(mqtt.tls.cert_file, mqtt.tls.key_file)
-    return context
 
 
 class LiveView:
@@ -77,11 +66,8 @@ class LiveView:
 
 
 async def _subscribe(mqtt: MqttSettings, view: LiveView) -> None:
-    password = mqtt.password.get_secret_value() if mqtt.password is not None else None
-    async with aiomqtt.Client(
-        mqtt.host, mqtt.port, username=mqtt.username, password=password,
-        tls_context=_tls_context(mqtt),
-    ) as client:
+    viewer = mqtt.model_copy(update={"client_id": f"{mqtt.client_id}-view"})
+    async with make_client(viewer) as client:
         await client.subscribe(f"{mqtt.topic_prefix}/#")
         async for message in client.messages:
             payload = message.payload

@@ -1,0 +1,339 @@
+"""Daemon CPU time per published value, and its RSS (DESIGN.md "Performance model").
+
+The setup DESIGN.md's targets are stated for: N units x M holding registers (uint16 points at
+addresses 0..M-1, one device per unit, all on one tcp link), 1 s polls, a fast Modbus TCP device
+(`m2m-bridge simulate` in its own process, so its CPU is not counted) and a private mosquitto on
+127.0.0.1. Only the daemon's own CPU (utime + stime from /proc/PID/stat) is measured; the
+subscriber that counts what arrives runs in this process.
+
+    .venv/bin/python bench/pipeline.py                     # both modes, 3 runs each, 20 s windows
+    .venv/bin/python bench/pipeline.py --mode per-device --seconds 10 --repeat 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import yaml
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # for tests.helpers: the private mosquitto the e2e tests use
+
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
+GATEWAY = "bench"
+PREFIX = f"m2m/{GATEWAY}"
+MODES = ("per-point", "per-device")
+TARGET_US = {"per-point": 9.0, "per-device": 3.0}  # DESIGN.md: CPU µs per value, at most
+TARGET_RSS_MIB = 35.0  # DESIGN.md: the whole daemon under this
+INTERVAL = 1.0  # seconds between polls of every device
+FIRST_VALUES_TIMEOUT = 30.0  # daemon start to the first value received
+QUIET = 0.2  # no arrivals for this long = between two poll bursts
+STOP_GRACE = 5.0  # SIGTERM, then SIGKILL after this many seconds
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- the config ---------------------------------------------------------------------------
+
+
+def write_config(
+    path: Path, *, broker: int, device: int, mode: str, units: int, registers: int
+) -> Path:
+    """`units` devices of `registers` uint16 holding points each, on one tcp link."""
+    points = [{"name": f"r{a:03d}", "address": a, "type": "uint16"} for a in range(registers)]
+    doc: dict[str, Any] = {
+        "version": 1,
+        "gateway": {"id": GATEWAY, "state_dir": str(path.parent / "state")},
+        "mqtt": {"host": "127.0.0.1", "port": broker, "qos": 1, "messages": mode},
+        "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": device,
+                   "timeout": "1s"}],
+        "devices": [
+            {"name": f"unit-{unit:02d}", "link": "plc", "unit": unit, "interval": INTERVAL,
+             "points": points}
+            for unit in range(1, units + 1)
+        ],
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+# --- /proc ----------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of `pid` (all its threads) so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    """VmRSS of `pid` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def stop(process: subprocess.Popen[bytes] | None) -> None:
+    """Terminate `process` by its id; kill it if it is still there after STOP_GRACE."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+@contextlib.contextmanager
+def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`args` as a child with stderr in `log`, stopped by its id on the way out."""
+    with log.open("wb") as err:
+        child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+    try:
+        yield child
+    finally:
+        stop(child)
+
+
+@contextlib.contextmanager
+def simulated_device(config: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    from tests.helpers import wait_for_port
+
+    log = config.parent / "simulator.log"
+    with process([PYTHON, "-m", "bridge", "--log-json", "simulate", "-c", str(config)],
+                 log) as child:
+        try:
+            wait_for_port(port, timeout=30)
+        except TimeoutError:
+            raise RuntimeError(f"the simulator does not listen on {port}:\n{tail(log)}") from None
+        yield child
+
+
+# --- the subscriber -------------------------------------------------------------------------
+
+
+class Counter:
+    """Values received on `m2m/bench/#` for one mode; status topics are ignored."""
+
+    def __init__(self, mode: str) -> None:
+        self.per_device = mode == "per-device"
+        self.values = 0
+        self.last_arrival = 0.0  # time.monotonic() of the last counted message
+        self._lock = threading.Lock()
+
+    def count(self, topic: str, payload: bytes) -> None:
+        levels = topic.split("/")
+        if levels[-1] == "status":  # m2m/bench/status and m2m/bench/<device>/status
+            return
+        if self.per_device:
+            if len(levels) != 3:  # m2m/bench/<device>
+                return
+            n = len(json.loads(payload)["values"])
+        else:
+            if len(levels) != 4:  # m2m/bench/<device>/<point>
+                return
+            n = 1
+        with self._lock:
+            self.values += n
+            self.last_arrival = time.monotonic()
+
+    def snapshot(self) -> tuple[int, float]:
+        with self._lock:
+            return self.values, self.last_arrival
+
+
+@contextlib.contextmanager
+def subscriber(port: int, counter: Counter) -> Iterator[mqtt.Client]:
+    """A paho client (its own network thread) subscribed to the bench prefix."""
+    subscribed = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}",
+                         protocol=mqtt.MQTTv311)
+
+    def on_connect(
+        client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags, reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        client.subscribe(f"{PREFIX}/#", qos=0)  # QoS 0 down: keep the broker and this cheap
+
+    def on_subscribe(
+        client: mqtt.Client, userdata: object, mid: int, reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        subscribed.set()
+
+    def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        counter.count(message.topic, message.payload)
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+    client.connect("127.0.0.1", port, keepalive=60)
+    client.loop_start()
+    try:
+        if not subscribed.wait(10):
+            raise RuntimeError(f"could not subscribe on the broker at 127.0.0.1:{port}")
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+# --- one run --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    mode: str
+    seconds: float
+    values: int
+    cpu: float
+    rss: float
+
+    @property
+    def rate(self) -> float:
+        return self.values / self.seconds
+
+    @property
+    def us_per_value(self) -> float:
+        return self.cpu / self.values * 1e6 if self.values else math.nan
+
+    @property
+    def cpu_percent(self) -> float:
+        return self.cpu / self.seconds * 100
+
+
+def wait_quiet(counter: Counter, limit: float) -> None:
+    """Return between two poll bursts, so a window of whole intervals holds whole polls."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        _, last = counter.snapshot()
+        if time.monotonic() - last >= QUIET:
+            return
+        time.sleep(0.01)
+
+
+def run_once(config: Path, broker: int, mode: str, warmup: float, seconds: float) -> Result:
+    counter = Counter(mode)
+    log = config.with_suffix(".log")
+    with subscriber(broker, counter), process(
+        [PYTHON, "-m", "bridge", "--log-json", "run", "-c", str(config)], log
+    ) as daemon:
+        deadline = time.monotonic() + FIRST_VALUES_TIMEOUT
+        while counter.snapshot()[0] == 0:
+            if daemon.poll() is not None:
+                raise RuntimeError(f"the daemon exited ({daemon.returncode}):\n{tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no values within {FIRST_VALUES_TIMEOUT:g}s:\n{tail(log)}")
+            time.sleep(0.05)
+        time.sleep(warmup)
+        wait_quiet(counter, limit=2 * INTERVAL)
+        cpu0, (values0, _), t0 = cpu_seconds(daemon.pid), counter.snapshot(), time.monotonic()
+        time.sleep(seconds)
+        cpu1, (values1, _), t1 = cpu_seconds(daemon.pid), counter.snapshot(), time.monotonic()
+        rss = rss_mib(daemon.pid)
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited ({daemon.returncode}):\n{tail(log)}")
+    return Result(mode, t1 - t0, values1 - values0, cpu1 - cpu0, rss)
+
+
+# --- the whole benchmark --------------------------------------------------------------------
+
+
+def fmt_us(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--mode", choices=[*MODES, "both"], default="both")
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="measurement window per run (default 20)")
+    parser.add_argument("--warmup", type=float, default=5.0,
+                        help="seconds after the first value before measuring (default 5)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per mode (default 3)")
+    parser.add_argument("--units", type=int, default=10, help="devices, unit ids 1..N (default 10)")
+    parser.add_argument("--registers", type=int, default=100,
+                        help="uint16 holding points per device, addresses 0..N-1 (default 100)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.units <= 247:
+        parser.error("--units must be 1..247 (Modbus unit ids)")
+    if not 1 <= args.registers <= 65536:
+        parser.error("--registers must be 1..65536")
+    if args.repeat < 1 or args.seconds <= 0 or args.warmup < 0:
+        parser.error("--repeat must be >= 1, --seconds > 0, --warmup >= 0")
+    modes = list(MODES) if args.mode == "both" else [args.mode]
+
+    from tests.helpers import free_port, mosquitto
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"m2m-bridge pipeline bench: {args.units} units x {args.registers} uint16 holding "
+          f"registers, {INTERVAL:g} s polls, qos 1, one tcp link, local mosquitto")
+    print(f"expected {args.units * args.registers / INTERVAL:.0f} values/s; warm-up "
+          f"{args.warmup:g} s, window {args.seconds:g} s, {args.repeat} run(s) per mode")
+    print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, load average {load}")
+    print()
+    print(f"{'run':>3}  {'mode':<10}  {'values/s':>8}  {'µs/value':>8}  {'CPU %':>6}  "
+          f"{'RSS MiB':>7}")
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="m2m-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        with mosquitto(tmp) as broker:
+            device_port = free_port()
+            configs = {
+                mode: write_config(tmp / f"{mode}.yaml", broker=broker.port, device=device_port,
+                                   mode=mode, units=args.units, registers=args.registers)
+                for mode in modes
+            }
+            with simulated_device(configs[modes[0]], device_port):
+                # Modes alternate run by run, so a change in machine load hits both alike.
+                for run in range(1, args.repeat + 1):
+                    for mode in modes:
+                        r = run_once(configs[mode], broker.port, mode, args.warmup, args.seconds)
+                        results.append(r)
+                        print(f"{run:>3}  {mode:<10}  {r.rate:>8.1f}  "
+                              f"{fmt_us(r.us_per_value):>8}  {r.cpu_percent:>6.2f}  "
+                              f"{r.rss:>7.1f}", flush=True)
+    print()
+    print(f"median of {args.repeat} run(s)   µs/value (target)   RSS MiB (target)")
+    for mode in modes:
+        mine = [r for r in results if r.mode == mode]
+        us = statistics.median(r.us_per_value for r in mine)
+        rss = statistics.median(r.rss for r in mine)
+        print(f"  {mode:<10}             {fmt_us(us):>8} (<= {TARGET_US[mode]:g})      "
+              f"{rss:>7.1f} (< {TARGET_RSS_MIB:g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
