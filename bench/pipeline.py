@@ -31,6 +31,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import yaml
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -152,7 +153,7 @@ class Counter:
         self.last_arrival = 0.0  # time.monotonic() of the last counted message
         self._lock = threading.Lock()
 
-    def count(self, topic: str, payload: bytes) -> None:
+    def count(self, topic: str, payload: bytes | bytearray) -> None:
         levels = topic.split("/")
         if levels[-1] == "status":  # m2m/bench/status and m2m/bench/<device>/status
             return
@@ -177,8 +178,8 @@ class Counter:
 def subscriber(port: int, counter: Counter) -> Iterator[mqtt.Client]:
     """A paho client (its own network thread) subscribed to the bench prefix."""
     subscribed = threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}",
-                         protocol=mqtt.MQTTv311)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}",
+                         protocol=MQTTProtocolVersion.MQTTv311)
 
     def on_connect(
         client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags, reason: ReasonCode,
@@ -231,6 +232,10 @@ class Result:
     @property
     def cpu_percent(self) -> float:
         return self.cpu / self.seconds * 100
+
+    @property
+    def ticks(self) -> int:
+        return round(self.cpu * CLK_TCK)
 
 
 def wait_quiet(counter: Counter, limit: float) -> None:
@@ -324,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{run:>3}  {mode:<10}  {r.rate:>8.1f}  "
                               f"{fmt_us(r.us_per_value):>8}  {r.cpu_percent:>6.2f}  "
                               f"{r.rss:>7.1f}", flush=True)
+    fewest = min(results, key=lambda r: r.ticks)
+    if fewest.ticks < 100:
+        print(f"note: CPU time comes in 1/{CLK_TCK} s clock ticks; the {fewest.mode} window held "
+              f"only {fewest.ticks}, so one tick is {100 / max(1, fewest.ticks):.0f}% of it: "
+              f"use a longer --seconds or more --units")
     print()
     print(f"median of {args.repeat} run(s)   µs/value (target)   RSS MiB (target)")
     for mode in modes:

@@ -137,5 +137,5 @@ async def read_config_points(
                 for point, value in zip(request.points, request.decode(words), strict=True):
                     values[point.name] = engineering(point, value)
     finally:
-        link.client.close()
+        link.close()
     return [PointReading(p.name, values[p.name], p.unit) for p in points if p.name in values]

@@ -23,8 +23,8 @@ from bridge.config import Device, MqttSettings, Point
 from bridge.errors import BridgeError, CodecError, DeviceError, TransportError
 from bridge.messages import Message, Topics, device_payload, point_payload
 from bridge.normalize import BadValue, ChangeFilter, engineering
-from bridge.planner import PollGroup, ReadRequest
-from bridge.transports.modbus import ModbusClient
+from bridge.planner import PollGroup
+from bridge.scheduler import Link
 
 log = structlog.get_logger("bridge.poller")
 
@@ -51,23 +51,6 @@ class _Out:
 
     point: Point
     topic: str
-
-
-class Link:
-    """A Modbus client with the lock that makes its transactions one at a time."""
-
-    def __init__(self, client: ModbusClient, *, request_delay: float = 0.0) -> None:
-        self.client = client
-        self.request_delay = request_delay
-        self.lock = asyncio.Lock()
-
-    async def read(self, unit: int, request: ReadRequest) -> list[int]:
-        async with self.lock:
-            try:
-                return await self.client.read(unit, request.table, request.address, request.count)
-            finally:
-                if self.request_delay:
-                    await asyncio.sleep(self.request_delay)
 
 
 class DevicePoller:

@@ -17,7 +17,8 @@ from bridge.config import Config, Device, SerialLink, TcpLink
 from bridge.errors import BridgeError
 from bridge.mqtt import Publisher
 from bridge.planner import plan_device
-from bridge.poller import DevicePoller, Link
+from bridge.poller import DevicePoller
+from bridge.scheduler import Link
 from bridge.transports.modbus import Endpoint, ModbusClient
 
 log = structlog.get_logger("bridge.service")
@@ -33,7 +34,7 @@ def build_links(config: Config) -> dict[str, Link]:
         if not isinstance(link, TcpLink) or link.type not in SUPPORTED_LINKS:
             raise BridgeError(f"link {name!r}: type {link.type!r} is not supported by this build")
         endpoint = Endpoint(link.type, link.host, link.port, link.timeout)
-        links[name] = Link(ModbusClient(endpoint), request_delay=link.request_delay)
+        links[name] = Link(ModbusClient(endpoint), silence=link.request_delay)
     return links
 
 
@@ -93,7 +94,7 @@ class Service:
                 self.publisher.stop()
                 await self._drain(publishing, grace)
                 for link in self.links.values():
-                    link.client.close()
+                    link.close()
         log.info("bridge stopped", left_in_buffer=len(self.buffer))
 
     async def _drain(self, publishing: asyncio.Task[None], grace: float) -> None:
