@@ -16,11 +16,12 @@ import asyncio
 import contextlib
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import aiomqtt
 import structlog
 from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.properties import Properties
 
 from bridge.buffer import MemoryBuffer
 from bridge.config import MqttSettings
@@ -64,9 +65,19 @@ def make_client(settings: MqttSettings, *, will: aiomqtt.Will | None = None) -> 
 class Publisher:
     """Publishes buffered messages and status topics; survives broker outages."""
 
-    def __init__(self, settings: MqttSettings, buffer: MemoryBuffer) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        buffer: MemoryBuffer,
+        *,
+        subscriptions: Sequence[str] = (),
+        on_message: Callable[[aiomqtt.Message], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.buffer = buffer
+        self.subscriptions = tuple(subscriptions)
+        self.on_message = on_message
+        self._client: aiomqtt.Client | None = None
         self.topics = Topics(settings.topic_prefix)
         self._statuses: dict[str, bool] = {}
         self._dirty: set[str] = set()
@@ -75,7 +86,6 @@ class Publisher:
         self.connected = asyncio.Event()
         self.published = 0
         self.reconnects = 0
-        self.on_connect: Callable[[], None] | None = None
         self.last_error = ""
 
     def set_status(self, device: str, online: bool) -> None:
@@ -94,14 +104,14 @@ class Publisher:
             try:
                 async with make_client(self.settings, will=will) as client:
                     attempt = 0
-                    self.connected.set()
                     log.info("broker connected", host=self.settings.host, port=self.settings.port)
                     await client.publish(self.topics.gateway_status, b"online", qos=1, retain=True)
                     self._dirty = set(self._statuses)
-                    await self._pump(client)
+                    await self._session(client)
                     await client.publish(self.topics.gateway_status, b"offline", qos=1, retain=True)
                     return
             except aiomqtt.MqttError as exc:
+                self._client = None
                 self.last_error = repr(exc)
                 self.connected.clear()
                 if not was_down or attempt == 0:
@@ -113,6 +123,43 @@ class Publisher:
             self.reconnects += 1
             delay = random.uniform(0, min(RECONNECT_CAP, RECONNECT_BASE * 2**attempt))
             await self._sleep_unless_stopping(delay)
+
+    async def respond(
+        self, topic: str, payload: bytes, properties: Properties | None = None
+    ) -> bool:
+        """Publish a reply now (QoS 1, not retained, not buffered: it answers a live request).
+
+        Returns False when no broker is connected; the reply is then lost, as its request would
+        be with a clean session.
+        """
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.publish(topic, payload, 1, False, properties)
+        except aiomqtt.MqttError:
+            return False
+        return True
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        """One connection's life: subscribe to our own topics only, receive, publish."""
+        for topic in self.subscriptions:
+            await client.subscribe(topic, qos=1)
+        self._client = client
+        self.connected.set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                receiving = tg.create_task(self._receive(client))
+                await self._pump(client)
+                receiving.cancel()
+        finally:
+            self._client = None
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        if self.on_message is None:
+            return
+        async for message in client.messages:
+            self.on_message(message)
 
     def stop(self) -> None:
         """Finish: deliver what is buffered, publish `offline`, disconnect."""

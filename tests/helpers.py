@@ -72,14 +72,14 @@ class Broker:
 def mosquitto(tmp: Path, extra: str = "", port: int | None = None) -> Iterator[Broker]:
     """A broker on 127.0.0.1; it keeps sessions in `tmp` across restarts on the same port."""
     port = port or free_port()
-    # Started as root, mosquitto drops to its own user: give it a directory it may write.
     data = tmp / "mosquitto"
     data.mkdir(exist_ok=True)
-    data.chmod(0o777)
-    tmp.chmod(0o755)
+    # Started as root, mosquitto would drop to its own user, who cannot write under pytest's
+    # private tmp; `user root` keeps it as whoever started it.
+    user = "user root\n" if os.geteuid() == 0 else ""
     conf = tmp / f"mosquitto-{port}.conf"
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+        f"{user}listener {port} 127.0.0.1\nallow_anonymous true\n"
         f"persistence true\npersistence_location {data}/\n"
         f"persistence_file {port}.db\nlog_dest file {data}/{port}.log\n"
         f"log_type error\nlog_type warning\nlog_type notice\n{extra}"
