@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import NoReturn
 
 from bridge import __version__
 from bridge.config import config_json_schema, load_config
+from bridge.daemon import run_daemon
 from bridge.demo import run_demo
 from bridge.errors import BridgeError, ConfigError, UsageError
 from bridge.logs import configure
@@ -26,7 +25,6 @@ from bridge.oneshot import read_config_points, read_url
 from bridge.report import plan_report
 from bridge.service import Service
 from bridge.simulator import run_simulator
-from bridge.systemd import notify
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -162,32 +160,7 @@ def _table(rows: Sequence[Sequence[str]]) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)  # a bad config stops here, before any device is touched
-    service = Service(config)
-
-    async def daemon() -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        signals = 0
-
-        def on_signal() -> None:
-            nonlocal signals
-            signals += 1
-            if signals > 1:  # a second signal means now
-                sys.stderr.write("m2m-bridge: second signal, exiting at once\n")
-                sys.stderr.flush()
-                os._exit(EXIT_FAILED)
-            notify("STOPPING=1")
-            stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
-
-        def ready() -> None:
-            notify("READY=1")
-
-        await service.run(stop=stop, ready=ready)
-
-    asyncio.run(daemon())
+    asyncio.run(run_daemon(args.config, Service(config)))
     return EXIT_OK
 
 

@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 
 from bridge.buffer import MemoryBuffer
 from bridge.config import MqttSettings
+from bridge.health import Activity
 from bridge.messages import Topics
 
 log = structlog.get_logger("bridge.mqtt")
@@ -32,6 +33,7 @@ log = structlog.get_logger("bridge.mqtt")
 BATCH = 500  # messages per gather: large enough to keep the pipe full, small enough to requeue
 RECONNECT_BASE = 1.0
 RECONNECT_CAP = 60.0
+PUBLISH_TIMEOUT = 30.0  # aiomqtt's per-call timeout: a batch unacknowledged this long failed
 
 
 def make_client(settings: MqttSettings, *, will: aiomqtt.Will | None = None) -> aiomqtt.Client:
@@ -55,7 +57,7 @@ def make_client(settings: MqttSettings, *, will: aiomqtt.Will | None = None) -> 
         keepalive=max(1, round(settings.keepalive)),
         tls_context=tls,
         max_inflight_messages=BATCH,
-        timeout=30,
+        timeout=PUBLISH_TIMEOUT,
     )
     # aiomqtt warns past 10 pending publishes; we keep up to BATCH in flight on purpose.
     client.pending_calls_threshold = 2 * BATCH
@@ -84,6 +86,7 @@ class Publisher:
         self._wake = asyncio.Event()
         self._stopping = False
         self.connected = asyncio.Event()
+        self.activity = Activity("publisher", 2 * PUBLISH_TIMEOUT)
         self.published = 0
         self.reconnects = 0
         self.last_error = ""
@@ -94,6 +97,11 @@ class Publisher:
             self._statuses[device] = online
             self._dirty.add(device)
             self._wake.set()
+
+    def adopt_statuses(self, other: Publisher) -> None:
+        """Take over `other`'s device statuses (on reload): they are published on connect."""
+        self._statuses = dict(other._statuses)
+        self._dirty = set(self._statuses)
 
     async def run(self) -> None:
         """Connect, publish, reconnect on failure; return after `stop()` once drained."""
@@ -183,9 +191,10 @@ class Publisher:
                 continue
             batch = self.buffer.take(BATCH)
             try:
-                await asyncio.gather(
-                    *(client.publish(m.topic, m.payload, m.qos, m.retain) for m in batch)
-                )
+                with self.activity.running():
+                    await asyncio.gather(
+                        *(client.publish(m.topic, m.payload, m.qos, m.retain) for m in batch)
+                    )
             except BaseException:
                 self.buffer.requeue(batch)
                 raise

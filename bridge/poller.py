@@ -21,6 +21,7 @@ import structlog
 from bridge.codec import Value
 from bridge.config import Device, MqttSettings, Point
 from bridge.errors import BridgeError, CodecError, DeviceError, TransportError
+from bridge.health import Activity
 from bridge.messages import Message, Topics, device_payload, point_payload
 from bridge.normalize import BadValue, ChangeFilter, engineering
 from bridge.planner import PollGroup
@@ -72,6 +73,10 @@ class DevicePoller:
         self.emit = emit
         self.set_status = set_status
         self.stats = DeviceStats()
+        # A poll may take every request's timeout plus the quiet time around it; twice that
+        # (and 10 s) before the watchdog calls it hung.
+        worst = sum(len(g.requests) for g in self.plan) * (link.client.endpoint.timeout + 1.0)
+        self.activity = Activity(f"device {device.name}", 10.0 + 2 * worst)
         self._qos = mqtt.qos
         self._retain = mqtt.retain
         self._format = mqtt.format
@@ -96,7 +101,8 @@ class DevicePoller:
         while True:
             delay = 0.0
             try:
-                ok = await self.poll(group)
+                with self.activity.running():
+                    ok = await self.poll(group)
             except Exception:  # a bug must cost one poll, not the daemon
                 self._log.exception("poll failed unexpectedly")
                 self.stats.count_failure("internal")

@@ -13,29 +13,74 @@ from collections.abc import Callable
 import structlog
 
 from bridge.buffer import MemoryBuffer
+from bridge.commands import CommandHandler
 from bridge.config import Config, Device, SerialLink, TcpLink
 from bridge.errors import BridgeError
 from bridge.mqtt import Publisher
-from bridge.planner import plan_device
+from bridge.planner import PollGroup, plan_device
 from bridge.poller import DevicePoller
+from bridge.report import bus_load, silence
 from bridge.scheduler import Link
 from bridge.transports.modbus import Endpoint, ModbusClient
 
 log = structlog.get_logger("bridge.service")
 
-SUPPORTED_LINKS = frozenset({"tcp"})
+
+def endpoint_for(link: TcpLink | SerialLink) -> Endpoint:
+    """The transport's view of a configured Modbus link."""
+    if isinstance(link, SerialLink):
+        return Endpoint(
+            link.type, link.port, 0, link.timeout,
+            baudrate=link.baudrate, parity=link.parity, stopbits=link.stopbits,
+            bytesize=link.bytesize,
+        )
+    return Endpoint(link.type, link.host, link.port, link.timeout)
+
+
+def link_silence(link: TcpLink | SerialLink) -> float:
+    """Quiet time after each transaction, plus any `request_delay`.
+
+    On a serial line it is the serial-line spec's inter-frame gap (3.5 characters, 1.75 ms
+    above 19200 baud). ASCII frames are delimited and would not strictly need it, but cheap
+    ASCII slaves turn their transceivers around slowly, and it costs ~4 ms at 9600 baud. A TCP
+    socket (rtu-over-tcp included) leaves the line timing to the serial server in front.
+    """
+    if isinstance(link, SerialLink):
+        return silence(link.baudrate) + link.request_delay
+    return link.request_delay
 
 
 def build_links(config: Config) -> dict[str, Link]:
-    """One shared client per link that a device uses; refuse link types not built yet."""
+    """One shared client per Modbus link that a device uses."""
     links: dict[str, Link] = {}
     for name in dict.fromkeys(d.link for d in config.devices):
         link = config.link(name)
-        if not isinstance(link, TcpLink) or link.type not in SUPPORTED_LINKS:
+        if not isinstance(link, TcpLink | SerialLink):
             raise BridgeError(f"link {name!r}: type {link.type!r} is not supported by this build")
-        endpoint = Endpoint(link.type, link.host, link.port, link.timeout)
-        links[name] = Link(ModbusClient(endpoint), silence=link.request_delay)
+        links[name] = Link(ModbusClient(endpoint_for(link)), silence=link_silence(link))
     return links
+
+
+def warn_overloaded_links(config: Config, plans: dict[str, tuple[PollGroup, ...]]) -> None:
+    """One warning per serial link whose configured polls need more bus time than it has.
+
+    The line still works, the polls just come slower than configured; saying so at startup
+    beats an integrator wondering why a 1 s interval yields a reading every 1.4 s.
+    """
+    by_link: dict[str, list[tuple[PollGroup, ...]]] = {}
+    for device in config.devices:
+        if device.name in plans:
+            by_link.setdefault(device.link, []).append(plans[device.name])
+    for name, link_plans in by_link.items():
+        link = config.link(name)
+        if not isinstance(link, SerialLink):
+            continue
+        load = bus_load(link, link_plans)
+        if load > 1.0:
+            log.warning(
+                f"link {name} needs {load * 100:.0f}% of its bus time at {link.baudrate} baud",
+                link=name, load_percent=round(load * 100), baudrate=link.baudrate,
+            )
 
 
 def plan_for(config: Config, device: Device) -> tuple[int, int]:
@@ -47,28 +92,43 @@ def plan_for(config: Config, device: Device) -> tuple[int, int]:
 
 
 class Service:
-    """One running bridge: its buffer, publisher, links and pollers."""
+    """One running bridge: its buffer, publisher, links and pollers; reloadable by difference."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.buffer = MemoryBuffer(
             max_messages=config.mqtt.buffer.max_messages, max_bytes=config.mqtt.buffer.max_bytes
         )
-        self.publisher = Publisher(config.mqtt, self.buffer)
+        self.publisher = self._make_publisher(config)
         self.links = build_links(config)
-        self.pollers: list[DevicePoller] = []
-        for device in config.devices:
-            max_registers, max_gap = plan_for(config, device)
-            plan = plan_device(
-                device.points, interval=device.interval, max_registers=max_registers,
-                max_gap=max_gap,
-            )
-            self.pollers.append(
-                DevicePoller(
-                    device, plan, self.links[device.link], config.mqtt,
-                    emit=self.buffer.put, set_status=self.publisher.set_status,
-                )
-            )
+        self.pollers = {d.name: self._make_poller(config, d) for d in config.devices}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._publishing: asyncio.Task[None] | None = None
+
+    def _make_publisher(self, config: Config) -> Publisher:
+        # Commands reach links and the current publisher through the service (as _set_status).
+        self.commands = CommandHandler(
+            config, lambda name: self.links[name],
+            lambda *reply: self.publisher.respond(*reply),  # noqa: PLW0108 - late-bound
+            emit=self.buffer.put,
+        )
+        return Publisher(config.mqtt, self.buffer, subscriptions=self.commands.topics(),
+                         on_message=self.commands.on_message)
+
+    def _make_poller(self, config: Config, device: Device) -> DevicePoller:
+        max_registers, max_gap = plan_for(config, device)
+        plan = plan_device(
+            device.points, interval=device.interval, max_registers=max_registers, max_gap=max_gap
+        )
+        return DevicePoller(
+            device, plan, self.links[device.link], config.mqtt,
+            emit=self.buffer.put, set_status=self._set_status,
+        )
+
+    def _set_status(self, device: str, online: bool) -> None:
+        # Through the service, so pollers keep reporting to whichever publisher is current.
+        self.publisher.set_status(device, online)
 
     async def run(
         self,
@@ -79,29 +139,100 @@ class Service:
     ) -> None:
         """Run until `stop` is set (or forever), then shut down in order."""
         async with asyncio.TaskGroup() as tg:
-            publishing = tg.create_task(self.publisher.run(), name="publisher")
-            polling = [
-                tg.create_task(p.run(), name=f"device {p.device.name}") for p in self.pollers
-            ]
+            self._group = tg
+            self._publishing = tg.create_task(self.publisher.run(), name="publisher")
+            for name in self.pollers:
+                self._start(name)
             log.info("bridge started", devices=len(self.pollers), links=len(self.links))
             if ready is not None:
                 ready()
             try:
                 await (stop.wait() if stop is not None else asyncio.Future())
             finally:
-                for task in polling:
+                for task in self._tasks.values():
                     task.cancel()
+                await self.commands.drain(min(grace, 5.0))  # writes in flight get their result
                 self.publisher.stop()
-                await self._drain(publishing, grace)
+                await self._drain(self._publishing, grace)
                 for link in self.links.values():
                     link.close()
         log.info("bridge stopped", left_in_buffer=len(self.buffer))
 
-    async def _drain(self, publishing: asyncio.Task[None], grace: float) -> None:
+    def _start(self, name: str) -> None:
+        assert self._group is not None
+        poller = self.pollers[name]
+        self._tasks[name] = self._group.create_task(poller.run(), name=f"device {name}")
+
+    def _stop(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+        self.pollers.pop(name, None)
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply `new` by difference and return what changed, for the log.
+
+        Devices whose definition and link are unchanged keep polling without a gap; changed
+        devices restart; links are rebuilt only when their own settings changed. A change to
+        `mqtt` or `gateway` restarts the publisher (the buffer and device statuses carry over).
+        """
+        old = self.config
+        changes: list[str] = []
+        used = {d.link for d in new.devices}
+        kept_links = {
+            name: link for name, link in self.links.items()
+            if name in used and _link_def(old, name) == _link_def(new, name)
+        }
+        fresh = build_links(new.model_copy(update={
+            "devices": [d for d in new.devices if d.link not in kept_links]
+        }))
+        for name, link in self.links.items():
+            if name not in kept_links:
+                link.close()
+                changes.append(f"link {name} {'restarted' if name in fresh else 'removed'}")
+        self.links = {**fresh, **kept_links}
+        old_devices = {d.name: d for d in old.devices}
+        for device in new.devices:
+            before = old_devices.pop(device.name, None)
+            if before == device and device.link in kept_links and device.name in self.pollers:
+                continue
+            self._stop(device.name)
+            self.pollers[device.name] = self._make_poller(new, device)
+            if self._group is not None:
+                self._start(device.name)
+            changes.append(f"device {device.name} {'restarted' if before else 'added'}")
+        for name in old_devices:
+            self._stop(name)
+            self.publisher.set_status(name, False)
+            changes.append(f"device {name} removed")
+        if new.mqtt != old.mqtt or new.gateway != old.gateway:
+            self._restart_publisher(new)
+            changes.append("mqtt publisher restarted")
+        self.config = new
+        return changes
+
+    def _restart_publisher(self, new: Config) -> None:
+        old = self.publisher
+        self.publisher = self._make_publisher(new)
+        self.publisher.adopt_statuses(old)
+        if self._publishing is not None and self._group is not None:
+            self._publishing.cancel()  # its batch in flight goes back to the buffer
+            self._publishing = self._group.create_task(self.publisher.run(), name="publisher")
+
+    async def _drain(self, publishing: asyncio.Task[None] | None, grace: float) -> None:
+        if publishing is None:
+            return
         done, _ = await asyncio.wait({publishing}, timeout=grace)
         if not done:
             log.warning("stop grace expired", left_in_buffer=len(self.buffer))
             publishing.cancel()
+
+
+def _link_def(config: Config, name: str) -> object:
+    try:
+        return config.link(name)
+    except KeyError:
+        return None
 
 
 async def run_service(

@@ -152,13 +152,14 @@ class Daemon:
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
         self.log = self.config.with_suffix(".log")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bridge", "--log-json", "run", "-c", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("wb"),
             cwd=self.config.parent,
+            env={**os.environ, **(env or {})},
         )
 
     def signal(self, sig: signal.Signals) -> None:

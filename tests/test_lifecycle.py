@@ -1,0 +1,171 @@
+"""Daemon lifecycle: SIGHUP reload by difference, systemd notify and the watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge.config import load_config
+from bridge.health import Activity
+from bridge.simulator import Simulator
+from bridge.systemd import watchdog
+from tests.helpers import Broker, Daemon, free_port, mosquitto, recording
+
+PREFIX = "m2m/life"
+
+
+def config_doc(broker: int, device: int, interval_b: str = "200ms") -> dict[str, Any]:
+    point = [{"name": "v", "address": 0, "type": "uint16"}]
+    return {
+        "version": 1,
+        "gateway": {"id": "life"},
+        "mqtt": {"host": "127.0.0.1", "port": broker},
+        "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": device,
+                   "timeout": "300ms"}],
+        "devices": [
+            {"name": "a", "link": "plc", "unit": 1, "interval": "200ms", "points": point},
+            {"name": "b", "link": "plc", "unit": 2, "interval": interval_b, "points": point},
+        ],
+    }
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    with mosquitto(tmp_path) as b:
+        yield b
+
+
+@pytest.fixture
+async def setup(tmp_path: Path, broker: Broker) -> AsyncIterator[tuple[Path, Daemon]]:
+    port = free_port()
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(config_doc(broker.port, port)))
+    sim = Simulator(load_config(path))
+    await sim.start()
+    daemon = Daemon(path)
+    try:
+        yield path, daemon
+    finally:
+        daemon.stop()
+        await sim.stop()
+
+
+def gaps(stamps: list[int]) -> list[int]:
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+async def test_sighup_restarts_only_the_changed_device(
+    setup: tuple[Path, Daemon], broker: Broker
+) -> None:
+    """Changing b's interval: b speeds up, a's readings show no gap across the reload."""
+    path, daemon = setup
+    async with recording(broker.port, f"{PREFIX}/#") as rec:
+        daemon.start()
+        await rec.wait_for(lambda: len(rec.payloads(f"{PREFIX}/a/v")) >= 5)
+        path.write_text(yaml.safe_dump(config_doc(broker.port, _port(path), "50ms")))
+        daemon.signal(signal.SIGHUP)
+        await rec.wait_for(lambda: '"reloaded"' in daemon.output())
+        reloaded_at = len(rec.payloads(f"{PREFIX}/b/v"))
+        await asyncio.sleep(1.5)
+    a_stamps = [v["ts"] for v in rec.values(f"{PREFIX}/a/v")]
+    assert max(gaps(a_stamps)) < 350, gaps(a_stamps)  # 200 ms polls, no restart gap
+    b_after = rec.values(f"{PREFIX}/b/v")[reloaded_at:]
+    assert len(b_after) >= 15  # about 30 at 50 ms; at the old 200 ms it would be 7
+    assert "device b restarted" in daemon.output()
+    assert "device a" not in daemon.output().split('"reloaded"')[-1]
+
+
+async def test_bad_config_on_sighup_keeps_the_old_one(
+    setup: tuple[Path, Daemon], broker: Broker
+) -> None:
+    """A broken file on SIGHUP is logged with its location; polling goes on unchanged."""
+    path, daemon = setup
+    async with recording(broker.port, f"{PREFIX}/#") as rec:
+        daemon.start()
+        await rec.wait_for(lambda: len(rec.payloads(f"{PREFIX}/a/v")) >= 2)
+        path.write_text(path.read_text().replace("interval: 200ms", "interval: soon", 1))
+        daemon.signal(signal.SIGHUP)
+        await rec.wait_for(lambda: "reload refused" in daemon.output())
+        before = len(rec.payloads(f"{PREFIX}/a/v"))
+        await rec.wait_for(lambda: len(rec.payloads(f"{PREFIX}/a/v")) >= before + 3)
+    assert "devices[0].interval" in daemon.output()
+    assert daemon.process is not None
+    assert daemon.process.poll() is None
+
+
+def _port(path: Path) -> int:
+    port: int = yaml.safe_load(path.read_text())["links"][0]["port"]
+    return port
+
+
+@contextlib.contextmanager
+def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify.sock"
+    sock.bind(str(path))
+    sock.setblocking(False)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def drain(sock: socket.socket) -> list[str]:
+    out: list[str] = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            out.append(sock.recv(4096).decode())
+    return out
+
+
+async def test_watchdog_pings_stop_when_a_loop_is_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pings flow while loops make progress and stop once one is stuck past its bound."""
+    with notify_socket(tmp_path) as sock:
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+        healthy = Activity("poller", bound=10)
+        hung = Activity("publisher", bound=0.2)
+        task = asyncio.create_task(watchdog(lambda: [healthy, hung], 0.05))
+        await asyncio.sleep(0.3)
+        assert drain(sock).count("WATCHDOG=1") >= 4
+        with hung.running():  # an operation that never returns in time
+            await asyncio.sleep(0.3)  # past the 0.2 s bound
+            drain(sock)
+            await asyncio.sleep(0.3)
+            assert drain(sock) == []
+        await asyncio.sleep(0.2)
+        assert "WATCHDOG=1" in drain(sock)  # progress again: pings resume
+        task.cancel()
+
+
+async def test_daemon_tells_systemd_ready_watchdog_and_stopping(
+    tmp_path: Path, setup: tuple[Path, Daemon]
+) -> None:
+    """Under Type=notify the daemon sends READY=1, WATCHDOG=1 pings, then STOPPING=1."""
+    _, daemon = setup
+    with notify_socket(tmp_path) as sock:
+        env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+        daemon.start(env=env)
+        seen: list[str] = []
+        for _ in range(100):
+            seen += drain(sock)
+            if seen.count("WATCHDOG=1") >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert seen[0] == "READY=1"
+        assert seen.count("WATCHDOG=1") >= 3
+        daemon.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.wait) == 0
+        assert "STOPPING=1" in drain(sock)
+    assert os.environ.get("NOTIFY_SOCKET") is None
