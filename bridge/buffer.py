@@ -5,72 +5,439 @@ it (delivered: gone) or returns it (not delivered: back at the front, order kept
 Telegraf's transactional output buffer. Bounds are count and bytes; when full the oldest go
 first and are counted, because for telemetry the newest reading is the one worth keeping.
 
-This is the in-memory stage; the disk-backed store with the same interface (surviving restarts
-and power loss) replaces it in the store-and-forward issue.
+`DiskBuffer` is that buffer, stored in SQLite so it survives restarts and power loss; it keeps
+rows by id until they are acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import Iterable
+import bisect
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
 
 from bridge.messages import Message
 
+T = TypeVar("T")
 
-class MemoryBuffer:
-    """A bounded FIFO of messages with take / ack / requeue."""
+log = structlog.get_logger("bridge.buffer")
 
-    def __init__(self, *, max_messages: int, max_bytes: int) -> None:
+SYNC_EVERY = 5.0  # seconds between fsyncs of the WAL: the most a power cut can lose
+_RECOVERED = 0.9  # "no longer dropping" once below 90% of every bound, so the log won't flap
+MAX_SPANS = 256  # in-flight id ranges remembered before the hint is dropped
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    ts INTEGER NOT NULL
+)
+"""
+# Bytes a row counts against max_bytes: UTF-8 topic plus payload, as _encoded_size computes.
+_SIZE = "(length(CAST(topic AS BLOB)) + length(payload))"
+_INSERT = "INSERT INTO messages (id, topic, payload, qos, retain, ts) VALUES (?, ?, ?, ?, ?, ?)"
+_SELECT = (
+    "SELECT id, topic, payload, qos, retain, ts FROM messages"
+    " WHERE id > ? AND id <= ? ORDER BY id LIMIT ?"
+)
+_DELETE_IDS = f"DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING {_SIZE}"
+_DELETE_THROUGH = f"DELETE FROM messages WHERE id <= ? RETURNING id, {_SIZE}"
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A buffered message with its row id (the handle for ack / requeue)."""
+
+    id: int
+    message: Message
+
+
+class DiskBuffer:
+    """The store-and-forward buffer: a bounded, ordered SQLite queue (WAL) with in-flight rows.
+
+    Polling `put()`s each poll's messages in one transaction; the publisher `take()`s the oldest
+    rows not in flight, then `ack()`s them (delivered: deleted) or `requeue()`s them (to be taken
+    again, ahead of newer rows). In-flight marks live in memory only: after a restart every
+    stored row is sent again, so delivery is at-least-once and nothing acknowledged is resent.
+
+    Ids come from AUTOINCREMENT, so they only grow, also across restarts: id order is put order,
+    and `last_id()` marks "everything stored so far" (the backlog at a reconnect).
+
+    Bounds: `max_messages` rows, `max_bytes` (UTF-8 topic + payload bytes), `max_age` seconds of
+    `ts` against `clock`. The oldest rows by id go first, in flight or not (an ack or requeue of a
+    dropped id is a no-op), and are counted in `dropped`. Age is judged from the front: expired
+    rows are dropped on put() and take() up to the first row that has not expired.
+
+    Durability: WAL with `synchronous=NORMAL`. A commit is in the WAL file when put() returns,
+    so a process crash (`kill -9`, OOM) loses nothing that put() accepted. Only the OS page cache
+    holds it until the WAL is fsynced, so on power loss the last transactions can be lost (never
+    the database: WAL recovery always leaves a consistent state). Syncing every poll would cost
+    milliseconds per poll and wear SD cards, so instead at most every `SYNC_EVERY` seconds one
+    put() commits with `synchronous=FULL`, which fsyncs the WAL and with it every commit before
+    it: a power cut loses at most the readings of about the last `SYNC_EVERY` seconds, plus
+    acks of that time (those messages are sent again: at-least-once).
+
+    A failing disk (full, read-only, I/O error) never raises from put(): the batch is counted in
+    `lost` and logged once per change of state, and polling goes on. Not thread-safe: one event
+    loop thread owns it.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_messages: int,
+        max_bytes: int,
+        max_age: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
         self.max_messages = max_messages
         self.max_bytes = max_bytes
-        self._queue: deque[Message] = deque()
-        self._bytes = 0
+        self.max_age = max_age
+        self.clock = clock
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            log.warning("buffer not in WAL mode", path=str(self.path), journal_mode=mode)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        count, size, max_id = self._db.execute(
+            f"SELECT count(*), coalesce(sum({_SIZE}), 0), coalesce(max(id), 0) FROM messages"
+        ).fetchone()
+        seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        self._count: int = count
+        self._bytes: int = size
+        self._last_id: int = max(max_id, seq[0] if seq else 0)
+        self._inflight: set[int] = set()
+        # No row at the front is older than this (ms), so expiry needs no query before then.
+        self._front_ts: float = -float("inf")
+        self._uninflight: list[int] = []  # dropped in flight by the current transaction
+        self._unacked: set[int] = set()  # acked, but the delete failed: retried with the next ack
+        # Ranges [start, end] of ids in which every stored row is in flight: take() skips them
+        # without reading the rows. A hint only: take() also filters on _inflight.
+        self._starts: list[int] = []
+        self._ends: list[int] = []
         self._ready = asyncio.Event()
+        self._last_sync = time.monotonic()
+        self._dropping = False
+        self._failing = False
         self.dropped = 0
         self.accepted = 0
+        self.lost = 0  # messages put() could not store (disk full or failing)
+        if count:
+            log.info("buffer opened with backlog", path=str(self.path), messages=count,
+                     bytes=size)
 
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    @property
-    def bytes(self) -> int:
-        return self._bytes
+    # --- polling side -----------------------------------------------------------------------
 
     def put(self, messages: Iterable[Message]) -> None:
-        """Append messages; drop the oldest beyond the bounds. Never blocks."""
-        for message in messages:
-            self._queue.append(message)
-            self._bytes += _size(message)
-            self.accepted += 1
-        while self._queue and (
-            len(self._queue) > self.max_messages or self._bytes > self.max_bytes
-        ):
-            self._bytes -= _size(self._queue.popleft())
-            self.dropped += 1
-        if self._queue:
+        """Store a poll's messages in one transaction, then apply the bounds. Never raises."""
+        first = self._last_id + 1
+        rows = [
+            (first + i, m.topic, m.payload, m.qos, int(m.retain), m.ts)
+            for i, m in enumerate(messages)
+        ]
+        if not rows:
+            return
+        size = sum(_encoded_size(r[1], r[2]) for r in rows)
+        oldest = min(r[5] for r in rows)
+        sync = time.monotonic() - self._last_sync >= SYNC_EVERY
+
+        def insert() -> list[str]:
+            self._db.executemany(_INSERT, rows)
+            self._count += len(rows)
+            self._bytes += size
+            self._last_id = rows[-1][0]
+            self._front_ts = min(self._front_ts, oldest) if self._count > len(rows) else oldest
+            return self._enforce_bounds()
+
+        try:
+            if sync:
+                self._db.execute("PRAGMA synchronous=FULL")
+            try:
+                reasons = self._transaction(insert)
+            finally:
+                if sync:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            self.lost += len(rows)
+            if not self._failing:
+                self._failing = True
+                log.error("buffer write failed, readings are lost until it recovers",
+                          path=str(self.path), error=str(exc), lost=self.lost)
+            return
+        if sync:
+            self._last_sync = time.monotonic()
+        self.accepted += len(rows)
+        if self._failing:
+            self._failing = False
+            log.info("buffer writes recovered", path=str(self.path), lost=self.lost)
+        self._log_dropping(reasons)
+        if self._available():
             self._ready.set()
 
+    def _transaction(self, work: Callable[[], T]) -> T:
+        """Run `work` in one write transaction; on failure undo it and its bookkeeping too."""
+        saved = (self._count, self._bytes, self._last_id, self.dropped, self._front_ts)
+        self._uninflight = []
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work()
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            self._count, self._bytes, self._last_id, self.dropped, self._front_ts = saved
+            self._inflight.update(self._uninflight)  # dropped in flight, but not after all
+            raise
+        finally:
+            self._uninflight = []
+        return result
+
+    # --- publishing side --------------------------------------------------------------------
+
     async def wait(self) -> None:
-        """Return once there is something to take."""
-        while not self._queue:
+        """Return once there is a stored row that is not in flight."""
+        while not self._available():
             self._ready.clear()
             await self._ready.wait()
 
-    def take(self, limit: int) -> list[Message]:
-        """Remove and return up to `limit` of the oldest messages: the caller owns them now."""
-        n = min(limit, len(self._queue))
-        batch = [self._queue.popleft() for _ in range(n)]
-        self._bytes -= sum(_size(m) for m in batch)
-        return batch
+    def take(self, limit: int, *, after: int = 0, upto: int | None = None) -> list[Stored]:
+        """The oldest rows with `after < id <= upto` not in flight, up to `limit`: now in flight."""
+        if self.max_age and self._count:
+            try:
+                cut = self._expired_through()
+                if cut:
+                    self._transaction(lambda: self._drop_through(cut))
+                    self._log_dropping(["max_age"])
+            except sqlite3.Error as exc:  # sending a stale row beats not sending at all
+                log.warning("buffer expiry failed", path=str(self.path), error=str(exc))
+        hi = self._last_id if upto is None else min(upto, self._last_id)
+        pos = after
+        out: list[Stored] = []
+        inflight = self._inflight
+        starts, ends = self._starts, self._ends
+        while len(out) < limit and pos < hi:
+            i = bisect.bisect_right(starts, pos + 1) - 1
+            if i >= 0 and ends[i] >= pos + 1:
+                pos = ends[i]  # every stored row up to there is in flight
+                continue
+            gap_hi = hi if i + 1 >= len(starts) else min(hi, starts[i + 1] - 1)
+            want = limit - len(out)
+            rows = self._db.execute(_SELECT, (pos, gap_hi, want)).fetchall()
+            for id_, topic, payload, qos, retain, ts in rows:
+                if id_ not in inflight:
+                    inflight.add(id_)
+                    out.append(Stored(id_, Message(topic, payload, qos, bool(retain), ts)))
+            covered = gap_hi if len(rows) < want else rows[-1][0]
+            self._add_span(pos + 1, covered)
+            pos = covered
+        return out
 
-    def requeue(self, batch: list[Message]) -> None:
-        """Give back messages that were not delivered, ahead of everything newer."""
-        self._queue.extendleft(reversed(batch))
-        self._bytes += sum(_size(m) for m in batch)
-        if self._queue:
+    def ack(self, ids: Sequence[int]) -> None:
+        """Delivered: delete these rows in one transaction. Unknown or dropped ids are ignored."""
+        todo = set(ids) | self._unacked
+        if not todo:
+            return
+        try:
+            sizes = self._db.execute(_DELETE_IDS, (json.dumps(sorted(todo)),)).fetchall()
+        except sqlite3.Error as exc:
+            # They stay in flight (not sent again by this process); the next ack retries.
+            self._unacked = todo & self._inflight
+            log.error("buffer delete failed, will retry", path=str(self.path), error=str(exc),
+                      pending=len(self._unacked))
+            return
+        if self._unacked:
+            log.info("buffer deletes recovered", path=str(self.path))
+            self._unacked = set()
+        self._count -= len(sizes)
+        self._bytes -= sum(s for (s,) in sizes)
+        self._inflight -= todo
+        if not self._inflight:
+            self._starts.clear()
+            self._ends.clear()
+
+    def requeue(self, ids: Sequence[int]) -> None:
+        """Not delivered: no longer in flight; taken again in id order, ahead of newer rows."""
+        back = [i for i in ids if i in self._inflight]
+        self._inflight.difference_update(back)
+        for id_ in sorted(back):
+            self._split_span(id_)
+        if not self._inflight:
+            self._starts.clear()
+            self._ends.clear()
+        if self._available():
             self._ready.set()
 
+    def last_id(self) -> int:
+        """The highest id stored so far (0 when nothing was ever stored)."""
+        return self._last_id
 
-def _size(message: Message) -> int:
-    return len(message.topic) + len(message.payload)
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def oldest_ts(self) -> int | None:
+        """`ts` (epoch ms) of the oldest stored row, None when empty."""
+        if not self._count:
+            return None
+        row = self._db.execute("SELECT ts FROM messages ORDER BY id LIMIT 1").fetchone()
+        return None if row is None else int(row[0])
+
+    @property
+    def in_flight(self) -> int:
+        """Rows taken and neither acknowledged nor requeued."""
+        return len(self._inflight)
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the database file and close."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("buffer checkpoint failed", path=str(self.path), error=str(exc))
+        finally:
+            self._db.close()
+
+    # --- bounds -----------------------------------------------------------------------------
+
+    def _enforce_bounds(self) -> list[str]:
+        """Drop the oldest rows beyond the bounds (inside put()'s transaction); which bounds."""
+        reasons: list[str] = []
+        if self.max_age and self._drop_expired():
+            reasons.append("max_age")
+        if self._count > self.max_messages:
+            excess = self._count - max(self.max_messages, 0)
+            row = self._db.execute(
+                "SELECT id FROM messages ORDER BY id LIMIT 1 OFFSET ?", (excess - 1,)
+            ).fetchone()
+            self._drop_through(row[0])
+            reasons.append("max_messages")
+        if self._bytes > self.max_bytes:
+            excess = self._bytes - max(self.max_bytes, 0)
+            freed, cut = 0, 0
+            for id_, size in self._db.execute(f"SELECT id, {_SIZE} FROM messages ORDER BY id"):
+                freed += size
+                cut = id_
+                if freed >= excess:
+                    break
+            self._drop_through(cut)
+            reasons.append("max_bytes")
+        return reasons
+
+    def _log_dropping(self, reasons: list[str]) -> None:
+        """One line when dropping starts, one when the buffer is comfortably below its bounds."""
+        if reasons:
+            if not self._dropping:
+                self._dropping = True
+                log.warning("buffer full, dropping the oldest messages", path=str(self.path),
+                            bound=",".join(reasons), dropped=self.dropped)
+        elif self._dropping and self._below_bounds():
+            self._dropping = False
+            log.info("buffer no longer dropping", path=str(self.path), dropped=self.dropped)
+
+    def _below_bounds(self) -> bool:
+        if self._count > _RECOVERED * self.max_messages:
+            return False
+        if self._bytes > _RECOVERED * self.max_bytes:
+            return False
+        if not self.max_age:
+            return True
+        oldest = self.oldest_ts
+        return oldest is None or self.clock() * 1000 - oldest < _RECOVERED * self.max_age * 1000
+
+    def _drop_expired(self) -> bool:
+        """Drop the expired rows at the front; True if there were any."""
+        cut = self._expired_through()
+        if cut:
+            self._drop_through(cut)
+        return bool(cut)
+
+    def _expired_through(self) -> int:
+        """The id of the last row of the front run older than max_age (0: none)."""
+        cutoff = (self.clock() - self.max_age) * 1000
+        if self._front_ts >= cutoff:
+            return 0
+        cut = 0
+        self._front_ts = float("inf")  # empty
+        cursor = self._db.execute("SELECT id, ts FROM messages ORDER BY id")
+        for id_, ts in cursor:
+            if ts >= cutoff:
+                self._front_ts = ts
+                break
+            cut = id_
+        cursor.close()
+        return int(cut)
+
+    def _drop_through(self, cut: int) -> None:
+        """Delete every row with id <= cut, counted as dropped."""
+        gone = self._db.execute(_DELETE_THROUGH, (cut,)).fetchall()
+        self._count -= len(gone)
+        self._bytes -= sum(size for _, size in gone)
+        self.dropped += len(gone)
+        if self._inflight:
+            was = [id_ for id_, _ in gone if id_ in self._inflight]
+            self._inflight.difference_update(was)
+            self._uninflight.extend(was)
+
+    # --- in-flight bookkeeping --------------------------------------------------------------
+
+    def _available(self) -> bool:
+        return self._count > len(self._inflight)
+
+    def _add_span(self, start: int, end: int) -> None:
+        """Remember that every stored row in [start, end] is in flight; merge with neighbours."""
+        if end < start:
+            return
+        starts, ends = self._starts, self._ends
+        i = bisect.bisect_left(starts, start)
+        if i > 0 and ends[i - 1] >= start - 1:  # touches the one before
+            i -= 1
+            start = starts[i]
+            end = max(end, ends[i])
+            del starts[i], ends[i]
+        if i < len(starts) and starts[i] <= end + 1:  # touches the one after
+            end = max(end, ends[i])
+            del starts[i], ends[i]
+        starts.insert(i, start)
+        ends.insert(i, end)
+        if len(starts) > MAX_SPANS:  # fragmented by requeues: forget; take() filters anyway
+            starts.clear()
+            ends.clear()
+
+    def _split_span(self, id_: int) -> None:
+        """`id_` is no longer in flight: take it out of the span holding it."""
+        starts, ends = self._starts, self._ends
+        i = bisect.bisect_right(starts, id_) - 1
+        if i < 0 or ends[i] < id_:
+            return
+        start, end = starts[i], ends[i]
+        del starts[i], ends[i]
+        if id_ + 1 <= end:
+            starts.insert(i, id_ + 1)
+            ends.insert(i, end)
+        if start <= id_ - 1:
+            starts.insert(i, start)
+            ends.insert(i, id_ - 1)
+
+    @property
+    def bytes(self) -> int:
+        """UTF-8 topic + payload bytes of the stored rows (in flight included)."""
+        return self._bytes
+
+
+def _encoded_size(topic: str, payload: bytes) -> int:
+    return (len(topic) if topic.isascii() else len(topic.encode())) + len(payload)

@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 from bridge import __version__
 from bridge.config import config_json_schema, load_config
@@ -21,7 +21,7 @@ from bridge.daemon import run_daemon
 from bridge.demo import run_demo
 from bridge.errors import BridgeError, ConfigError, UsageError
 from bridge.logs import configure
-from bridge.oneshot import read_config_points, read_url
+from bridge.oneshot import read_config_points, read_url, write_config_point, write_url
 from bridge.report import plan_report
 from bridge.service import Service
 from bridge.simulator import run_simulator
@@ -82,9 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
     read.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
     read.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    sim = command("simulate", "serve the configured devices as Modbus slaves",
-                  "m2m-bridge simulate -c configs/bridge.yaml")
+    write = command(
+        "write", "write one value, to a URL or a configured point, and print its read-back",
+        "m2m-bridge write tcp://127.0.0.1:5020 --unit 1 --table holding --address 50 "
+        "--type float32 42.5\n"
+        "         m2m-bridge write -c configs/bridge.yaml meter-1 setpoint 42.5",
+    )
+    write.add_argument("-c", "--config", type=Path, help="bridge YAML file (config form)")
+    write.add_argument("target", help="device URL (tcp://host[:port]) or, with -c, a device name")
+    write.add_argument("rest", nargs="+", metavar="VALUE",
+                       help="with -c: POINT VALUE; with a URL: VALUE (as on a /set topic: "
+                            "42.5, true, on, running, '\"text\"')")
+    write.add_argument("--unit", type=int, default=1, help="slave id, 0-247 (default 1)")
+    write.add_argument("--table", default="holding", choices=["holding", "coil"])
+    write.add_argument("--address", type=int, default=None, help="0-based PDU address (URL form)")
+    write.add_argument("--type", dest="type_", default=None, help="value type (default uint16)")
+    write.add_argument("--byte-order", default="ABCD", choices=["ABCD", "CDAB", "BADC", "DCBA"])
+    write.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+
+    sim = command("simulate", "serve the configured devices as Modbus slaves "
+                  "(serial links and line instruments on ptys)",
+                  "m2m-bridge simulate -c configs/bridge.yaml --baud 9600")
     config_arg(sim)
+    sim.add_argument("--baud", type=_baud, default=None, metavar="N|config",
+                     help="pace serial links like a real line at N baud, or at each link's "
+                          "own baudrate with 'config' (default: no pacing; a pty is instant)")
+    sim.add_argument("--turnaround", type=float, default=0.0, metavar="MS",
+                     help="with --baud: the slave's delay before replying, in ms (default 0)")
     demo = command("demo", "simulated devices -> bridge -> broker, with a live view",
                    "m2m-bridge demo")
     demo.add_argument("-c", "--config", type=Path, default=None,
@@ -152,6 +176,28 @@ def _cmd_read(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_write(args: argparse.Namespace) -> int:
+    # The value is checked before any connection is made: a refused write opens no socket.
+    if args.config is not None:
+        if len(args.rest) != 2:
+            return _fail("with -c: write -c FILE DEVICE POINT VALUE", EXIT_USAGE)
+        config = load_config(args.config)
+        reading = asyncio.run(write_config_point(config, args.target, *args.rest))
+        print(json.dumps(reading.value, ensure_ascii=False))
+        return EXIT_OK
+    if len(args.rest) != 1:
+        return _fail("point names need -c FILE; with a URL give --address and one VALUE",
+                     EXIT_USAGE)
+    if args.address is None:
+        return _fail("--address is required with a URL (writes never default to 0)", EXIT_USAGE)
+    value = asyncio.run(write_url(
+        args.target, unit=args.unit, table=args.table, address=args.address, type_=args.type_,
+        byte_order=args.byte_order, value=args.rest[0], timeout=args.timeout,
+    ))
+    print(json.dumps(value, ensure_ascii=False))
+    return EXIT_OK
+
+
 def _table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -170,8 +216,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     def ready() -> None:
         print("simulating; Ctrl-C stops", file=sys.stderr)
 
-    asyncio.run(run_simulator(config, on_ready=ready))
+    def announce(text: str) -> None:
+        print(text, flush=True)  # stdout: scripts read the pty paths from here
+
+    asyncio.run(run_simulator(config, on_ready=ready, baud=args.baud,
+                              turnaround=args.turnaround / 1000, announce=announce))
     return EXIT_OK
+
+
+def _baud(text: str) -> int | Literal["config"]:
+    if text == "config":
+        return "config"
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a baud rate or 'config', not {text!r}")
+    return int(text)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -185,6 +243,7 @@ _COMMANDS = {
     "schema": _cmd_schema,
     "plan": _cmd_plan,
     "read": _cmd_read,
+    "write": _cmd_write,
     "simulate": _cmd_simulate,
     "demo": _cmd_demo,
 }

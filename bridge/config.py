@@ -119,6 +119,16 @@ class BufferSettings(_Model):
     max_messages: int = Field(default=1_000_000, ge=1)
     max_bytes: Size = 256 * 2**20
     max_age: Duration = 7 * 86400.0
+    # Backlog replay after an outage, messages a second: fast enough to catch up, slow enough
+    # that a gateway back from a day offline does not flood a shared cloud broker.
+    replay_rate: int = Field(default=1000, ge=1)
+
+
+class MetricsSettings(_Model):
+    """Prometheus text exposition; keep it on loopback unless a scraper must reach it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=1, le=65535)
 
 
 class MqttSettings(_Model):
@@ -366,6 +376,7 @@ class Config(_Model):
     mqtt: MqttSettings = MqttSettings()
     links: list[Link] = []
     devices: list[Device] = []
+    metrics: MetricsSettings | None = None  # off unless configured
     _source: str = PrivateAttr("")
 
     @property
@@ -489,7 +500,8 @@ def _complete(
     issues: list[ConfigIssue] = []
     loaded = maps.get(device.map) if device.map is not None else None
     if isinstance(loaded, str):
-        issues.append(main.issue((*at, "map"), f"cannot read map file {device.map!r}: {loaded}"))
+        shown = main.show((*at, "map"), device.map)  # `<secret>` if a secret named it
+        issues.append(main.issue((*at, "map"), f"cannot read map file {shown}: {loaded}"))
     device_map, map_doc = loaded if isinstance(loaded, tuple) else (DeviceMap(), main)
     # Each point keeps the file and path it came from, so problems point at its own line.
     entries: list[tuple[Point, Document, Loc]] = [
@@ -500,7 +512,8 @@ def _complete(
     for j, point in enumerate(device.points):
         entry = (point, main, (*at, "points", j))
         if point.name in own:
-            issues.append(main.issue((*at, "points", j, "name"), f"duplicate name {point.name!r}"))
+            where = (*at, "points", j, "name")
+            issues.append(main.issue(where, f"duplicate name {main.show(where, point.name)}"))
         elif point.name in position:
             entries[position[point.name]] = entry
         else:
@@ -513,7 +526,10 @@ def _complete(
             issues.append(main.issue((*at, "response"), "required for a device on a serial link"))
         else:
             issues += [
-                main.issue((*at, "response"), f"named group {group!r} matches no point")
+                main.issue(
+                    (*at, "response"),
+                    f"named group {main.show((*at, 'response'), group)} matches no point",
+                )
                 for group in re.compile(device.response).groupindex
                 if group not in position
             ]

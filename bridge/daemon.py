@@ -23,6 +23,7 @@ import structlog
 from bridge.config import load_config
 from bridge.errors import BridgeError, ConfigError
 from bridge.health import Activity
+from bridge.metrics import serve_metrics
 from bridge.service import Service
 from bridge.systemd import notify, watchdog, watchdog_interval
 
@@ -59,6 +60,15 @@ async def run_daemon(config_path: Path, service: Service) -> None:
     def ready() -> None:
         notify("READY=1")
 
+    settings = service.config.metrics
+    if settings is not None:
+        try:
+            metrics = await serve_metrics(service, settings.host, settings.port)
+        except OSError as exc:
+            where = f"{settings.host}:{settings.port}"
+            raise BridgeError(f"metrics on {where}: {exc.strerror}") from None
+        log.info("metrics served", url=f"http://{settings.host}:{settings.port}/metrics")
+
     interval = watchdog_interval()
     async with asyncio.TaskGroup() as tg:
         if interval is not None:
@@ -66,6 +76,8 @@ async def run_daemon(config_path: Path, service: Service) -> None:
         await service.run(stop=stop, ready=ready, grace=STOP_GRACE)
         if interval is not None:
             pinging.cancel()
+    if settings is not None:
+        metrics.close()
 
 
 def reload(config_path: Path, service: Service) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
+
+from pydantic import ValidationError
 
 from bridge.codec import (
     BIT_TABLES,
@@ -18,32 +20,81 @@ from bridge.codec import (
     Value,
     register_count,
 )
-from bridge.config import Config
+from bridge.commands import CommandRefused, parse_command, write_point
+from bridge.config import Config, Point
 from bridge.errors import UsageError
 from bridge.normalize import engineering
 from bridge.planner import MAX_READ_BITS, MAX_READ_REGISTERS, plan_device
+from bridge.scheduler import Link
 from bridge.service import build_links, plan_for
-from bridge.transports.modbus import Endpoint, ModbusClient
+from bridge.transports.modbus import LINK_KINDS, SERIAL_KINDS, Endpoint, LinkKind, ModbusClient
 
-DEFAULT_PORTS = {"tcp": 502, "udp": 502}
-SUPPORTED_SCHEMES = frozenset({"tcp"})
-KNOWN_SCHEMES = frozenset({"tcp", "udp", "rtu-over-tcp", "rtu", "ascii"})
+DEFAULT_PORTS = {"tcp": 502, "udp": 502}  # rtu-over-tcp servers use all sorts: ask for it
+SERIAL_SETTINGS = ("baudrate", "parity", "stopbits", "bytesize")
+URL_FORMS = (
+    "tcp://host[:port], udp://host[:port], rtu-over-tcp://host:port, "
+    "rtu:///dev/ttyUSB0?baudrate=19200&parity=E&stopbits=1&bytesize=8, "
+    "ascii:///dev/ttyS0?baudrate=9600"
+)
 
 
 def parse_url(url: str, *, timeout: float) -> Endpoint:
-    """`tcp://host[:port]` -> Endpoint; a clear UsageError for anything else."""
+    """A link URL -> Endpoint; a UsageError naming what is wrong for anything else."""
     parts = urlsplit(url)
-    if parts.scheme not in KNOWN_SCHEMES:
-        raise UsageError(f"{url!r}: scheme must be one of {', '.join(sorted(KNOWN_SCHEMES))}")
-    if parts.scheme not in SUPPORTED_SCHEMES:
-        raise UsageError(f"{url!r}: {parts.scheme} links are not supported by this build yet")
+    kind = next((k for k in LINK_KINDS if k == parts.scheme), None)
+    if kind is None:
+        raise UsageError(f"{url!r}: scheme must be one of {', '.join(LINK_KINDS)} "
+                         f"({URL_FORMS})")
     try:
-        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise UsageError(f"{url!r}: the query is not key=value&key=value") from None
+    if kind in SERIAL_KINDS:
+        return _serial_endpoint(url, kind, parts.netloc, parts.path, query, timeout=timeout)
+    if query:
+        raise UsageError(f"{url!r}: {kind} URLs take no query ({', '.join(sorted(query))})")
+    try:
+        port = parts.port or DEFAULT_PORTS.get(kind)
     except ValueError:
         raise UsageError(f"{url!r}: the port is not a number from 0 to 65535") from None
     if not parts.hostname or port is None:
-        raise UsageError(f"{url!r}: expected {parts.scheme}://host:port")
-    return Endpoint(parts.scheme, parts.hostname, port, timeout)
+        raise UsageError(f"{url!r}: expected {kind}://host:port")
+    return Endpoint(kind, parts.hostname, port, timeout)
+
+
+def _serial_endpoint(
+    url: str, kind: LinkKind, netloc: str, path: str, query: dict[str, list[str]], *,
+    timeout: float,
+) -> Endpoint:
+    # `rtu:///dev/ttyUSB0` has an empty netloc; `rtu://COM3` (Windows) keeps it there.
+    port = netloc + path if netloc else path
+    if not port:
+        raise UsageError(f"{url!r}: expected {kind}:///dev/ttyUSB0?baudrate=9600")
+    unknown = sorted(set(query) - set(SERIAL_SETTINGS))
+    if unknown:
+        raise UsageError(f"{url!r}: unknown setting {unknown[0]!r} "
+                         f"(known: {', '.join(SERIAL_SETTINGS)})")
+    one = {key: values[-1] for key, values in query.items()}
+    baudrate = _choice(url, "baudrate", one.get("baudrate", "9600"), None)
+    parity = one.get("parity", "N").upper()
+    if parity not in ("N", "E", "O"):
+        raise UsageError(f"{url!r}: parity={one['parity']!r} must be N, E or O")
+    stopbits = _choice(url, "stopbits", one.get("stopbits", "1"), (1, 2))
+    bytesize = _choice(url, "bytesize", one.get("bytesize", "8"), (7, 8))
+    return Endpoint(kind, port, 0, timeout, baudrate=baudrate,
+                    parity="N" if parity == "N" else "E" if parity == "E" else "O",
+                    stopbits=stopbits, bytesize=bytesize)
+
+
+def _choice(url: str, key: str, text: str, allowed: tuple[int, ...] | None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if (allowed is None and value > 0) or (allowed is not None and value in allowed):
+        return value
+    want = "a positive whole number" if allowed is None else " or ".join(map(str, allowed))
+    raise UsageError(f"{url!r}: {key}={text!r} must be {want}")
 
 
 async def read_url(
@@ -139,3 +190,69 @@ async def read_config_points(
     finally:
         link.close()
     return [PointReading(p.name, values[p.name], p.unit) for p in points if p.name in values]
+
+
+async def write_url(
+    url: str,
+    *,
+    unit: int,
+    table: Table,
+    address: int,
+    type_: str | None,
+    byte_order: str,
+    value: str,
+    timeout: float,  # noqa: ASYNC109 - the link's per-request timeout, passed to pymodbus
+) -> Value:
+    """Write `value` (command syntax, as on `/set`) at a raw address; return the read-back."""
+    endpoint = parse_url(url, timeout=timeout)
+    if table not in ("holding", "coil"):
+        raise UsageError(f"--table {table}: only holding registers and coils can be written")
+    kind = _point_type(type_, table)
+    if table in BIT_TABLES and kind != "bool":
+        raise UsageError(f"--type {kind}: coils hold bits; use --type bool")
+    if kind == "string":
+        raise UsageError("--type string: write strings through -c and a configured point")
+    if not 0 <= unit <= 247:
+        raise UsageError(f"--unit {unit}: must be 0-247")
+    try:
+        point = Point.model_validate({
+            "name": "value", "table": table, "type": kind, "address": address,
+            "byte_order": _byte_order(byte_order), "writable": True,
+        })
+    except ValidationError:
+        raise UsageError(f"--address {address}: the write must stay within 0-65535") from None
+    checked = _checked(point, value)
+    link = Link(ModbusClient(endpoint, backoff_cap=0))
+    try:
+        return await write_point(link, unit, point, checked)
+    finally:
+        link.close()
+
+
+async def write_config_point(
+    config: Config, device_name: str, point_name: str, value: str
+) -> PointReading:
+    """Write `value` to a configured point with the daemon's checks; return the read-back."""
+    devices = {d.name: d for d in config.devices}
+    if device_name not in devices:
+        raise UsageError(f"no device {device_name!r} in the config "
+                         f"(devices: {', '.join(devices) or 'none'})")
+    device = devices[device_name]
+    point = next((p for p in device.points if p.name == point_name), None)
+    if point is None:
+        raise UsageError(f"device {device_name!r} has no point {point_name!r}")
+    checked = _checked(point, value)
+    link = build_links(config.model_copy(update={"devices": [device]}))[device.link]
+    try:
+        read = await write_point(link, device.unit, point, checked)
+    finally:
+        link.close()
+    return PointReading(point.name, read, point.unit)
+
+
+def _checked(point: Point, value: str) -> Value:
+    """The CLI value checked as an MQTT command would be; a refusal is a usage error (exit 2)."""
+    try:
+        return parse_command(point, value.encode())
+    except CommandRefused as exc:
+        raise UsageError(f"refused: {exc.reason}") from None

@@ -49,6 +49,27 @@ class ReadRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Barrier:
+    """Registers a device refuses to read, learned at run time: no block may cover them.
+
+    `lo < hi`: the range [lo, hi) itself is refused (a hole in the device's map). `lo == hi`:
+    nothing is known to be wrong with any register, but a read spanning address `lo` is refused
+    (e.g. a device that cannot read across an internal page boundary); blocks just may not
+    straddle it.
+    """
+
+    table: Table
+    lo: int
+    hi: int
+
+    def crossed_by(self, start: int, end: int) -> bool:
+        """Whether the block [start, end) would cover or straddle this barrier."""
+        if self.lo < self.hi:
+            return start < self.hi and end > self.lo
+        return start < self.lo < end
+
+
+@dataclass(frozen=True, slots=True)
 class PollGroup:
     """The requests read together every `interval` seconds."""
 
@@ -63,8 +84,9 @@ def plan_device(
     max_registers: int = MAX_READ_REGISTERS,
     max_gap: int = 10,
     max_bits: int = MAX_READ_BITS,
+    barriers: Iterable[Barrier] = (),
 ) -> tuple[PollGroup, ...]:
-    """Poll groups for one device, fastest interval first."""
+    """Poll groups for one device, fastest interval first; no block crosses a barrier."""
     groups: dict[tuple[float, Table], list[Point]] = {}
     for point in points:
         if point.address is None:
@@ -74,12 +96,14 @@ def plan_device(
     by_interval: dict[float, list[ReadRequest]] = {}
     for (every, table), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         limit = max_bits if table in BIT_TABLES else max_registers
-        by_interval.setdefault(every, []).extend(_blocks(table, members, limit, max_gap))
+        fences = [b for b in barriers if b.table == table]
+        by_interval.setdefault(every, []).extend(_blocks(table, members, limit, max_gap, fences))
     return tuple(PollGroup(every, tuple(reqs)) for every, reqs in sorted(by_interval.items()))
 
 
 def _blocks(
-    table: Table, points: Sequence[Point], limit: int, max_gap: int
+    table: Table, points: Sequence[Point], limit: int, max_gap: int,
+    barriers: Sequence[Barrier] = (),
 ) -> list[ReadRequest]:
     ordered = sorted(points, key=lambda p: (_start(p), p.size))
     blocks: list[list[Point]] = []
@@ -87,7 +111,12 @@ def _blocks(
     for point in ordered:
         p_start = _start(point)
         p_end = p_start + point.size
-        if blocks and p_start - end <= max_gap and max(end, p_end) - start <= limit:
+        if (
+            blocks
+            and p_start - end <= max_gap
+            and max(end, p_end) - start <= limit
+            and not any(b.crossed_by(start, max(end, p_end)) for b in barriers)
+        ):
             blocks[-1].append(point)
             end = max(end, p_end)
         else:
@@ -101,7 +130,12 @@ def _start(point: Point) -> int:
     return point.address
 
 
-def _request(table: Table, members: list[Point]) -> ReadRequest:
+def request_for(table: Table, members: Sequence[Point]) -> ReadRequest:
+    """One read covering exactly `members` (all of `table`), e.g. part of a refused block."""
+    return _request(table, sorted(members, key=lambda p: (_start(p), p.size)))
+
+
+def _request(table: Table, members: Sequence[Point]) -> ReadRequest:
     start = _start(members[0])
     count = max(_start(p) + p.size for p in members) - start
     layout = None

@@ -5,6 +5,19 @@ shifts nothing after it; a tick missed while the bus was busy is skipped, not qu
 of stale polls helps nobody). A failing device backs off exponentially with jitter, capped,
 and on the same tick grid; its status goes `offline` after `offline_after` failed polls in a
 row and `online` on the next success, logged once per change, not once per failure.
+
+Recovery (DESIGN.md "Failure semantics"):
+- Exception 02/03 on a read: the request is split (binary, between address clusters) until
+  the refused points or the refused gap between two readable halves are found; the rest is
+  read and published in the same poll. What was learned is remembered: refused points are
+  skipped (logged once) and the group's requests are re-planned so no block covers or
+  straddles the refused range. Every `REPROBE_AFTER` seconds it is all forgotten and probed
+  again, since firmware updates and reconfigured devices do change their maps.
+- Exception 05/06 (acknowledge / busy): the device is alive and asks to be asked later. The poll
+  backs off like a failed one but does not count towards `offline_after`: the status topic
+  says whether the device answers, and a busy device does. Values simply go stale (their `ts`
+  shows it) until it has time again.
+- No response, a garbled frame, a dead link: a failed poll (back-off, `offline_after`).
 """
 
 from __future__ import annotations
@@ -18,18 +31,20 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from bridge.codec import Value
+from bridge.codec import Table, Value
 from bridge.config import Device, MqttSettings, Point
 from bridge.errors import BridgeError, CodecError, DeviceError, TransportError
 from bridge.health import Activity
 from bridge.messages import Message, Topics, device_payload, point_payload
 from bridge.normalize import BadValue, ChangeFilter, engineering
-from bridge.planner import PollGroup
+from bridge.planner import Barrier, PollGroup, ReadRequest, plan_device, request_for
 from bridge.scheduler import Link
+from bridge.transports.modbus import BUSY_CODES, REFUSED_CODES, BadFrame
 
 log = structlog.get_logger("bridge.poller")
 
 BACKOFF_CAP = 60.0
+REPROBE_AFTER = 3600.0  # seconds before refused points and ranges are tried again
 
 
 @dataclass(slots=True)
@@ -39,6 +54,7 @@ class DeviceStats:
     polls: int = 0
     failed_polls: int = 0
     requests: int = 0
+    registers: int = 0  # registers (or bits) read, holes included
     failures: dict[str, int] = field(default_factory=dict)
     bad_values: int = 0
 
@@ -52,6 +68,53 @@ class _Out:
 
     point: Point
     topic: str
+
+
+class Outbox:
+    """One device's readings -> MQTT messages: topics, payload format, `report: on-change`.
+
+    Shared by every kind of poller (Modbus devices here, line instruments in bridge.instrument)
+    so the MQTT contract is built in one place.
+    """
+
+    def __init__(self, device: Device, mqtt: MqttSettings) -> None:
+        self._qos = mqtt.qos
+        self._retain = mqtt.retain
+        self._format = mqtt.format
+        self._per_device = mqtt.messages == "per-device"
+        self._heartbeat = device.heartbeat
+        topics = Topics(mqtt.topic_prefix)
+        self._device_topic = topics.device(device.name)
+        self._out = {p.name: _Out(p, topics.point(device.name, p.name)) for p in device.points}
+        self._changes = ChangeFilter() if device.report == "on-change" else None
+
+    def messages(self, values: dict[str, Value], ts: int, now: float) -> list[Message]:
+        """The messages for one poll's `values` (acquired at `ts` ms, monotonic `now`)."""
+        if self._changes is not None:
+            changes = self._changes
+            values = {
+                name: v
+                for name, v in values.items()
+                if changes.passes(name, v, now, self._out[name].point.deadband, self._heartbeat)
+            }
+        if not values:
+            return []
+        if self._per_device:
+            payload = device_payload(values, ts)
+            return [Message(self._device_topic, payload, self._qos, self._retain, ts)]
+        out = self._out
+        fmt = self._format
+        return [
+            Message(out[n].topic, point_payload(v, ts, out[n].point.unit, fmt), self._qos,
+                    self._retain, ts)
+            for n, v in values.items()
+        ]
+
+    def forget(self) -> None:
+        """After the device was offline, publish every point's next reading whatever it is."""
+        if self._changes is not None:
+            for name in self._out:
+                self._changes.forget(name)
 
 
 class DevicePoller:
@@ -77,17 +140,22 @@ class DevicePoller:
         # (and 10 s) before the watchdog calls it hung.
         worst = sum(len(g.requests) for g in self.plan) * (link.client.endpoint.timeout + 1.0)
         self.activity = Activity(f"device {device.name}", 10.0 + 2 * worst)
-        self._qos = mqtt.qos
-        self._retain = mqtt.retain
-        self._format = mqtt.format
-        self._per_device = mqtt.messages == "per-device"
-        topics = Topics(mqtt.topic_prefix)
-        self._device_topic = topics.device(device.name)
-        self._out = {p.name: _Out(p, topics.point(device.name, p.name)) for p in device.points}
-        self._changes = ChangeFilter() if device.report == "on-change" else None
-        self._failures = 0
+        self._outbox = Outbox(device, mqtt)
+        self._failures = 0  # failed polls in a row, towards offline_after
+        self._backoff = 0  # unsuccessful polls in a row (busy ones too), for the back-off
         self._online: bool | None = None
         self._log = log.bind(device=device.name)
+        # What the device refuses (exception 02/03), learned at run time.
+        self.refused: set[str] = set()  # point names skipped
+        self.barriers: set[Barrier] = set()  # ranges no block may cover or straddle
+        self._learned_at = 0.0
+        self._told: set[str] = set()  # what was already logged: once, not once per re-probe
+        # The requests each group (keyed by interval) actually makes, after what was learned.
+        self._active: dict[float, tuple[ReadRequest, ...]] = {}
+
+    @property
+    def online(self) -> bool:
+        return self._online is True
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -108,7 +176,7 @@ class DevicePoller:
                 self.stats.count_failure("internal")
                 ok = False
             if not ok:
-                step = min(BACKOFF_CAP, interval * 2 ** (self._failures - 1))
+                step = min(BACKOFF_CAP, interval * 2 ** (self._backoff - 1))
                 delay = step * random.uniform(0.5, 1.0)
             # Next tick on the grid that is in the future and at least `delay` away.
             due = time.monotonic() + delay
@@ -122,18 +190,29 @@ class DevicePoller:
         now = time.monotonic()
         values: dict[str, Value] = {}
         error: BridgeError | None = None
-        for request in group.requests:
-            self.stats.requests += 1
+        busy_only = True
+        if self._learned_at and now - self._learned_at > REPROBE_AFTER:
+            self._forget_refusals()
+        for request in self._active.get(group.interval, group.requests):
             try:
-                words = await self.link.read(self.device.unit, request)
-                raw = request.decode(words)
+                raw = await self._read(request)
+            except DeviceError as exc:
+                if exc.code not in REFUSED_CODES:
+                    error, busy_only = exc, busy_only and exc.code in BUSY_CODES
+                    continue
+                try:
+                    raw = await self._isolate(group, request)
+                except BridgeError as inner:
+                    error, busy_only = inner, False
+                    if isinstance(inner, TransportError):
+                        break
+                    continue
             except BridgeError as exc:
-                error = exc
-                self.stats.count_failure(_kind(exc))
+                error, busy_only = exc, False
                 if isinstance(exc, TransportError):
                     break  # the link is down: the rest of the cycle would fail the same way
                 continue
-            for point, value in zip(request.points, raw, strict=True):
+            for point, value in raw:
                 try:
                     values[point.name] = engineering(point, value)
                 except BadValue:
@@ -141,36 +220,124 @@ class DevicePoller:
         if values:
             self.emit(self._messages(values, ts, now))
         if error is None:
-            self._failures = 0
+            self._failures = self._backoff = 0
             self._mark(True, None)
             return True
-        self._failures += 1
+        self._backoff += 1
         self.stats.failed_polls += 1
+        if busy_only:
+            return False  # alive but busy: retry later, status unchanged
+        self._failures += 1
         self._mark(False, error)
         return False
 
+    async def _read(self, request: ReadRequest) -> list[tuple[Point, Value]]:
+        """One request on the wire: (point, raw value) pairs; failures counted by kind."""
+        self.stats.requests += 1
+        try:
+            words = await self.link.read(self.device.unit, request)
+            raw = request.decode(words)
+        except BridgeError as exc:
+            self.stats.count_failure(_kind(exc))
+            raise
+        self.stats.registers += request.count
+        return list(zip(request.points, raw, strict=True))
+
+    async def _isolate(self, group: PollGroup, request: ReadRequest) -> list[tuple[Point, Value]]:
+        """`request` was refused (02/03): read what can be read, learn what cannot.
+
+        Splits between clusters of overlapping points (a point is never cut in two). When both
+        halves read fine alone, the refusal lies between them: a barrier there. When a single
+        cluster is refused, its points are. Anything other than 02/03 ends the search and is
+        raised: the device's state is not known well enough to learn from it.
+        """
+        found: list[tuple[Point, Value]] = []
+
+        async def probe(points: list[Point], first: bool) -> bool:
+            if not first:  # the whole request has just been refused: no need to ask again
+                try:
+                    found.extend(await self._read(request_for(request.table, points)))
+                    return True
+                except DeviceError as exc:
+                    if exc.code not in REFUSED_CODES:
+                        raise
+            clusters = _clusters(points)
+            if len(clusters) == 1:
+                self._refuse_points(request.table, points)
+                return False
+            mid = len(clusters) // 2
+            left = [p for c in clusters[:mid] for p in c]
+            right = [p for c in clusters[mid:] for p in c]
+            left_ok = await probe(left, False)
+            right_ok = await probe(right, False)
+            if left_ok and right_ok:
+                lo = max(_end(p) for p in left)
+                hi = min(p.address or 0 for p in right)
+                self._add_barrier(Barrier(request.table, lo, hi))
+            return False
+
+        try:
+            await probe(list(request.points), True)
+        finally:
+            self._replan(group)  # keep what was learned even if the search was cut short
+        return found
+
+    def _refuse_points(self, table: Table, points: list[Point]) -> None:
+        names = [p.name for p in points]
+        self.refused.update(names)
+        # Their registers are refused too: no block of their neighbours may cover them.
+        start = min(p.address or 0 for p in points)
+        self.barriers.add(Barrier(table, start, max(_end(p) for p in points)))
+        self._learned_at = self._learned_at or time.monotonic()
+        key = "points " + ",".join(names)
+        if key not in self._told:
+            self._told.add(key)
+            self._log.warning("device refuses points; skipping them",
+                              points=names, retry_in=f"{REPROBE_AFTER:g}s")
+
+    def _add_barrier(self, barrier: Barrier) -> None:
+        self.barriers.add(barrier)
+        self._learned_at = self._learned_at or time.monotonic()
+        where = (f"{barrier.table} {barrier.lo}-{barrier.hi - 1}" if barrier.lo < barrier.hi
+                 else f"{barrier.table} across {barrier.lo}")
+        if where not in self._told:
+            self._told.add(where)
+            self._log.warning("device refuses reads of a range; reading around it",
+                              range=where, retry_in=f"{REPROBE_AFTER:g}s")
+
+    def _replan(self, group: PollGroup) -> None:
+        """The group's requests, re-planned around refused points and barriers.
+
+        Only refused requests change shape: their points are re-planned within the span and
+        gap the original plan already accepted for them, so no limit is ever exceeded.
+        """
+        requests: list[ReadRequest] = []
+        for request in group.requests:
+            touched = any(p.name in self.refused for p in request.points) or any(
+                b.table == request.table
+                and b.crossed_by(request.address, request.address + request.count)
+                for b in self.barriers
+            )
+            if not touched:
+                requests.append(request)
+                continue
+            keep = [p for p in request.points if p.name not in self.refused]
+            for sub in plan_device(
+                keep, interval=group.interval, max_registers=request.count,
+                max_gap=request.count, max_bits=request.count, barriers=self.barriers,
+            ):
+                requests.extend(sub.requests)
+        self._active[group.interval] = tuple(requests)
+
+    def _forget_refusals(self) -> None:
+        self._log.debug("probing refused points and ranges again")
+        self.refused.clear()
+        self.barriers.clear()
+        self._active.clear()
+        self._learned_at = 0.0
+
     def _messages(self, values: dict[str, Value], ts: int, now: float) -> list[Message]:
-        if self._changes is not None:
-            heartbeat = self.device.heartbeat
-            values = {
-                name: v
-                for name, v in values.items()
-                if self._changes.passes(
-                    name, v, now, self._out[name].point.deadband, heartbeat
-                )
-            }
-        if not values:
-            return []
-        if self._per_device:
-            payload = device_payload(values, ts)
-            return [Message(self._device_topic, payload, self._qos, self._retain, ts)]
-        out = self._out
-        fmt = self._format
-        return [
-            Message(out[n].topic, point_payload(v, ts, out[n].point.unit, fmt), self._qos,
-                    self._retain, ts)
-            for n, v in values.items()
-        ]
+        return self._outbox.messages(values, ts, now)
 
     def _mark(self, ok: bool, error: BridgeError | None) -> None:
         if ok:
@@ -182,13 +349,32 @@ class DevicePoller:
         if self._failures >= self.device.offline_after and self._online is not False:
             self._online = False
             self.set_status(self.device.name, False)
-            if self._changes is not None:
-                for name in self._out:
-                    self._changes.forget(name)
+            self._outbox.forget()
             self._log.warning("device offline", error=str(error))
 
 
+def _clusters(points: Iterable[Point]) -> list[list[Point]]:
+    """Points grouped where their registers overlap (bits of one word, a value and its halves)."""
+    out: list[list[Point]] = []
+    end = -1
+    for point in sorted(points, key=lambda p: (p.address or 0, p.size)):
+        start = point.address or 0
+        if out and start < end:
+            out[-1].append(point)
+            end = max(end, _end(point))
+        else:
+            out.append([point])
+            end = _end(point)
+    return out
+
+
+def _end(point: Point) -> int:
+    return (point.address or 0) + point.size
+
+
 def _kind(exc: BridgeError) -> str:
+    if isinstance(exc, BadFrame):
+        return "bad_frame"
     if isinstance(exc, DeviceError):
         return f"exception_{exc.code:02d}" if exc.code is not None else "no_response"
     if isinstance(exc, CodecError):

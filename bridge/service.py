@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
-from bridge.buffer import MemoryBuffer
+from bridge.buffer import DiskBuffer
 from bridge.commands import CommandHandler
-from bridge.config import Config, Device, SerialLink, TcpLink
+from bridge.config import Config, Device, LineLink, SerialLink, TcpLink
 from bridge.errors import BridgeError
+from bridge.instrument import InstrumentPoller
 from bridge.mqtt import Publisher
 from bridge.planner import PollGroup, plan_device
 from bridge.poller import DevicePoller
 from bridge.report import bus_load, silence
 from bridge.scheduler import Link
+from bridge.transports.line import LinePort
 from bridge.transports.modbus import Endpoint, ModbusClient
 
 log = structlog.get_logger("bridge.service")
@@ -55,6 +58,8 @@ def build_links(config: Config) -> dict[str, Link]:
     links: dict[str, Link] = {}
     for name in dict.fromkeys(d.link for d in config.devices):
         link = config.link(name)
+        if isinstance(link, LineLink):
+            continue  # line instruments own their port: Service.line_ports
         if not isinstance(link, TcpLink | SerialLink):
             raise BridgeError(f"link {name!r}: type {link.type!r} is not supported by this build")
         links[name] = Link(ModbusClient(endpoint_for(link)), silence=link_silence(link))
@@ -96,27 +101,48 @@ class Service:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.buffer = MemoryBuffer(
-            max_messages=config.mqtt.buffer.max_messages, max_bytes=config.mqtt.buffer.max_bytes
+        bounds = config.mqtt.buffer
+        self.buffer = DiskBuffer(
+            Path(config.gateway.state_dir) / "buffer.sqlite3",
+            max_messages=bounds.max_messages, max_bytes=bounds.max_bytes, max_age=bounds.max_age,
         )
         self.publisher = self._make_publisher(config)
         self.links = build_links(config)
+        self.line_ports: dict[LineLink, LinePort] = {}  # by definition: a changed link reopens
         self.pollers = {d.name: self._make_poller(config, d) for d in config.devices}
+        warn_overloaded_links(config, {name: p.plan for name, p in self.pollers.items()})
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
         self._publishing: asyncio.Task[None] | None = None
 
     def _make_publisher(self, config: Config) -> Publisher:
+        commands = self._make_commands(config)
+        return Publisher(config.mqtt, self.buffer, subscriptions=commands.topics(),
+                         on_message=commands.on_message)
+
+    def _make_commands(self, config: Config) -> CommandHandler:
         # Commands reach links and the current publisher through the service (as _set_status).
         self.commands = CommandHandler(
             config, lambda name: self.links[name],
             lambda *reply: self.publisher.respond(*reply),  # noqa: PLW0108 - late-bound
             emit=self.buffer.put,
         )
-        return Publisher(config.mqtt, self.buffer, subscriptions=self.commands.topics(),
-                         on_message=self.commands.on_message)
+        return self.commands
 
-    def _make_poller(self, config: Config, device: Device) -> DevicePoller:
+    def _swap_commands(self, new: Config) -> bool:
+        """Check commands against `new` from now on (a lowered max applies at once); False
+        when its /set topics differ, as subscriptions change only with a new session."""
+        before = self.commands.topics()
+        self.publisher.on_message = self._make_commands(new).on_message
+        return self.commands.topics() == before
+
+    def _make_poller(self, config: Config, device: Device) -> DevicePoller | InstrumentPoller:
+        link = config.link(device.link)
+        if isinstance(link, LineLink):
+            port = self.line_ports.setdefault(link, LinePort(link))
+            return InstrumentPoller(
+                device, port, config.mqtt, emit=self.buffer.put, set_status=self._set_status
+            )
         max_registers, max_gap = plan_for(config, device)
         plan = plan_device(
             device.points, interval=device.interval, max_registers=max_registers, max_gap=max_gap
@@ -156,7 +182,9 @@ class Service:
                 await self._drain(self._publishing, grace)
                 for link in self.links.values():
                     link.close()
-        log.info("bridge stopped", left_in_buffer=len(self.buffer))
+        left = len(self.buffer)
+        self.buffer.close()
+        log.info("bridge stopped", left_in_buffer=left)
 
     def _start(self, name: str) -> None:
         assert self._group is not None
@@ -205,7 +233,7 @@ class Service:
             self._stop(name)
             self.publisher.set_status(name, False)
             changes.append(f"device {name} removed")
-        if new.mqtt != old.mqtt or new.gateway != old.gateway:
+        if new.mqtt != old.mqtt or new.gateway != old.gateway or not self._swap_commands(new):
             self._restart_publisher(new)
             changes.append("mqtt publisher restarted")
         self.config = new

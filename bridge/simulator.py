@@ -17,14 +17,14 @@ import socket
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Literal, cast
 
 import structlog
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from bridge.codec import Field, Value, encode
-from bridge.config import Config, Device, Point, TcpLink
+from bridge.config import Config, Device, LineLink, Point, SerialLink, TcpLink
 from bridge.errors import BridgeError, CodecError, TransportError
 
 log = structlog.get_logger(__name__)
@@ -64,6 +64,7 @@ class _DeviceStore:
         default_factory=lambda: {"holding": set(), "coil": set()}
     )
     points: dict[str, _SimPoint] = field(default_factory=dict)
+    write_requests: int = 0  # client write requests received, so tests can prove "none"
 
     async def action(  # noqa: PLR0917  (pymodbus calls it positionally: SimAction)
         self,
@@ -75,6 +76,8 @@ class _DeviceStore:
         set_values: list[int] | list[bool] | None,
     ) -> None:
         """pymodbus hook, called before each request touches `current` (its block)."""
+        if set_values is not None:
+            self.write_requests += 1
         if function_code in _BIT_FCS:
             # Bit blocks hold 16 bits a word; `count` is in words here, `address` in bits.
             bits = self.tables[_BIT_FCS[function_code]]
@@ -125,8 +128,14 @@ class Simulator:
         self._by_endpoint: dict[tuple[str, int], list[_DeviceStore]] = {}
         self._servers: list[ModbusTcpServer] = []
         self.endpoints: list[tuple[str, int]] = []
+        # rtu/ascii link -> unit -> registers; bridge.serialsim serves them on a pty.
+        self.serial_units: dict[str, dict[int, _DeviceStore]] = {}
         for device in config.devices:
             link = config.link(device.link)
+            if isinstance(link, SerialLink | LineLink):
+                if isinstance(link, SerialLink):
+                    self._add_serial(link.name, device)
+                continue  # line instruments have no registers: bridge.serialsim answers them
             if not isinstance(link, TcpLink) or link.type != "tcp":
                 log.warning(
                     "simulate: skipping device, only tcp links are simulated",
@@ -145,6 +154,18 @@ class Simulator:
             peers.append(store)
             self._stores[device.name] = store
             self._seed_points(store, device)
+
+    def _add_serial(self, link: str, device: Device) -> None:
+        units = self.serial_units.setdefault(link, {})
+        if device.unit in units:
+            raise BridgeError(
+                f"devices {units[device.unit].name!r} and {device.name!r} both use unit"
+                f" {device.unit} on {link}"
+            )
+        store = _DeviceStore(device.name, device.unit)
+        units[device.unit] = store
+        self._stores[device.name] = store
+        self._seed_points(store, device)
 
     def _seed_points(self, store: _DeviceStore, device: Device) -> None:
         for point in device.points:
@@ -219,6 +240,10 @@ class Simulator:
         """Current raw words (bits as 0/1) of `device`'s `table`, for tests."""
         store = self._stores[device]
         return store.tables[table][address : address + count].tolist()
+
+    def write_requests(self, device: str) -> int:
+        """Write requests `device` received from clients so far (FC5/6/15/16 alike)."""
+        return self._stores[device].write_requests
 
     def tick(self) -> None:
         """Let drifting points wander and counters count; client-written points are left alone."""
@@ -323,16 +348,38 @@ def _bound_port(server: ModbusTcpServer, asked: int) -> int:
 
 
 async def run_simulator(
-    config: Config, *, tick: float = 1.0, on_ready: Callable[[], None] | None = None
+    config: Config,
+    *,
+    tick: float = 1.0,
+    on_ready: Callable[[], None] | None = None,
+    baud: int | Literal["config"] | None = None,
+    turnaround: float = 0.0,
+    announce: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve `config`'s devices until cancelled, evolving their values every `tick` seconds."""
+    """Serve `config`'s devices until cancelled, evolving their values every `tick` seconds.
+
+    Serial links (rtu, ascii, serial) are served on ptys (bridge.serialsim), each announced
+    with its path; `baud` paces them at that rate, or at each link's own with "config".
+    """
+    from bridge.serialsim import SerialSimulator  # noqa: PLC0415  (it imports this module)
+
     sim = Simulator(config)
+    pace: int | Callable[[SerialLink | LineLink], int] | None = (
+        (lambda link: link.baudrate) if baud == "config" else baud
+    )
+    serial = SerialSimulator(config, sim, baud=pace, turnaround=turnaround)
     await sim.start()
+    serial.start()
     try:
+        for text in serial.announcements():
+            if announce is not None:
+                announce(text)
         if on_ready is not None:
             on_ready()
         while True:
             await asyncio.sleep(tick)
             sim.tick()
+            serial.tick()
     finally:
+        serial.stop()
         await sim.stop()

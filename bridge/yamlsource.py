@@ -94,7 +94,8 @@ class Document:
         issues = []
         for index, name in self.names(key):
             if name in first:
-                message = f"duplicate name {name!r} (first at line {self.line((key, first[name]))})"
+                shown = self.show((key, index, "name"))  # a name may come from a secret
+                message = f"duplicate name {shown} (first at line {self.line((key, first[name]))})"
                 issues.append(self.issue((key, index, "name"), message))
             first.setdefault(name, index)
         return issues
@@ -113,9 +114,15 @@ def parse_yaml(text: str, file: str) -> tuple[Document, list[ConfigIssue]]:
 
     Raises ConfigError with one issue when the text is not YAML at all.
     """
-    loader = yaml.SafeLoader(text)
     lines: dict[Loc, int] = {(): 1}
     issues: list[ConfigIssue] = []
+    try:
+        # The reader checks every character up front, so even constructing can fail.
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, max(0, exc.position)) + 1
+        problem = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+        raise ConfigError([ConfigIssue(file, line, "", f"invalid YAML: {problem}")]) from None
     try:
         node = loader.get_single_node()
         data = _build(loader, node, (), lines=lines, issues=issues, file=file) if node else None
@@ -153,6 +160,11 @@ def read_document(
     return doc, issues + [doc.issue(at, message) for at, message in secrets.problems]
 
 
+# Aliases may repeat a node many times over (`[*a, *a, ...]` nested: "billion laughs") or
+# contain themselves (`&a [*a]`). A config never needs more values than this.
+MAX_VALUES = 1_000_000
+
+
 def _build(
     loader: yaml.SafeLoader,
     node: yaml.Node,
@@ -161,29 +173,43 @@ def _build(
     lines: dict[Loc, int],
     issues: list[ConfigIssue],
     file: str,
+    inside: tuple[int, ...] = (),
+    built: list[int] | None = None,
 ) -> Any:
+    built = [0] if built is None else built
+    built[0] += 1
+    line = node.start_mark.line + 1
+    if id(node) in inside:
+        message = "invalid YAML: an alias refers to a node that contains it"
+        raise ConfigError([ConfigIssue(file, line, render_path(at), message)])
+    if built[0] > MAX_VALUES:
+        message = f"invalid YAML: more than {MAX_VALUES} values (aliases repeated too often?)"
+        raise ConfigError([ConfigIssue(file, line, render_path(at), message)])
+    inner = (*inside, id(node))
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<: *anchor` merge keys like safe_load does
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key: Any = loader.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
-            if isinstance(key, list | dict):
+            if not isinstance(key_node, yaml.ScalarNode):
                 issues.append(ConfigIssue(file, line, render_path(at), "a key must be a scalar"))
                 continue
+            key: Any = loader.construct_object(key_node, deep=True)
             path: Loc = (*at, key)
             if key in result:
                 message = f"duplicate key {key!r} (first at line {lines[path]})"
                 issues.append(ConfigIssue(file, line, render_path(path), message))
                 continue
             lines[path] = line
-            result[key] = _build(loader, value_node, path, lines=lines, issues=issues, file=file)
+            result[key] = _build(loader, value_node, path, lines=lines, issues=issues,
+                                 file=file, inside=inner, built=built)
         return result
     if isinstance(node, yaml.SequenceNode):
         items = []
         for index, item in enumerate(node.value):
             lines[(*at, index)] = item.start_mark.line + 1
-            items.append(_build(loader, item, (*at, index), lines=lines, issues=issues, file=file))
+            items.append(_build(loader, item, (*at, index), lines=lines, issues=issues,
+                                file=file, inside=inner, built=built))
         return items
     return loader.construct_object(node, deep=True)
 

@@ -151,11 +151,13 @@ class Daemon:
     config: Path
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    log_level: str | None = None  # --log-level; None: the CLI's default (info)
 
     def start(self, env: dict[str, str] | None = None) -> None:
         self.log = self.config.with_suffix(".log")
+        level = ["--log-level", self.log_level] if self.log_level else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "--log-json", "run", "-c", str(self.config)],
+            [sys.executable, "-m", "bridge", "--log-json", *level, "run", "-c", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("wb"),
             cwd=self.config.parent,
@@ -187,3 +189,88 @@ def run_cli(
         [sys.executable, "-m", "bridge", *args],
         capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, check=False,
     )
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A test CA, a server certificate for 127.0.0.1, a client certificate, and a CA that
+    signed none of them (for "wrong CA" tests). Made with the openssl command line."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+
+def make_pki(directory: Path) -> Pki:
+    """Generate a Pki in `directory` (RSA 2048, valid two days)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    openssl = shutil.which("openssl") or "openssl"
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True)
+
+    def self_signed(name: str, cn: str) -> None:
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={cn}",
+            "-keyout", f"{name}.key", "-out", f"{name}.pem")
+
+    def signed(name: str, cn: str, ext: str) -> None:
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        (directory / f"{name}.ext").write_text(ext)
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext")
+
+    self_signed("ca", "m2m-bridge test CA")
+    self_signed("other-ca", "some other CA")
+    signed("server", "127.0.0.1",
+           "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    signed("client", "bridge", "extendedKeyUsage=clientAuth\n")
+    for key in directory.glob("*.key"):
+        key.chmod(0o600)
+    return Pki(
+        ca=directory / "ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
+        other_ca=directory / "other-ca.pem",
+    )
+
+
+@contextlib.contextmanager
+def mosquitto_tls(
+    tmp: Path, pki: Pki, users: dict[str, str], acl: str, port: int | None = None
+) -> Iterator[Broker]:
+    """A broker with only a TLS listener on 127.0.0.1 that requires a client certificate
+    signed by `pki.ca`, a password file of `users` (name: password) and the ACL text `acl`;
+    anonymous clients are refused."""
+    port = port or free_port()
+    data = tmp / "mosquitto-tls"
+    data.mkdir(exist_ok=True)
+    passwords = data / "passwd"
+    passwords.write_text("")
+    exe = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    for user, password in users.items():
+        subprocess.run([exe, "-b", str(passwords), user, password], check=True,
+                       capture_output=True)
+    acl_file = data / "acl"
+    acl_file.write_text(acl)
+    user = "user root\n" if os.geteuid() == 0 else ""
+    conf = data / f"mosquitto-{port}.conf"
+    conf.write_text(
+        f"{user}per_listener_settings false\nallow_anonymous false\n"
+        f"password_file {passwords}\nacl_file {acl_file}\n"
+        f"listener {port} 127.0.0.1\ncafile {pki.ca}\ncertfile {pki.server_cert}\n"
+        f"keyfile {pki.server_key}\nrequire_certificate true\n"
+        f"log_dest file {data}/{port}.log\nlog_type error\nlog_type warning\n"
+        f"log_type notice\nlog_type information\n"
+    )
+    broker = Broker(port, conf)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -3,10 +3,14 @@
 Everything pymodbus raises or returns as an error is mapped here to bridge.errors, so the
 poller, the CLI and the write path never see a pymodbus type (httpcore's `map_exceptions`).
 
-The link owns the connection; the units behind it (a TCP-to-RS485 gateway often fronts many)
-share it. pymodbus' own reconnect loop and its "close after N timeouts" rule are switched off:
-a dead slave behind a gateway must not tear down the connection its live neighbours use, and
-reconnects follow our jittered back-off instead of pymodbus' fixed one.
+The link owns the connection; the units behind it (a TCP-to-RS485 gateway or an RS-485 line
+often carries many) share it. pymodbus' own reconnect loop and its "close after N timeouts"
+rule are switched off: a dead slave must not tear down the connection its live neighbours use,
+and reconnects follow our jittered back-off instead of pymodbus' fixed one. The same back-off
+reopens a serial port whose tty vanished (a USB converter unplugged) once it is back.
+
+Link kinds: `tcp` and `udp` (MBAP framing, transaction ids), `rtu-over-tcp` (RTU frames over a
+TCP socket, for transparent serial servers), `rtu` and `ascii` (a serial port via pyserial).
 """
 
 from __future__ import annotations
@@ -14,14 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, AsyncModbusUdpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerType
 
 from bridge.codec import BIT_TABLES, Table
 from bridge.errors import DeviceError, TransportError
@@ -39,32 +45,81 @@ EXCEPTION_NAMES = {
     11: "gateway target device failed to respond",
 }
 RETRYABLE_CODES = frozenset({5, 6, 10, 11})  # busy or a gateway's own trouble: ask again later
+BUSY_CODES = frozenset({5, 6})  # the device is alive and asks us to come back later
+REFUSED_CODES = frozenset({2, 3})  # the device does not serve (part of) the requested range
 _NEVER_DISCONNECT = 1 << 30
+
+LinkKind = Literal["tcp", "udp", "rtu-over-tcp", "rtu", "ascii"]
+LINK_KINDS: tuple[LinkKind, ...] = ("tcp", "udp", "rtu-over-tcp", "rtu", "ascii")
+SERIAL_KINDS = frozenset({"rtu", "ascii"})
+# Frames without a transaction id: a late reply cannot be told apart from the next one's.
+UNTAGGED_KINDS = frozenset({"rtu", "ascii", "rtu-over-tcp"})
+# After a timeout on an untagged link, the line must stay quiet this long (at least) before the
+# next request goes out, so a slave answering late is not heard as the answer to the next one.
+# It is bounded by the link's timeout: a dead unit then costs the bus at most two timeouts per
+# back-off step, and usually its timeout plus 50 ms.
+SETTLE_MIN = 0.05
+SETTLE_CHARS = 40  # ... or this many character times on a slow line, whichever is longer
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we log state changes ourselves
 
 
+class NoResponse(DeviceError):
+    """Nothing came back within the timeout: the unit is dead, or not there."""
+
+
+READ_FUNCTION_CODES: dict[Table, int] = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+
+
+class BadFrame(DeviceError):
+    """Bytes came back but no valid reply: CRC/LRC error, truncated frame, garbage."""
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where a Modbus link connects: `tcp` now; the serial kinds arrive with the RTU issue."""
+    """Where a Modbus link connects: a host and port, or a serial port and its settings."""
 
-    kind: str
-    host: str
-    port: int
+    kind: LinkKind
+    host: str  # the serial device path for `rtu` / `ascii`
+    port: int  # 0 for serial links
     timeout: float
+    baudrate: int = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: int = 1
+    bytesize: int = 8
+
+    @property
+    def is_serial(self) -> bool:
+        return self.kind in SERIAL_KINDS
 
     def __str__(self) -> str:
+        if self.is_serial:
+            return f"{self.kind}://{self.host}"
         return f"{self.kind}://{self.host}:{self.port}"
+
+
+@dataclass(slots=True)
+class LinkCounters:
+    """What went wrong on the wire, for the logs, the metrics and the tests."""
+
+    requests: int = 0
+    timeouts: int = 0  # silence: nothing at all came back
+    bad_frames: int = 0  # bytes came back, but no valid reply (CRC, short, garbage, late)
+    settles: int = 0  # waits for the line to go quiet after a timeout
+    connects: int = 0
+    connect_failures: int = 0
+    disconnects: int = 0
+    exceptions: dict[int, int] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
 def map_exceptions(what: str) -> Iterator[None]:
-    """Turn pymodbus and socket errors into TransportError / DeviceError at the edge."""
+    """Turn pymodbus, pyserial and socket errors into TransportError / DeviceError at the edge."""
     try:
         yield
     except ModbusIOException as exc:
-        raise DeviceError(f"{what}: no valid response ({_short(exc)})", retryable=True) from None
-    except (ConnectionException, OSError) as exc:
+        raise NoResponse(f"{what}: no valid response ({_short(exc)})", retryable=True) from None
+    except (ConnectionException, OSError) as exc:  # serial.SerialException is an OSError
         raise TransportError(f"{what}: {_short(exc)}") from None
     except ModbusException as exc:
         raise DeviceError(f"{what}: {_short(exc)}", retryable=True) from None
@@ -75,27 +130,83 @@ def _short(exc: BaseException) -> str:
     return text.removeprefix("Modbus Error: ").splitlines()[0]
 
 
+def char_time(endpoint: Endpoint) -> float:
+    """Seconds one character takes on the line (11 bits a character; ASCII is no faster)."""
+    return 11 / endpoint.baudrate if endpoint.is_serial else 0.0
+
+
+AnyClient = AsyncModbusTcpClient | AsyncModbusUdpClient | AsyncModbusSerialClient
+
+
 class ModbusClient:
     """One connection to a Modbus endpoint, shared by every unit behind it.
 
     Connection attempts back off exponentially with full jitter (aiomqtt's rule:
     `uniform(0, base * 2**attempt)`, capped) so a rebooting gateway is not hammered by every
     device at once; requests made during a back-off fail fast with TransportError.
+
+    Callers serialise transactions (bridge.scheduler.Link); this class assumes one at a time.
     """
 
     def __init__(self, endpoint: Endpoint, *, backoff_cap: float = 60.0) -> None:
         self.endpoint = endpoint
+        self.counters = LinkCounters()
         self._backoff_cap = backoff_cap
-        self._client: AsyncModbusTcpClient | None = None
+        self._client: AnyClient | None = None
         self._failures = 0
         self._retry_at = 0.0
         self._connect_lock = asyncio.Lock()
+        # Receive-side bookkeeping, fed by pymodbus' trace_packet hook (its public way to see
+        # the raw byte stream): whether anything arrived during the current transaction, and
+        # when the line last carried a byte.
+        self._rx_seen = False
+        self._last_rx = 0.0
+        self._dirty = False  # a timeout happened: a late reply may still be on its way
+        self._settle = min(endpoint.timeout, max(SETTLE_MIN, SETTLE_CHARS * char_time(endpoint)))
 
     @property
     def connected(self) -> bool:
         return self._client is not None and self._client.connected
 
-    async def _ensure(self) -> AsyncModbusTcpClient:
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            self._rx_seen = True
+            self._last_rx = time.monotonic()
+        return data
+
+    def _trace_connect(self, connected: bool) -> None:
+        if not connected:
+            self.counters.disconnects += 1
+
+    def _new_client(self) -> AnyClient:
+        ep = self.endpoint
+        common: dict[str, Any] = {
+            "timeout": ep.timeout,
+            "retries": 0,  # writes are never retried blindly; polls retry on their schedule
+            "reconnect_delay": 0,  # 0 disables pymodbus' own reconnect loop
+            "trace_packet": self._trace_packet,
+            "trace_connect": self._trace_connect,
+        }
+        client: AnyClient
+        if ep.kind in SERIAL_KINDS:
+            client = AsyncModbusSerialClient(
+                ep.host,
+                framer=FramerType.RTU if ep.kind == "rtu" else FramerType.ASCII,
+                baudrate=ep.baudrate,
+                parity=ep.parity,
+                stopbits=ep.stopbits,
+                bytesize=ep.bytesize,
+                **common,
+            )
+        elif ep.kind == "udp":
+            client = AsyncModbusUdpClient(ep.host, port=ep.port, **common)
+        else:
+            framer = FramerType.RTU if ep.kind == "rtu-over-tcp" else FramerType.SOCKET
+            client = AsyncModbusTcpClient(ep.host, port=ep.port, framer=framer, **common)
+        client.set_max_no_responses(_NEVER_DISCONNECT)
+        return client
+
+    async def _ensure(self) -> AnyClient:
         async with self._connect_lock:
             if self._client is not None and self._client.connected:
                 return self._client
@@ -104,80 +215,150 @@ class ModbusClient:
                 raise TransportError(f"{self.endpoint}: not connected, next attempt in {wait:.1f}s")
             if self._client is not None:
                 self._client.close()
-            client = AsyncModbusTcpClient(
-                self.endpoint.host,
-                port=self.endpoint.port,
-                timeout=self.endpoint.timeout,
-                retries=0,  # writes are never retried blindly; polls retry on their schedule
-                reconnect_delay=0,  # 0 disables pymodbus' own reconnect loop
-            )
-            client.set_max_no_responses(_NEVER_DISCONNECT)
-            with map_exceptions(str(self.endpoint)):
-                ok = await client.connect()
-            if not ok:
-                client.close()
+                self._client = None
+            reason = "connection failed"
+            ok = False
+            # One stat of a device node: not worth a thread.
+            if self.endpoint.is_serial and not os.path.exists(self.endpoint.host):  # noqa: ASYNC240
+                reason = "no such serial port (unplugged?)"  # pyserial would only say errno 2
+            else:
+                client = self._new_client()
+                with map_exceptions(str(self.endpoint)):
+                    ok = await client.connect()
+                if ok:
+                    self._client = client
+                else:
+                    client.close()
+                    reason = "cannot open the serial port" if self.endpoint.is_serial else reason
+            if not ok or self._client is None:
+                self.counters.connect_failures += 1
                 self._failures += 1
                 delay = random.uniform(0, min(self._backoff_cap, 0.5 * 2**self._failures))
                 self._retry_at = time.monotonic() + delay
-                raise TransportError(f"{self.endpoint}: connection failed")
+                raise TransportError(f"{self.endpoint}: {reason}")
+            self.counters.connects += 1
             self._failures = 0
-            self._client = client
-            return client
+            self._dirty = False
+            return self._client
+
+    async def _quiet_line(self) -> None:
+        """After a timeout on an untagged link, wait until the line has been quiet a while.
+
+        pymodbus drops its receive buffer when it sends, and ignores a frame that arrives with
+        no request outstanding; what it cannot tell is a late reply that arrives just after the
+        next request went out. So the next transaction waits until nothing has arrived for
+        `_settle` seconds (bounded by one timeout: a babbling line cannot stall the bus forever).
+        """
+        if not self._dirty:
+            return
+        self._dirty = False
+        if self.endpoint.kind not in UNTAGGED_KINDS:
+            return
+        self.counters.settles += 1
+        deadline = time.monotonic() + self.endpoint.timeout
+        while True:
+            now = time.monotonic()
+            quiet_for = now - self._last_rx
+            if quiet_for >= self._settle or now >= deadline:
+                return
+            await asyncio.sleep(min(self._settle - quiet_for, deadline - now))
+
+    async def _call(self, what: str, unit: int, op: Any) -> Any:
+        """Run one pymodbus request `op(client)`, classifying what the line did."""
+        client = await self._ensure()
+        await self._quiet_line()
+        self._rx_seen = False
+        self.counters.requests += 1
+        label = f"{self.endpoint} unit {unit}"
+        try:
+            with map_exceptions(label):
+                reply = await op(client)
+        except NoResponse:
+            self._dirty = True
+            self._last_rx = time.monotonic()  # the settle wait counts from the timeout
+            if not client.connected:
+                # The port vanished or the peer closed while we waited: a link failure.
+                raise TransportError(f"{label}: connection lost") from None
+            if self._rx_seen:
+                self.counters.bad_frames += 1
+                raise BadFrame(
+                    f"{label}: {what}: no valid reply (bad CRC, truncated or garbled frame)",
+                    retryable=True,
+                ) from None
+            self.counters.timeouts += 1
+            raise NoResponse(
+                f"{label}: {what}: no response within {self.endpoint.timeout:g}s",
+                retryable=True,
+            ) from None
+        if reply.isError():
+            code = int(getattr(reply, "exception_code", 0))
+            self.counters.exceptions[code] = self.counters.exceptions.get(code, 0) + 1
+            name = EXCEPTION_NAMES.get(code, "unknown exception")
+            raise DeviceError(
+                f"unit {unit}: {what}: Modbus exception {code:02d} ({name})",
+                code=code,
+                retryable=code in RETRYABLE_CODES,
+            )
+        return reply
 
     async def read(self, unit: int, table: Table, address: int, count: int) -> list[int]:
         """`count` registers (or bits, as 0/1) of `table` from `address` on `unit`."""
-        client = await self._ensure()
-        with map_exceptions(f"{self.endpoint} unit {unit}"):
+        what = f"read {table} {address}+{count}"
+
+        async def op(client: AnyClient) -> Any:
             if table == "holding":
-                reply = await client.read_holding_registers(address, count=count, device_id=unit)
-            elif table == "input":
-                reply = await client.read_input_registers(address, count=count, device_id=unit)
-            elif table == "coil":
-                reply = await client.read_coils(address, count=count, device_id=unit)
-            else:
-                reply = await client.read_discrete_inputs(address, count=count, device_id=unit)
-        _raise_for_exception(reply, unit, f"read {table} {address}+{count}")
+                return await client.read_holding_registers(address, count=count, device_id=unit)
+            if table == "input":
+                return await client.read_input_registers(address, count=count, device_id=unit)
+            if table == "coil":
+                return await client.read_coils(address, count=count, device_id=unit)
+            return await client.read_discrete_inputs(address, count=count, device_id=unit)
+
+        reply = await self._call(what, unit, op)
+        expected = READ_FUNCTION_CODES[table]
+        if getattr(reply, "function_code", expected) != expected:
+            # pymodbus pairs replies with requests by transaction id only: a reply for another
+            # function (a confused gateway, a late answer on a shared line) is not our data.
+            self.counters.bad_frames += 1
+            raise BadFrame(
+                f"unit {unit}: reply with function code {reply.function_code}, "
+                f"expected {expected}"
+            )
         if table in BIT_TABLES:
             bits = list(reply.bits)
             if len(bits) < count:
-                raise DeviceError(f"unit {unit}: short reply, {len(bits)} of {count} bits")
+                self.counters.bad_frames += 1
+                raise BadFrame(f"unit {unit}: short reply, {len(bits)} of {count} bits")
             return [int(b) for b in bits[:count]]
         registers = list(reply.registers)
         if len(registers) != count:
-            raise DeviceError(
+            # On an untagged link this is most likely a late reply to an earlier request.
+            self.counters.bad_frames += 1
+            raise BadFrame(
                 f"unit {unit}: wrong reply size, {len(registers)} of {count} registers"
             )
         return registers
 
     async def write_registers(self, unit: int, address: int, values: Sequence[int]) -> None:
         """FC6 for one register, FC16 for more: multi-register values go in one request."""
-        client = await self._ensure()
-        with map_exceptions(f"{self.endpoint} unit {unit}"):
-            if len(values) == 1:
-                reply = await client.write_register(address, values[0], device_id=unit)
-            else:
-                reply = await client.write_registers(address, list(values), device_id=unit)
-        _raise_for_exception(reply, unit, f"write holding {address}+{len(values)}")
+        regs = list(values)
+
+        async def op(client: AnyClient) -> Any:
+            if len(regs) == 1:
+                return await client.write_register(address, regs[0], device_id=unit)
+            return await client.write_registers(address, regs, device_id=unit)
+
+        await self._call(f"write holding {address}+{len(regs)}", unit, op)
 
     async def write_coil(self, unit: int, address: int, value: bool) -> None:
         """FC5."""
-        client = await self._ensure()
-        with map_exceptions(f"{self.endpoint} unit {unit}"):
-            reply = await client.write_coil(address, value, device_id=unit)
-        _raise_for_exception(reply, unit, f"write coil {address}")
+
+        async def op(client: AnyClient) -> Any:
+            return await client.write_coil(address, value, device_id=unit)
+
+        await self._call(f"write coil {address}", unit, op)
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
-
-
-def _raise_for_exception(reply: Any, unit: int, what: str) -> None:
-    if reply.isError():
-        code = int(getattr(reply, "exception_code", 0))
-        name = EXCEPTION_NAMES.get(code, "unknown exception")
-        raise DeviceError(
-            f"unit {unit}: {what}: Modbus exception {code:02d} ({name})",
-            code=code,
-            retryable=code in RETRYABLE_CODES,
-        )

@@ -1,0 +1,327 @@
+"""Serial and datagram links against real parts: socat pty pairs, pymodbus servers, the CLI.
+
+Each serial test starts `socat` with two linked ptys in tmp_path: a pymodbus ModbusSerialServer
+(or a scripted slave in test_recovery) holds one end, our client the other. Everything is
+stopped by process id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import yaml
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer, ModbusUdpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from bridge.codec import Table
+from bridge.config import Config, SerialLink, load_config
+from bridge.messages import Message
+from bridge.planner import ReadRequest, plan_device
+from bridge.poller import DevicePoller
+from bridge.scheduler import Link, Priority
+from bridge.service import build_links, link_silence, warn_overloaded_links
+from bridge.transports.modbus import Endpoint, LinkKind, ModbusClient
+from tests.helpers import ROOT, free_port
+
+HOLDING_BASE = 1000  # unit u's holding register i holds u * HOLDING_BASE + i
+
+
+@dataclass
+class Socat:
+    """`socat` joining two ptys, reachable as tmp/<a> and tmp/<b> (stable symlinks)."""
+
+    a: Path
+    b: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["socat", "-d", "-d", f"pty,raw,echo=0,link={self.a}",
+             f"pty,raw,echo=0,link={self.b}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while not (self.a.exists() and self.b.exists()):
+            assert time.monotonic() < deadline, "socat did not create its ptys"
+            assert self.process.poll() is None, "socat exited"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        deadline = time.monotonic() + 5
+        while self.a.exists() or self.b.exists():  # socat removes its links on the way out
+            if time.monotonic() > deadline:
+                self.a.unlink(missing_ok=True)
+                self.b.unlink(missing_ok=True)
+            time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def pty_pair(tmp: Path) -> Iterator[Socat]:
+    line = Socat(tmp / "slave-end", tmp / "master-end")
+    line.start()
+    try:
+        yield line
+    finally:
+        line.stop()
+
+
+def sim_device(unit: int) -> SimDevice:
+    """Registers and bits that say which unit and address they came from."""
+    regs = [unit * HOLDING_BASE + i for i in range(100)]
+    return SimDevice(
+        id=unit,
+        simdata=(
+            [SimData(0, values=[True, False] * 50, datatype=DataType.BITS)],
+            [SimData(0, values=[False, True] * 50, datatype=DataType.BITS)],
+            [SimData(0, values=regs, datatype=DataType.REGISTERS)],
+            [SimData(0, values=[7 * unit] * 100, datatype=DataType.REGISTERS)],
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def serial_server(port: Path, units: tuple[int, ...] = (1,), *,
+                        framer: FramerType = FramerType.RTU) -> AsyncIterator[None]:
+    # pymodbus' SimDevice server answers exception 04 for a unit it does not have, whatever
+    # `ignore_missing_devices` says; on a real RS-485 line that unit is silent. Its
+    # trace_packet hook may rewrite outgoing frames: drop every RTU reply not from `units`.
+    def silence_others(sending: bool, data: bytes) -> bytes:
+        if sending and framer == FramerType.RTU and data and data[0] not in units:
+            return b""
+        return data
+
+    server = ModbusSerialServer(
+        [sim_device(u) for u in units], framer=framer, port=str(port), baudrate=19200,
+        trace_packet=silence_others,
+    )
+    await server.serve_forever(background=True)
+    try:
+        yield
+    finally:
+        await server.shutdown()  # type: ignore[no-untyped-call]
+
+
+async def _read_all(client: ModbusClient, unit: int) -> dict[Table, list[int]]:
+    tables: tuple[Table, ...] = ("holding", "input", "coil", "discrete")
+    return {t: await client.read(unit, t, 0, 4) for t in tables}
+
+
+EXPECTED_UNIT_1 = {
+    "holding": [1000, 1001, 1002, 1003], "input": [7, 7, 7, 7],
+    "coil": [1, 0, 1, 0], "discrete": [0, 1, 0, 1],
+}
+
+
+@pytest.mark.parametrize("kind", ["rtu", "ascii"])
+async def test_serial_reads_every_table(tmp_path: Path, kind: LinkKind) -> None:
+    framer = FramerType.RTU if kind == "rtu" else FramerType.ASCII
+    with pty_pair(tmp_path) as line:
+        async with serial_server(line.a, framer=framer):
+            client = ModbusClient(Endpoint(kind, str(line.b), 0, 0.5, baudrate=19200))
+            try:
+                assert await _read_all(client, 1) == EXPECTED_UNIT_1
+                assert client.counters.bad_frames == client.counters.timeouts == 0
+            finally:
+                client.close()
+
+
+async def test_rtu_over_tcp(tmp_path: Path) -> None:
+    """A transparent serial server: RTU frames, no MBAP header, over a TCP socket."""
+    port = free_port()
+    server = ModbusTcpServer([sim_device(1)], framer=FramerType.RTU, address=("127.0.0.1", port))
+    await server.serve_forever(background=True)
+    client = ModbusClient(Endpoint("rtu-over-tcp", "127.0.0.1", port, 0.5))
+    try:
+        assert await _read_all(client, 1) == EXPECTED_UNIT_1
+    finally:
+        client.close()
+        await server.shutdown()  # type: ignore[no-untyped-call]
+
+
+async def test_udp(tmp_path: Path) -> None:
+    port = free_port()
+    server = ModbusUdpServer([sim_device(1)], address=("127.0.0.1", port))
+    await server.serve_forever(background=True)
+    client = ModbusClient(Endpoint("udp", "127.0.0.1", port, 0.5))
+    try:
+        assert await _read_all(client, 1) == EXPECTED_UNIT_1
+    finally:
+        client.close()
+        await server.shutdown()  # type: ignore[no-untyped-call]
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    # A subprocess that does not block this loop: the server under test lives in it.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_read_cli_with_rtu_and_udp_urls(tmp_path: Path) -> None:
+    with pty_pair(tmp_path) as line:
+        async with serial_server(line.a):
+            code, out, err = await _cli(
+                "read", f"rtu://{line.b}?baudrate=19200&parity=N&stopbits=1&bytesize=8",
+                "--unit", "1", "--table", "holding", "--address", "2", "--count", "2", "--json",
+            )
+    assert code == 0, err
+    assert json.loads(out) == [{"address": 2, "value": 1002}, {"address": 3, "value": 1003}]
+    port = free_port()
+    server = ModbusUdpServer([sim_device(1)], address=("127.0.0.1", port))
+    await server.serve_forever(background=True)
+    try:
+        code, out, err = await _cli(
+            "read", f"udp://127.0.0.1:{port}", "--unit", "1", "--table", "input",
+            "--address", "0", "--json",
+        )
+    finally:
+        await server.shutdown()  # type: ignore[no-untyped-call]
+    assert code == 0, err
+    assert json.loads(out) == [{"address": 0, "value": 7}]
+
+
+async def test_read_cli_names_bad_serial_settings() -> None:
+    code, _, err = await _cli("read", "rtu:///dev/ttyUSB0?baudrate=fast&parity=E",
+                              "--unit", "1", "--table", "holding", "--address", "0")
+    assert code == 2
+    assert "baudrate='fast'" in err
+    code, _, err = await _cli("read", "ascii:///dev/ttyS0?parity=Q",
+                              "--unit", "1", "--table", "holding", "--address", "0")
+    assert code == 2
+    assert "parity='Q'" in err
+
+
+def _line_config(tmp_path: Path, port: Path, *, interval: str, timeout: str,
+                 units: tuple[int, ...], baudrate: int = 19200) -> Config:
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1,
+        "gateway": {"id": "serial"},
+        "links": [{"name": "rs485-1", "type": "rtu", "port": str(port), "baudrate": baudrate,
+                   "parity": "N", "timeout": timeout}],
+        "devices": [
+            {"name": f"meter-{u}", "link": "rs485-1", "unit": u, "interval": interval,
+             "offline_after": 2,
+             "points": [{"name": "a", "address": 0}, {"name": "b", "address": 1}]}
+            for u in units
+        ],
+    }))
+    return load_config(path)
+
+
+class TimedLink(Link):
+    """A Link that records how long each unit held the bus."""
+
+    def __init__(self, link: Link) -> None:
+        super().__init__(link.client, silence=link.scheduler.silence)
+        self.held: list[tuple[int, float]] = []
+
+    async def read(
+        self, unit: int, request: ReadRequest, priority: Priority = Priority.POLL
+    ) -> list[int]:
+        async with self.scheduler.turn(priority):
+            started = time.monotonic()
+            try:
+                return await self.client.read(
+                    unit, request.table, request.address, request.count
+                )
+            finally:
+                self.held.append((unit, time.monotonic() - started))
+
+
+def _pollers(config: Config, link: Link, sink: list[Message],
+             statuses: list[tuple[str, bool]]) -> list[DevicePoller]:
+    return [
+        DevicePoller(
+            device, plan_device(device.points, interval=device.interval), link, config.mqtt,
+            emit=sink.extend, set_status=lambda name, up: statuses.append((name, up)),
+        )
+        for device in config.devices
+    ]
+
+
+async def test_dead_unit_does_not_starve_the_line(tmp_path: Path) -> None:
+    """Three units on one line, unit 3 dead: 1 and 2 keep >= 90% of their rate, 3 goes
+    offline, and each attempt at 3 costs the bus no more than its timeout (plus the settle
+    wait that keeps a late reply from being taken for the next answer)."""
+    interval, timeout = 0.25, 0.1
+    with pty_pair(tmp_path) as line:
+        config = _line_config(tmp_path, line.b, interval="250ms", timeout="100ms",
+                              units=(1, 2, 3))
+        async with serial_server(line.a, units=(1, 2)):
+            link = TimedLink(build_links(config)["rs485-1"])
+            messages: list[Message] = []
+            statuses: list[tuple[str, bool]] = []
+            pollers = _pollers(config, link, messages, statuses)
+            tasks = [asyncio.create_task(p.run()) for p in pollers]
+            window = 5.0
+            await asyncio.sleep(window)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            link.close()
+    live = [p for p in pollers if p.device.unit != 3]
+    for poller in live:
+        successes = poller.stats.polls - poller.stats.failed_polls
+        assert successes >= 0.9 * window / interval, (poller.device.name, poller.stats)
+    topic = "m2m/serial/meter-1/a"
+    assert len([m for m in messages if m.topic == topic]) >= 0.9 * window / interval
+    assert ("meter-3", False) in statuses
+    assert ("meter-1", True) in statuses
+    assert ("meter-2", True) in statuses
+    dead = [held for unit, held in link.held if unit == 3]
+    assert dead, "the dead unit was never tried"
+    settle = link.client._settle
+    assert max(dead) <= timeout + settle + 0.05, dead
+    # Back-off: attempts at the dead unit thin out; with doubling steps from 250 ms (jittered
+    # down to half) at most ~7 fit in 5 s, far from the 20 a fixed schedule would make.
+    assert len(dead) <= 8, len(dead)
+    assert link.client.counters.timeouts == len(dead)
+
+
+async def test_serial_link_silence_and_capacity_warning(tmp_path: Path) -> None:
+    """The RTU gap is the scheduler's silence; a line that cannot carry its polls is named."""
+    config = _line_config(tmp_path, tmp_path / "nowhere", interval="10ms", timeout="100ms",
+                          units=(1, 2), baudrate=9600)
+    link = config.link("rs485-1")
+    assert isinstance(link, SerialLink)
+    assert link_silence(link) == pytest.approx(3.5 * 11 / 9600)
+    plans = {d.name: plan_device(d.points, interval=d.interval) for d in config.devices}
+    with structlog.testing.capture_logs() as logs:
+        warn_overloaded_links(config, plans)
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert len(warnings) == 1
+    event: Any = warnings[0]["event"]
+    assert event.startswith("link rs485-1 needs ")
+    assert event.endswith("% of its bus time at 9600 baud")
+    relaxed = _line_config(tmp_path, tmp_path / "nowhere", interval="5s", timeout="100ms",
+                           units=(1, 2), baudrate=9600)
+    with structlog.testing.capture_logs() as logs:
+        warn_overloaded_links(relaxed, {
+            d.name: plan_device(d.points, interval=d.interval) for d in relaxed.devices
+        })
+    assert not logs

@@ -1,0 +1,277 @@
+"""TLS, client certificates, passwords and ACLs against a real mosquitto, the daemon as a
+subprocess.
+
+The test makes its own PKI with openssl (a CA, a server certificate for IP 127.0.0.1, a client
+certificate, and an unrelated CA), and starts mosquitto with only a TLS listener that requires
+client certificates, a password file and an ACL: the bridge's user may publish only under its
+prefix and read only its `…/set` topics; an `admin` user reads everything (the test's eyes).
+The password reaches the daemon as `${credential:mqtt_password}` through
+$CREDENTIALS_DIRECTORY, as systemd's LoadCredential= provides it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import yaml
+
+from bridge.config import load_config
+from bridge.simulator import Simulator
+from tests.helpers import Broker, Daemon, Pki, Recorder, free_port, make_pki, mosquitto_tls
+
+GATEWAY = "tls"
+PREFIX = f"m2m/{GATEWAY}"
+BRIDGE_PASSWORD = "tls-Bridge-pw-7c1e93d0"
+ADMIN_PASSWORD = "tls-Admin-pw-55aa01"
+ACL = f"""\
+user bridge
+topic write {PREFIX}/#
+topic read {PREFIX}/+/+/set
+
+user admin
+topic readwrite #
+"""
+POINTS = [{"name": "voltage", "table": "input", "address": 0, "type": "float32", "unit": "V"}]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def broker(tmp_path: Path, pki: Pki) -> Iterator[Broker]:
+    users = {"bridge": BRIDGE_PASSWORD, "admin": ADMIN_PASSWORD}
+    with mosquitto_tls(tmp_path, pki, users, ACL) as b:
+        yield b
+
+
+@pytest.fixture
+async def device(tmp_path: Path) -> AsyncIterator[int]:
+    """A pymodbus slave whose input registers 0-1 hold 229.75 (float32); yields its port."""
+    port = free_port()
+    path = tmp_path / "device.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1,
+        "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": port}],
+        "devices": [{"name": "dev", "link": "plc", "points": POINTS}],
+    }))
+    sim = Simulator(load_config(path))
+    await sim.start()
+    sim.set_value("dev", "voltage", 229.75)
+    try:
+        yield port
+    finally:
+        await sim.stop()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def client_tls(pki: Pki, ca: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca or pki.ca))
+    context.load_cert_chain(pki.client_cert, pki.client_key)
+    return context
+
+
+def write_config(tmp: Path, broker: int, device: int, pki: Pki, **tls: Any) -> Path:
+    path = tmp / "bridge.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1,
+        "gateway": {"id": GATEWAY, "state_dir": str(tmp / "state")},
+        "mqtt": {
+            "host": "127.0.0.1", "port": broker, "username": "bridge",
+            "password": "${credential:mqtt_password}",
+            "tls": {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
+                    "key_file": str(pki.client_key)} | tls,
+        },
+        "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": device,
+                   "timeout": "300ms"}],
+        "devices": [{"name": "dev", "link": "plc", "interval": "200ms", "points": POINTS}],
+    }, sort_keys=False))
+    return path
+
+
+def start_daemon(
+    daemons: list[Daemon], config: Path, password: str, log_level: str = "debug"
+) -> Daemon:
+    """The daemon with its password in a credentials directory, as LoadCredential= does."""
+    credentials = config.parent / "credentials"
+    credentials.mkdir(exist_ok=True)
+    secret = credentials / "mqtt_password"
+    secret.write_text(password + "\n")
+    secret.chmod(0o600)
+    d = Daemon(config, log_level=log_level)
+    d.start(env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    daemons.append(d)
+    return d
+
+
+@contextlib.asynccontextmanager
+async def watching(broker: Broker, pki: Pki, topic: str = "#") -> AsyncIterator[Recorder]:
+    """Record `topic` as the admin user (who may read everything)."""
+    recorder = Recorder()
+    async with aiomqtt.Client(
+        "127.0.0.1", broker.port, username="admin", password=ADMIN_PASSWORD,
+        tls_context=client_tls(pki), identifier=f"admin-{time.monotonic_ns()}",
+    ) as client:
+        await client.subscribe(topic, qos=1)
+
+        async def pump() -> None:
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                recorder.messages.append((str(message.topic), message.payload, message.retain))
+
+        task = asyncio.create_task(pump())
+        try:
+            yield recorder
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def log_events(d: Daemon) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines (anything else on stderr is kept as {"raw": line})."""
+    events = []
+    for line in d.output().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            events.append({"raw": line})
+    return events
+
+
+async def keeps_running(d: Daemon, seconds: float) -> None:
+    """Wait `seconds`, failing at once if the daemon exits."""
+    assert d.process is not None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert d.process.poll() is None, f"daemon exited {d.process.returncode}:\n{d.output()}"
+        await asyncio.sleep(0.1)
+
+
+async def test_bridge_publishes_over_mutual_tls_with_a_credential_password(
+    tmp_path: Path, broker: Broker, device: int, pki: Pki, daemons: list[Daemon]
+) -> None:
+    config = write_config(tmp_path, broker.port, device, pki)
+    async with watching(broker, pki) as rec:
+        d = start_daemon(daemons, config, BRIDGE_PASSWORD)
+        await rec.wait_for(lambda: len(rec.payloads(f"{PREFIX}/dev/voltage")) >= 2)
+        body = json.loads(rec.payloads(f"{PREFIX}/dev/voltage")[-1])
+        assert body["value"] == 229.75
+        assert body["unit"] == "V"
+        assert rec.last(f"{PREFIX}/status") == b"online"
+        assert rec.last(f"{PREFIX}/dev/status") == b"online"
+    events = log_events(d)
+    assert any(e.get("event") == "broker connected" for e in events), d.output()
+    assert BRIDGE_PASSWORD not in d.output()
+
+
+async def test_acl_confines_the_bridge_user_to_its_prefix(broker: Broker, pki: Pki) -> None:
+    """The ACL the README recommends: the bridge's login cannot publish or read elsewhere."""
+    async with watching(broker, pki) as rec, aiomqtt.Client(
+        "127.0.0.1", broker.port, username="bridge", password=BRIDGE_PASSWORD,
+        tls_context=client_tls(pki), identifier="bridge-acl-probe",
+    ) as bridge:
+        await bridge.subscribe("#", qos=1)  # may only ever hear its own …/set topics
+        await bridge.publish("plant/valve/set", b"1", qos=1)  # outside its prefix: dropped
+        await bridge.publish(f"{PREFIX}/dev/x", b"2", qos=1)  # inside: delivered
+        await rec.wait_for(lambda: rec.payloads(f"{PREFIX}/dev/x"))
+        await asyncio.sleep(0.3)
+        assert not rec.payloads("plant/valve/set")
+
+        heard: list[str] = []
+        got_set = asyncio.Event()
+
+        async def listen() -> None:
+            async for message in bridge.messages:
+                heard.append(str(message.topic))
+                if str(message.topic).endswith("/set"):
+                    got_set.set()
+
+        listening = asyncio.create_task(listen())
+        async with aiomqtt.Client(
+            "127.0.0.1", broker.port, username="admin", password=ADMIN_PASSWORD,
+            tls_context=client_tls(pki), identifier="admin-sender",
+        ) as admin:
+            await admin.publish("other/thing", b"x", qos=1)
+            await admin.publish(f"{PREFIX}/dev/x/state", b"x", qos=1)
+            await admin.publish(f"{PREFIX}/dev/setpoint/set", b"42", qos=1)
+        await asyncio.wait_for(got_set.wait(), 5)
+        await asyncio.sleep(0.2)  # anything the ACL let through would have arrived by now
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+    assert heard == [f"{PREFIX}/dev/setpoint/set"]
+
+
+async def test_wrong_ca_fails_cleanly_and_publishes_nothing(
+    tmp_path: Path, broker: Broker, device: int, pki: Pki, daemons: list[Daemon]
+) -> None:
+    """A CA that did not sign the broker's certificate: one line naming certificate
+    verification, the daemon keeps running (and polling), nothing reaches the broker."""
+    config = write_config(tmp_path, broker.port, device, pki, ca_file=str(pki.other_ca))
+    async with watching(broker, pki) as rec:
+        d = start_daemon(daemons, config, BRIDGE_PASSWORD)
+        await keeps_running(d, 4.0)  # several connection attempts (back-off from ~1 s)
+        assert not [t for t, _, _ in rec.messages if t.startswith(PREFIX)], rec.messages
+    events = log_events(d)
+    failures = [e for e in events if e.get("level") in ("warning", "error")]
+    assert len(failures) == 1, d.output()
+    line = failures[0]
+    assert line["event"] == "broker certificate verification failed", line
+    assert "certificate verify failed" in line["error"], line
+    assert "mqtt.tls.ca_file" in line["error"], line
+    assert not any("raw" in e for e in events), d.output()  # no stray tracebacks
+
+
+async def test_wrong_password_fails_cleanly_naming_authorization(
+    tmp_path: Path, broker: Broker, device: int, pki: Pki, daemons: list[Daemon]
+) -> None:
+    wrong = "not-the-Password-0b9d"
+    config = write_config(tmp_path, broker.port, device, pki)
+    async with watching(broker, pki) as rec:
+        d = start_daemon(daemons, config, wrong)
+        await keeps_running(d, 4.0)
+        assert not [t for t, _, _ in rec.messages if t.startswith(PREFIX)], rec.messages
+    events = log_events(d)
+    failures = [e for e in events if e.get("level") in ("warning", "error")]
+    assert len(failures) == 1, d.output()
+    line = failures[0]
+    assert line["event"] == "broker refused login", line
+    assert "not authorized" in line["error"].lower(), line
+    output = d.output()
+    assert wrong not in output
+    assert BRIDGE_PASSWORD not in output
+
+
+async def test_missing_ca_file_is_one_clear_line_and_the_daemon_keeps_polling(
+    tmp_path: Path, broker: Broker, device: int, pki: Pki, daemons: list[Daemon]
+) -> None:
+    """A CA file that is not there is a broker problem, not a crash: polling goes on."""
+    missing = tmp_path / "no-such-ca.pem"
+    config = write_config(tmp_path, broker.port, device, pki, ca_file=str(missing))
+    d = start_daemon(daemons, config, BRIDGE_PASSWORD)
+    await keeps_running(d, 2.5)
+    events = log_events(d)
+    failures = [e for e in events if e.get("level") in ("warning", "error")]
+    assert len(failures) == 1, d.output()
+    assert failures[0]["event"] == "broker settings unusable", failures[0]
+    assert str(missing) in failures[0]["error"]
+    assert "No such file" in failures[0]["error"]
+    assert any(e.get("event") == "device online" for e in events), d.output()
