@@ -37,10 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
-import aiomqtt
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from bridge.codec import BIT_TABLES, Field, Value, encode
 from bridge.config import Config, Device, Point, SerialLink, TcpLink
@@ -49,6 +46,7 @@ from bridge.messages import Message, Topics, device_payload, point_payload
 from bridge.normalize import BadValue, engineering
 from bridge.planner import ReadRequest, plan_device
 from bridge.scheduler import Link, Priority
+from bridge.wire import Incoming
 
 log = structlog.get_logger("bridge.commands")
 audit = structlog.get_logger("bridge.audit")
@@ -326,7 +324,8 @@ class ReadBackFailed(BridgeError):
 
 
 # Publisher.respond: an immediate, unbuffered reply (False when no broker is connected).
-Respond: TypeAlias = Callable[[str, bytes, "Properties | None"], Awaitable[bool]]
+# Arguments: topic, payload, the MQTT 5 correlation data to echo (or None).
+Respond: TypeAlias = Callable[[str, bytes, bytes | None], Awaitable[bool]]
 
 
 @dataclass(slots=True)
@@ -399,21 +398,24 @@ class CommandHandler:
         """The exact `/set` topics of writable points: the only subscriptions (never `#`)."""
         return [topic for topic, t in self._targets.items() if t.point.writable]
 
-    def on_message(self, message: aiomqtt.Message) -> None:
+    def on_message(self, message: Incoming) -> None:
         """Publisher hook: start handling `message`; never raises, whatever it carries."""
         try:
-            topic = str(message.topic)
-            payload = message.payload
-            if isinstance(payload, str):
-                payload = payload.encode()
-            elif not isinstance(payload, bytes | bytearray):
-                payload = b"" if payload is None else str(payload).encode()
+            topic = message.topic
+            if message.retain:
+                # A retained /set is a stale command the broker replays to every new session;
+                # acting on it at each reconnect would repeat a write nobody asked for now.
+                self.stats.refused += 1
+                _audit(topic, message.payload, "refused", "retained command ignored")
+                return
             if len(self._tasks) >= MAX_PENDING:
                 self.stats.dropped += 1
-                _audit(topic, bytes(payload), "dropped", "too many commands in progress")
+                _audit(topic, message.payload, "dropped", "too many commands in progress")
                 return
             task = asyncio.create_task(
-                self.handle(topic, bytes(payload), message.properties), name=f"command {topic}"
+                self.handle(topic, message.payload, message.response_topic,
+                            message.correlation_data),
+                name=f"command {topic}",
             )
         except Exception:  # a bug here must cost one command, not the receive loop
             log.exception("command could not be started")
@@ -428,7 +430,13 @@ class CommandHandler:
             for task in late:
                 task.cancel()
 
-    async def handle(self, topic: str, payload: bytes, properties: Properties | None) -> None:
+    async def handle(
+        self,
+        topic: str,
+        payload: bytes,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+    ) -> None:
         """One command from receipt to result; every outcome is answered and audited."""
         shown = payload.decode("utf-8", "replace")
         try:
@@ -447,7 +455,7 @@ class CommandHandler:
         else:
             self.stats.failed += 1
         _audit(topic, shown, outcome.kind, outcome.error)
-        await self._answer(topic, outcome, properties)
+        await self._answer(topic, outcome, response_topic, correlation_data)
 
     async def _execute(self, topic: str, payload: bytes) -> _Outcome:
         target = self._targets.get(topic)
@@ -489,7 +497,13 @@ class CommandHandler:
             payload = point_payload(value, ts, target.point.unit, self._format)
         return Message(target.reading_topic, payload, self._qos, self._retain, ts)
 
-    async def _answer(self, topic: str, outcome: _Outcome, properties: Properties | None) -> None:
+    async def _answer(
+        self,
+        topic: str,
+        outcome: _Outcome,
+        response_topic: str | None,
+        correlation_data: bytes | None,
+    ) -> None:
         body: dict[str, Any] = {"ok": outcome.ok}
         if outcome.ok:
             body["value"] = outcome.value
@@ -498,11 +512,11 @@ class CommandHandler:
                 body["written"] = True
             body["error"] = outcome.error
         reply = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        where, reply_properties = self._reply_to(topic, properties)
+        where, correlation = self._reply_to(topic, response_topic, correlation_data)
         if where is None:
             return
         try:
-            sent = await self.respond(where, reply, reply_properties)
+            sent = await self.respond(where, reply, correlation)
         except Exception:  # a bad response topic the broker or paho rejects: log, go on
             log.warning("command result not sent", topic=where, exc_info=True)
             return
@@ -510,18 +524,15 @@ class CommandHandler:
             log.warning("command result not sent: broker not connected", topic=where)
 
     def _reply_to(
-        self, topic: str, properties: Properties | None
-    ) -> tuple[str | None, Properties | None]:
+        self, topic: str, response_topic: str | None, correlation_data: bytes | None
+    ) -> tuple[str | None, bytes | None]:
         """MQTT 5 response topic (with correlation data) if usable, else `<topic>/result`."""
-        response = getattr(properties, "ResponseTopic", None)
-        if isinstance(response, str) and _publishable(response) and (
-            response not in self._targets
+        if (
+            response_topic is not None
+            and _publishable(response_topic)
+            and response_topic not in self._targets
         ):  # answering onto a /set topic would make the result a command
-            reply = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho: unannotated
-            correlation = getattr(properties, "CorrelationData", None)
-            if isinstance(correlation, bytes | bytearray) and correlation:
-                reply.CorrelationData = bytes(correlation)
-            return response, reply
+            return response_topic, correlation_data or None
         if topic.endswith("/set"):
             return f"{topic}/result", None
         return None, None  # nothing sensible to answer on; the audit log has it

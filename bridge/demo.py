@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from bridge.broker import EmbeddedBroker, broker_answers, start_embedded_broker
 from bridge.config import Config, MqttSettings, load_config
 from bridge.errors import BridgeError
-from bridge.mqtt import make_client
+from bridge.session import make_client
 from bridge.simulator import Simulator
 
 DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "bridge.yaml"

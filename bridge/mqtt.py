@@ -1,9 +1,10 @@
-"""MQTT publisher: drains the buffer to the broker over aiomqtt, owns the status topics.
+"""MQTT publisher: drains the buffer to the broker, owns the status topics and subscriptions.
 
 Connection: a last will sets `<prefix>/status` to `offline` (retained); on every connect the
 bridge publishes `online`, then every device's current status, because retained statuses are
 "now", not history, and are never buffered. Reconnects back off with full jitter
 (`uniform(0, base * 2**attempt)`, capped: aiomqtt's own rule), and are logged once per change.
+The connection itself is a `bridge.session.Session` (MQTT 5 or 3.1.1).
 
 Delivery: batches are taken from the buffer and published concurrently, so many QoS 1 messages
 are in flight at once; a batch is only dropped from the buffer's custody once every message in
@@ -15,122 +16,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import ssl
 import time
 from collections.abc import Callable, Sequence
 
 import aiomqtt
 import structlog
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.enums import MQTTProtocolVersion
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.buffer import DiskBuffer, Stored
 from bridge.config import MqttSettings
 from bridge.errors import BrokerError
 from bridge.health import Activity
 from bridge.messages import Topics
+from bridge.session import PUBLISH_TIMEOUT, Session, describe_connect_failure, open_session
+from bridge.wire import Incoming
 
 log = structlog.get_logger("bridge.mqtt")
 
-# Messages in flight per gather: aiomqtt and paho scan their pending maps per message, so the
-# cost per message grows with this (profiled: 500 cost twice what 64 does).
-BATCH = 64
 RECONNECT_BASE = 1.0
 RECONNECT_CAP = 60.0
-PUBLISH_TIMEOUT = 30.0  # aiomqtt's per-call timeout: a batch unacknowledged this long failed
-
-
-def make_client(settings: MqttSettings, *, will: aiomqtt.Will | None = None) -> aiomqtt.Client:
-    """An aiomqtt client for `settings` (also used by the CLI and the demo)."""
-    tls = tls_context(settings) if settings.tls is not None else None
-    v5 = settings.protocol == 5
-    protocol = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
-    password = settings.password.get_secret_value() if settings.password else None
-    client = aiomqtt.Client(
-        settings.host,
-        settings.port,
-        username=settings.username,
-        password=password,
-        identifier=settings.client_id,
-        protocol=aiomqtt.ProtocolVersion(protocol.value),
-        will=will,
-        keepalive=max(1, round(settings.keepalive)),
-        tls_context=tls,
-        max_inflight_messages=BATCH,
-        timeout=PUBLISH_TIMEOUT,
-    )
-    # aiomqtt warns past 10 pending publishes; we keep up to BATCH in flight on purpose.
-    client.pending_calls_threshold = 2 * BATCH
-    return client
-
-
-def tls_context(settings: MqttSettings) -> ssl.SSLContext:
-    """The TLS context for `settings.tls`: verification always on, client cert if given.
-
-    Files are read at every connect, so renewed certificates are picked up. A file that cannot
-    be loaded raises BrokerError naming the setting and the file (never a key's contents).
-    """
-    assert settings.tls is not None
-    tls = settings.tls
-    try:
-        context = ssl.create_default_context(cafile=tls.ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise BrokerError(f"mqtt.tls.ca_file {tls.ca_file}: cannot load: {_reason(exc)}") from None
-    if tls.cert_file:
-        try:
-            # A callback that gives no passphrase: never prompt on a terminal for one.
-            context.load_cert_chain(tls.cert_file, tls.key_file, password=lambda: b"")
-        except (OSError, ssl.SSLError) as exc:
-            files = ", ".join(f for f in (tls.cert_file, tls.key_file) if f)
-            raise BrokerError(
-                f"mqtt.tls.cert_file/key_file {files}: cannot load: {_reason(exc)}"
-            ) from None
-    return context
-
-
-def _reason(exc: OSError | ssl.SSLError) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    return exc.strerror or str(exc)
-
-
-# CONNACK codes that mean "your credentials were refused": MQTT 3.1.1 return codes 4 and 5,
-# MQTT 5 reason codes 0x86 (bad user name or password) and 0x87 (not authorized).
-_LOGIN_REFUSED = frozenset({4, 5, 0x86, 0x87})
-
-
-def describe_connect_failure(exc: BaseException) -> tuple[str, str]:
-    """(log event, reason) for a failed broker connection, naming what an operator must fix.
-
-    A wrong CA (or a broker certificate for another host) and a refused login are told apart
-    from an unreachable broker: retrying will not fix them, a config change will.
-    """
-    seen: BaseException | None = exc
-    for _ in range(5):  # the ssl error is aiomqtt's __context__ or __cause__
-        if seen is None:
-            break
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            why = seen.verify_message or seen.reason or str(seen)
-            return (
-                "broker certificate verification failed",
-                f"certificate verify failed: {why} (check mqtt.tls.ca_file and mqtt.host)",
-            )
-        if isinstance(seen, ssl.SSLError):
-            return "broker TLS handshake failed", f"{seen.reason or seen}"
-        seen = seen.__cause__ or seen.__context__
-    if isinstance(exc, MqttConnectError):
-        code = exc.rc.value if isinstance(exc.rc, ReasonCode) else exc.rc
-        if code in _LOGIN_REFUSED:
-            return (
-                "broker refused login",
-                f"{exc} (check mqtt.username and the password it is given)",
-            )
-        return "broker refused connection", str(exc)
-    if isinstance(exc, BrokerError):
-        return "broker settings unusable", str(exc)
-    return "broker unreachable", str(exc)
 
 
 class Publisher:
@@ -142,13 +45,13 @@ class Publisher:
         buffer: DiskBuffer,
         *,
         subscriptions: Sequence[str] = (),
-        on_message: Callable[[aiomqtt.Message], None] | None = None,
+        on_message: Callable[[Incoming], None] | None = None,
     ) -> None:
         self.settings = settings
         self.buffer = buffer
         self.subscriptions = tuple(subscriptions)
         self.on_message = on_message
-        self._client: aiomqtt.Client | None = None
+        self._session: Session | None = None
         self.topics = Topics(settings.topic_prefix)
         self._statuses: dict[str, bool] = {}
         self._dirty: set[str] = set()
@@ -180,22 +83,23 @@ class Publisher:
         attempt = 0
         was_down = False
         last_event = ""
-        will = aiomqtt.Will(self.topics.gateway_status, b"offline", qos=1, retain=True)
+        status = self.topics.gateway_status
         while True:
             try:
-                async with make_client(self.settings, will=will) as client:
+                async with open_session(self.settings, status) as session:
                     attempt = 0
-                    log.info("broker connected", host=self.settings.host, port=self.settings.port)
-                    await client.publish(self.topics.gateway_status, b"online", qos=1, retain=True)
+                    log.info("broker connected", host=self.settings.host, port=self.settings.port,
+                             protocol=str(self.settings.protocol))
+                    await session.publish(status, b"online", 1, True)
                     self._dirty = set(self._statuses)
-                    await self._session(client)
-                    await client.publish(self.topics.gateway_status, b"offline", qos=1, retain=True)
+                    await self._serve(session)
+                    await session.publish(status, b"offline", 1, True)
                     return
             except Exception as exc:
-                if not isinstance(exc, aiomqtt.MqttError | BrokerError):
+                if not isinstance(exc, aiomqtt.MqttError | BrokerError | OSError):
                     # A bug must cost a reconnect, never the daemon: readings stay buffered.
                     log.exception("publisher failed unexpectedly")
-                self._client = None
+                self._session = None
                 event, reason = describe_connect_failure(exc)
                 self.last_error = f"{event}: {reason}"
                 self.connected.clear()
@@ -212,44 +116,43 @@ class Publisher:
             await self._sleep_unless_stopping(delay)
 
     async def respond(
-        self, topic: str, payload: bytes, properties: Properties | None = None
+        self, topic: str, payload: bytes, correlation_data: bytes | None = None
     ) -> bool:
         """Publish a reply now (QoS 1, not retained, not buffered: it answers a live request).
 
         Returns False when no broker is connected; the reply is then lost, as its request would
         be with a clean session.
         """
-        client = self._client
-        if client is None:
+        session = self._session
+        if session is None:
             return False
         try:
-            await client.publish(topic, payload, 1, False, properties)
-        except aiomqtt.MqttError:
+            await session.publish(topic, payload, 1, False, correlation_data=correlation_data)
+        except (aiomqtt.MqttError, BrokerError):
             return False
         return True
 
-    async def _session(self, client: aiomqtt.Client) -> None:
+    async def _serve(self, session: Session) -> None:
         """One connection's life: subscribe to our own topics only, receive, publish."""
-        for topic in self.subscriptions:
-            await client.subscribe(topic, qos=1)
-        self._client = client
+        await session.subscribe(self.subscriptions)
+        self._session = session
         self.connected.set()
         try:
             async with asyncio.TaskGroup() as tg:
-                receiving = tg.create_task(self._receive(client))
-                await self._pump(client)
+                receiving = tg.create_task(self._receive(session))
+                await self._pump(session)
                 receiving.cancel()
         except BaseExceptionGroup as group:
             # The connection dropped under the receiver or the pump: the caller handles one
-            # MqttError (reconnect), not a group of them.
+            # error (reconnect), not a group of them.
             raise _first_error(group) from None
         finally:
-            self._client = None
+            self._session = None
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
+    async def _receive(self, session: Session) -> None:
         if self.on_message is None:
             return
-        async for message in client.messages:
+        async for message in session.incoming():
             self.on_message(message)
 
     def stop(self) -> None:
@@ -263,7 +166,7 @@ class Publisher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
-    async def _pump(self, client: aiomqtt.Client) -> None:
+    async def _pump(self, session: Session) -> None:
         """Deliver live readings first; replay the backlog at a bounded rate beside them.
 
         Rows stored before this connection are the backlog: replayed oldest first (so in order
@@ -272,21 +175,22 @@ class Publisher:
         On stop, live readings are flushed and the backlog stays on disk for the next run.
         """
         backlog_end = self.buffer.last_id()
-        replay = TokenBucket(self.settings.buffer.replay_rate, burst=BATCH)
+        batch_size = session.batch
+        replay = TokenBucket(self.settings.buffer.replay_rate, burst=batch_size)
         while True:
             if self._dirty:
-                await self._publish_statuses(client)
-            batch = self.buffer.take(BATCH, after=backlog_end)
+                await self._publish_statuses(session)
+            batch = self.buffer.take(batch_size, after=backlog_end)
             pause: float | None = None
             if not batch and backlog_end and not self._stopping:
                 allowed = replay.available()
-                if allowed >= min(BATCH, 16):  # replay in batches, not a trickle of ones
+                if allowed >= min(batch_size, 16):  # replay in batches, not a trickle of ones
                     batch = self.buffer.take(allowed, upto=backlog_end)
                     if not batch:
                         backlog_end = 0  # replayed: everything is live now
                         continue
                 else:
-                    pause = replay.wait_time(BATCH)
+                    pause = replay.wait_time(batch_size)
             if not batch:
                 if self._stopping:
                     return
@@ -298,18 +202,12 @@ class Publisher:
                         await asyncio.wait_for(self._wake.wait(), pause)
                 continue
             replay.spend(len(batch) if backlog_end and batch[0].id <= backlog_end else 0)
-            await self._deliver(client, batch)
+            await self._deliver(session, batch)
 
-    async def _deliver(self, client: aiomqtt.Client, batch: list[Stored]) -> None:
+    async def _deliver(self, session: Session, batch: list[Stored]) -> None:
         try:
             with self.activity.running():
-                await asyncio.gather(
-                    *(
-                        client.publish(s.message.topic, s.message.payload, s.message.qos,
-                                       s.message.retain)
-                        for s in batch
-                    )
-                )
+                await session.publish_batch([s.message for s in batch])
         except BaseException:
             self.buffer.requeue([s.id for s in batch])
             raise
@@ -319,12 +217,12 @@ class Publisher:
         self.latency_count += len(batch)
         self.latency_sum_ms += sum(now_ms - s.message.ts for s in batch)
 
-    async def _publish_statuses(self, client: aiomqtt.Client) -> None:
+    async def _publish_statuses(self, session: Session) -> None:
         dirty, self._dirty = self._dirty, set()
         try:
             for device in sorted(dirty):
                 payload = b"online" if self._statuses[device] else b"offline"
-                await client.publish(self.topics.device_status(device), payload, 1, True)
+                await session.publish(self.topics.device_status(device), payload, 1, True)
         except BaseException:
             self._dirty |= dirty
             raise
@@ -352,7 +250,7 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             stack[:0] = list(exc.exceptions)
         else:
             leaves.append(exc)
-    mqtt = [e for e in leaves if isinstance(e, aiomqtt.MqttError)]
+    mqtt = [e for e in leaves if isinstance(e, aiomqtt.MqttError | BrokerError)]
     return (mqtt or leaves)[0]
 
 

@@ -258,7 +258,7 @@ class WireClient(asyncio.Protocol):
         except (OSError, _ssl.SSLError) as exc:
             error = WireError(f"cannot connect to {where}: {_os_reason(exc)}")
             self._fail(error)
-            raise error from None
+            raise error from exc  # the cause tells a certificate problem from a refusal
         except BaseException:
             self._fail(WireError("connect cancelled"))
             raise

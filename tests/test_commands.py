@@ -8,12 +8,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from bridge.codec import BYTE_ORDERS, Field, PointType, Value, encode
 from bridge.commands import (
@@ -29,6 +26,7 @@ from bridge.messages import Message
 from bridge.scheduler import Link
 from bridge.simulator import Simulator
 from bridge.transports.modbus import Endpoint, ModbusClient
+from bridge.wire import Incoming
 from tests.helpers import free_port
 
 NUMERIC_TYPES: tuple[PointType, ...] = (
@@ -235,18 +233,26 @@ class Harness:
     """A handler wired to a real slave, with replies and readings collected."""
 
     def __init__(self, config: Config, link: Link) -> None:
-        self.replies: list[tuple[str, Any, Properties | None]] = []
+        self.replies: list[tuple[str, Any, bytes | None]] = []
         self.readings: list[Message] = []
         self.handler = CommandHandler(
             config, {"plc": link}.__getitem__, self._respond, emit=self.readings.extend
         )
 
-    async def _respond(self, topic: str, payload: bytes, props: Properties | None) -> bool:
-        self.replies.append((topic, json.loads(payload), props))
+    async def _respond(self, topic: str, payload: bytes, correlation: bytes | None) -> bool:
+        self.replies.append((topic, json.loads(payload), correlation))
         return True
 
-    async def send(self, topic: str, payload: bytes, props: Properties | None = None) -> None:
-        self.handler.on_message(aiomqtt.Message(topic, payload, 1, False, 1, props))
+    async def send(
+        self,
+        topic: str,
+        payload: bytes,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+        *,
+        retain: bool = False,
+    ) -> None:
+        self.handler.on_message(Incoming(topic, payload, response_topic, correlation, retain))
         await self.handler.drain(5)
 
 
@@ -310,24 +316,26 @@ class TestHandler:
         self, rig: tuple[Simulator, Harness]
     ) -> None:
         _, h = rig
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = "app/replies"
-        props.CorrelationData = b"\x01\x02"
-        await h.send("m2m/cmd/dev/setpoint/set", b"1", props)
-        topic, body, reply_props = h.replies[0]
-        assert (topic, body) == ("app/replies", {"ok": True, "value": 1})
-        assert reply_props is not None
-        assert reply_props.CorrelationData == b"\x01\x02"
+        await h.send("m2m/cmd/dev/setpoint/set", b"1", "app/replies", b"\x01\x02")
+        assert h.replies[0] == ("app/replies", {"ok": True, "value": 1}, b"\x01\x02")
 
     async def test_a_response_topic_that_is_a_command_topic_is_not_used(
         self, rig: tuple[Simulator, Harness]
     ) -> None:
         """Answering onto a /set topic would turn the result into a command."""
         _, h = rig
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = "m2m/cmd/dev/setpoint/set"
-        await h.send("m2m/cmd/dev/alarm/set", b"1", props)
+        await h.send("m2m/cmd/dev/alarm/set", b"1", "m2m/cmd/dev/setpoint/set")
         assert h.replies[0][0] == "m2m/cmd/dev/alarm/set/result"
+
+    async def test_a_retained_command_is_ignored_without_a_write(
+        self, rig: tuple[Simulator, Harness]
+    ) -> None:
+        """A retained /set is a stale command replayed by the broker: never written."""
+        sim, h = rig
+        await h.send("m2m/cmd/dev/setpoint/set", b"7", retain=True)
+        assert h.replies == []
+        assert sim.write_requests("dev") == 0
+        assert h.handler.stats.refused == 1
 
     async def test_a_failed_write_is_reported_and_not_retried(self, tmp_path: Path) -> None:
         """A dead device: one attempt, a failure result, no read-back reading."""
