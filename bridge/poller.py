@@ -35,7 +35,7 @@ from bridge.codec import Table, Value
 from bridge.config import Device, MqttSettings, Point
 from bridge.errors import BridgeError, CodecError, DeviceError, TransportError
 from bridge.health import Activity
-from bridge.messages import Message, Topics, device_payload, point_payload
+from bridge.messages import Message, PointPayload, Topics, device_payload
 from bridge.normalize import BadValue, ChangeFilter, engineering
 from bridge.planner import Barrier, PollGroup, ReadRequest, plan_device, request_for
 from bridge.scheduler import Link
@@ -68,6 +68,7 @@ class _Out:
 
     point: Point
     topic: str
+    payload: PointPayload
 
 
 class Outbox:
@@ -80,12 +81,14 @@ class Outbox:
     def __init__(self, device: Device, mqtt: MqttSettings) -> None:
         self._qos = mqtt.qos
         self._retain = mqtt.retain
-        self._format = mqtt.format
         self._per_device = mqtt.messages == "per-device"
         self._heartbeat = device.heartbeat
         topics = Topics(mqtt.topic_prefix)
         self._device_topic = topics.device(device.name)
-        self._out = {p.name: _Out(p, topics.point(device.name, p.name)) for p in device.points}
+        self._out = {
+            p.name: _Out(p, topics.point(device.name, p.name), PointPayload(p.unit, mqtt.format))
+            for p in device.points
+        }
         self._changes = ChangeFilter() if device.report == "on-change" else None
 
     def messages(self, values: dict[str, Value], ts: int, now: float) -> list[Message]:
@@ -103,10 +106,10 @@ class Outbox:
             payload = device_payload(values, ts)
             return [Message(self._device_topic, payload, self._qos, self._retain, ts)]
         out = self._out
-        fmt = self._format
+        stamp = str(ts).encode()
+        qos, retain = self._qos, self._retain
         return [
-            Message(out[n].topic, point_payload(v, ts, out[n].point.unit, fmt), self._qos,
-                    self._retain, ts)
+            Message(out[n].topic, out[n].payload.build(v, stamp), qos, retain, ts)
             for n, v in values.items()
         ]
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from bridge.messages import Topics, device_payload, point_payload
 
 
@@ -40,3 +44,28 @@ def test_topics() -> None:
     assert t.point("meter-1", "voltage_l1") == "m2m/gw-01/meter-1/voltage_l1"
     assert t.device("meter-1") == "m2m/gw-01/meter-1"
     assert t.command("pump-1", "setpoint") == "m2m/gw-01/pump-1/setpoint/set"
+
+
+@given(
+    value=st.one_of(
+        st.booleans(), st.integers(-(2**64), 2**64), st.floats(allow_nan=False,
+        allow_infinity=False), st.text(max_size=20),
+    ),
+    ts=st.integers(0, 2**45),
+    unit=st.one_of(st.none(), st.text(max_size=5)),
+    fmt=st.sampled_from(["json", "value"]),
+)
+def test_payload_bytes_equal_json_dumps(value: object, ts: int, unit: str | None, fmt: str) -> None:
+    """The precompiled payload is byte for byte what json.dumps writes for the contract."""
+    body: dict[str, object] = {"value": value, "ts": ts}
+    if unit is not None:
+        body["unit"] = unit
+    expected = json.dumps(value if fmt == "value" else body, separators=(",", ":"),
+                          ensure_ascii=False)
+    assert point_payload(value, ts, unit, fmt) == expected.encode()  # type: ignore[arg-type]
+
+
+def test_nan_payload_is_refused() -> None:
+    """NaN is not JSON: building its payload raises, as json.dumps with allow_nan=False does."""
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        point_payload(float("nan"), 1, None, "json")
