@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write", "write one value, to a URL or a configured point, and print its read-back",
         "m2m-bridge write tcp://127.0.0.1:5020 --unit 1 --table holding --address 50 "
         "--type float32 42.5\n"
-        "         m2m-bridge write -c configs/bridge.yaml meter-1 setpoint 42.5",
+        "         m2m-bridge write -c configs/bridge.yaml pump-1 speed_setpoint 1450",
     )
     write.add_argument("-c", "--config", type=Path, help="bridge YAML file (config form)")
     write.add_argument("target", help="device URL (tcp://host[:port]) or, with -c, a device name")
@@ -132,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BridgeError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        # `m2m-bridge read … | head`: the reader left; say nothing more, as cat would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
 
 

@@ -146,11 +146,7 @@ def _check_writable(point: Point) -> None:
         raise CommandRefused(f"point {point.name!r} is read-only (writable is not set)")
     if point.address is None:
         raise CommandRefused(f"point {point.name!r} has no register address to write")
-    if point.bit is not None:
-        raise CommandRefused(
-            f"point {point.name!r} is bit {point.bit} of register {point.address}: single bits "
-            "cannot be written, as read-modify-write of the register is not atomic"
-        )
+    # Writable single bits are refused by config validation (read-modify-write is not atomic).
 
 
 def _decode(point: Point, payload: bytes) -> Value:

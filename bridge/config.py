@@ -316,6 +316,9 @@ class Point(_Model):
     def _table_is_writable(cls, value: bool, info: ValidationInfo) -> bool:
         if value and info.data.get("table") in _READ_ONLY_TABLES:
             raise ValueError("input registers and discrete inputs are read-only")
+        if value and info.data.get("bit") is not None:
+            # Writing one bit means rewriting the other 15, which is not atomic on Modbus.
+            raise ValueError("a single bit of a register cannot be written")
         return value
 
     @field_validator("max")
@@ -533,6 +536,11 @@ def _complete(
                 for group in re.compile(device.response).groupindex
                 if group not in position
             ]
+        issues += [
+            doc.issue((*path, "writable"), "line instruments are read-only")
+            for point, doc, path in entries
+            if point.writable
+        ]
     elif link is not None:
         if device.response is not None:
             issues.append(

@@ -222,7 +222,8 @@ class Service:
         old_devices = {d.name: d for d in old.devices}
         for device in new.devices:
             before = old_devices.pop(device.name, None)
-            if before == device and device.link in kept_links and device.name in self.pollers:
+            same_link = _link_def(old, device.link) == _link_def(new, device.link)
+            if before == device and same_link and device.name in self.pollers:
                 continue
             self._stop(device.name)
             self.pollers[device.name] = self._make_poller(new, device)
@@ -233,6 +234,15 @@ class Service:
             self._stop(name)
             self.publisher.set_status(name, False)
             changes.append(f"device {name} removed")
+        if new.mqtt.buffer != old.mqtt.buffer:
+            bounds = new.mqtt.buffer
+            self.buffer.max_messages = bounds.max_messages
+            self.buffer.max_bytes = bounds.max_bytes
+            self.buffer.max_age = bounds.max_age
+            changes.append("buffer bounds applied")
+        for key in ("gateway.state_dir", "metrics"):
+            if _setting(old, key) != _setting(new, key):
+                changes.append(f"{key} changed: takes effect at the next start")
         if new.mqtt != old.mqtt or new.gateway != old.gateway or not self._swap_commands(new):
             self._restart_publisher(new)
             changes.append("mqtt publisher restarted")
@@ -254,6 +264,13 @@ class Service:
         if not done:
             log.warning("stop grace expired", left_in_buffer=len(self.buffer))
             publishing.cancel()
+
+
+def _setting(config: Config, dotted: str) -> object:
+    value: object = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _link_def(config: Config, name: str) -> object:

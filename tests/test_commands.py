@@ -46,7 +46,8 @@ LABEL = point(type="string", count=4)
 FLOAT = point(type="float32")
 BIG = point(type="uint64")
 POINTS = (SETPOINT, MODE, COIL, FLAG, LABEL, FLOAT, BIG, point(), point(writable=False),
-          point(type="uint16", bit=3), point(type="int32", offset=-40, scale=0.5))
+          point(type="uint16", bit=3, writable=False),
+          point(type="int32", offset=-40, scale=0.5))
 
 
 def refused(p: Point, payload: bytes | str) -> str:
@@ -98,7 +99,7 @@ class TestRefusals:
         ("p", "payload", "reason"),
         [
             (point(writable=False), "1", "point 'p' is read-only"),
-            (point(type="uint16", bit=3), "1", "bit 3 of register 10: single bits cannot"),
+            (point(type="uint16", bit=3, writable=False), "1", "point 'p' is read-only"),
             (point(address=None), "1", "has no register address"),
             (FLOAT, b"\xff\xfe", "payload is not UTF-8 text"),
             (FLOAT, "   ", "payload is empty"),
@@ -225,7 +226,7 @@ devices:
     points:
       - {{name: setpoint, address: 0, type: float32, writable: true, unit: V}}
       - {{name: level, address: 2}}
-      - {{name: alarm, address: 3, type: bool, bit: 1, writable: true}}
+      - {{name: alarm, address: 3, type: bool, bit: 1}}
 """
 
 
@@ -280,7 +281,7 @@ class TestHandler:
         self, rig: tuple[Simulator, Harness]
     ) -> None:
         _, h = rig
-        assert h.handler.topics() == ["m2m/cmd/dev/setpoint/set", "m2m/cmd/dev/alarm/set"]
+        assert h.handler.topics() == ["m2m/cmd/dev/setpoint/set"]
 
     async def test_write_reads_back_publishes_and_answers(
         self, rig: tuple[Simulator, Harness]
@@ -308,7 +309,7 @@ class TestHandler:
             "m2m/cmd/dev/alarm/set/result",
         ]
         assert all(body["ok"] is False for _, body, _ in h.replies)
-        assert "single bits cannot be written" in h.replies[2][1]["error"]
+        assert "read-only" in h.replies[2][1]["error"]
         assert sim.write_requests("dev") == 0
         assert h.handler.stats.refused == 4
 

@@ -216,6 +216,14 @@ class TestLocatedErrors:
         assert (issue.line, issue.path) == (9, "devices[0].points[0].count")
         assert "125" in issue.message
 
+    def test_writable_bit_is_refused(self, tmp_path: Path) -> None:
+        """One bit cannot be written without rewriting its 15 neighbours."""
+        issue = only_issue(
+            tmp_path, device_with("{name: p, address: 0, type: bool, bit: 2, writable: true}")
+        )
+        assert (issue.line, issue.path) == (9, "devices[0].points[0].writable")
+        assert "single bit" in issue.message
+
     def test_point_named_status_is_refused(self, tmp_path: Path) -> None:
         """A point called status would publish on the device's status topic."""
         issue = only_issue(tmp_path, device_with("{name: status, address: 0}"))

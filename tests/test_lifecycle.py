@@ -169,3 +169,44 @@ async def test_daemon_tells_systemd_ready_watchdog_and_stopping(
         assert await asyncio.to_thread(daemon.wait) == 0
         assert "STOPPING=1" in drain(sock)
     assert os.environ.get("NOTIFY_SOCKET") is None
+
+
+def _two_kinds(tmp_path: Path, max_messages: int = 1000) -> Path:
+    doc = config_doc(1883, 1502)
+    doc["gateway"]["state_dir"] = str(tmp_path / "state")
+    doc["mqtt"]["buffer"] = {"max_messages": max_messages}
+    doc["links"].append({"name": "scale-port", "type": "serial", "port": str(tmp_path / "tty")})
+    doc["devices"].append({
+        "name": "scale", "link": "scale-port", "request": "SI\r\n",
+        "response": r"(?P<weight>\d+\.\d+)", "points": [{"name": "weight", "type": "float64"}],
+    })
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_reload_of_an_unchanged_file_restarts_nothing(tmp_path: Path) -> None:
+    """Modbus devices and line instruments alike keep running when nothing changed."""
+    from bridge.service import Service
+
+    service = Service(load_config(_two_kinds(tmp_path)))
+    try:
+        pollers = dict(service.pollers)
+        assert service.reload(load_config(_two_kinds(tmp_path))) == []
+        assert all(service.pollers[name] is poller for name, poller in pollers.items())
+    finally:
+        service.buffer.close()
+
+
+def test_reload_applies_new_buffer_bounds_in_place(tmp_path: Path) -> None:
+    """A new max_messages applies to the running buffer; no device restarts for it."""
+    from bridge.service import Service
+
+    service = Service(load_config(_two_kinds(tmp_path)))
+    try:
+        changes = service.reload(load_config(_two_kinds(tmp_path, max_messages=50)))
+        assert "buffer bounds applied" in changes
+        assert not [c for c in changes if c.startswith("device")]
+        assert service.buffer.max_messages == 50
+    finally:
+        service.buffer.close()

@@ -55,7 +55,6 @@ def points() -> list[dict[str, Any]]:
         {"name": "pump", "table": "coil", "address": 4, "writable": True},
         {"name": "label", "address": 310, "type": "string", "count": 4, "writable": True},
         {"name": "status_word", "address": 320},
-        {"name": "alarm", "address": 320, "type": "bool", "bit": 2, "writable": True},
         {"name": "voltage", "table": "input", "address": 0, "type": "float32"},
     ]
 
@@ -170,7 +169,6 @@ async def test_scaled_enum_coil_and_string_points_and_the_payload_forms(
         ("setpoint", "warm", "payload is not JSON or a value: 'warm'"),
         ("setpoint", '{"value": 20, "ts": 1}', "expected {\"value\": …}"),
         ("mode", "fast", "'fast' is not one of stopped (0), running (1), fault (2)"),
-        ("alarm", "true", "single bits cannot be written"),
         ("label", '"much too long"', "longer than 8 characters"),
         ("uint16_abcd", "-1", "outside the uint16 range"),
     ],
