@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="m2m-bridge", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"m2m-bridge {__version__}")
     parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
-                        help="default info; warning for demo, whose live view is the output")
+                        help="default: info for run and simulate, warning for the rest")
     parser.add_argument("--log-json", action="store_true", default=None,
                         help="JSON log lines even on a terminal (default: JSON when not a tty)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet = args.command == "demo"
+    # Daemons log their life at info; one-off commands print their answer and warn only.
+    quiet = args.command not in ("run", "simulate")
     configure(level=args.log_level or ("warning" if quiet else "info"), json=args.log_json)
     handler = _COMMANDS[args.command]
     try:

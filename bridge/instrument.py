@@ -115,6 +115,7 @@ class InstrumentPoller:
         self._points = {p.name: p for p in device.points if p.name in self._regex.groupindex}
         self._outbox = Outbox(device, mqtt)
         self._latest: tuple[re.Match[str], Line] | None = None
+        self.last_values: dict[str, Value] = {}  # of the last successful poll
         self._fresh = asyncio.Event()
         self._failures = 0
         self._online: bool | None = None
@@ -132,7 +133,7 @@ class InstrumentPoller:
         async with self.port.attached(self.reader):
             if self.streaming:
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._listen(), name=f"listen {self.device.name}")
+                    tg.create_task(self.listen(), name=f"listen {self.device.name}")
                     tg.create_task(self._loop(self.poll_stream, backoff=False))
             else:
                 await self._loop(self.poll_request, backoff=True)
@@ -198,7 +199,8 @@ class InstrumentPoller:
         (match, line), self._latest = self._latest, None
         return self._succeeded(match, line)
 
-    async def _listen(self) -> None:
+    async def listen(self) -> None:
+        """Streaming mode: keep the latest matching line for the next poll."""
         while True:
             line = await self.reader.get()
             match = self._match(line)
@@ -229,6 +231,7 @@ class InstrumentPoller:
             except (ValueError, BadValue) as exc:  # BadValue is a ValueError; named for clarity
                 self.stats.bad_values += 1
                 self._log.debug("bad value in line", point=name, text=text, error=str(exc))
+        self.last_values = values
         if values:
             self.emit(self._outbox.messages(values, line.ts, time.monotonic()))
         self._failures = 0

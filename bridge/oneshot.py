@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
@@ -21,12 +22,15 @@ from bridge.codec import (
     register_count,
 )
 from bridge.commands import CommandRefused, parse_command, write_point
-from bridge.config import Config, Point
-from bridge.errors import UsageError
+from bridge.config import Config, Device, LineLink, Point
+from bridge.errors import DeviceError, UsageError
+from bridge.instrument import InstrumentPoller
+from bridge.messages import Message
 from bridge.normalize import engineering
 from bridge.planner import MAX_READ_BITS, MAX_READ_REGISTERS, plan_device
 from bridge.scheduler import Link
 from bridge.service import build_links, plan_for
+from bridge.transports.line import LinePort
 from bridge.transports.modbus import LINK_KINDS, SERIAL_KINDS, Endpoint, LinkKind, ModbusClient
 
 DEFAULT_PORTS = {"tcp": 502, "udp": 502}  # rtu-over-tcp servers use all sorts: ask for it
@@ -177,6 +181,10 @@ async def read_config_points(
     if missing:
         raise UsageError(f"device {device_name!r} has no point {missing[0]!r}")
     points = [known[n] for n in names] if names else list(device.points)
+    line = config.link(device.link)
+    if isinstance(line, LineLink):
+        read = await read_instrument(config, device, line)
+        return [PointReading(p.name, read[p.name], p.unit) for p in points if p.name in read]
     max_registers, max_gap = plan_for(config, device)
     groups = plan_device(points, interval=0, max_registers=max_registers, max_gap=max_gap)
     link = build_links(config.model_copy(update={"devices": [device]}))[device.link]
@@ -190,6 +198,35 @@ async def read_config_points(
     finally:
         link.close()
     return [PointReading(p.name, values[p.name], p.unit) for p in points if p.name in values]
+
+
+async def read_instrument(config: Config, device: Device, link: LineLink) -> dict[str, Value]:
+    """One reading of a line instrument: send `request` (or wait for a streamed line) and
+    match `response`, exactly as its poller in the daemon does."""
+    port = LinePort(link)
+    poller = InstrumentPoller(device, port, config.mqtt, emit=_discard, set_status=_ignore)
+    async with port.attached(poller.reader):
+        if poller.streaming:
+            async with asyncio.TaskGroup() as tg:
+                listening = tg.create_task(poller.listen())
+                ok = await poller.poll_stream()
+                listening.cancel()
+        else:
+            ok = await poller.poll_request()
+    if not ok:
+        raise DeviceError(
+            f"device {device.name!r}: no line matching `response` within {link.timeout:g}s "
+            f"on {link.port}"
+        )
+    return poller.last_values
+
+
+def _discard(_messages: list[Message]) -> None:
+    """A one-off read prints what it read; it publishes nothing."""
+
+
+def _ignore(_device: str, _online: bool) -> None:
+    """Status is a daemon's business, not a one-off read's."""
 
 
 async def write_url(

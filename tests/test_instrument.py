@@ -13,6 +13,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -310,3 +311,60 @@ async def test_daemon_publishes_instrument_readings(line: Socat, tmp_path: Path)
             finally:
                 daemon.signal(signal.SIGTERM)
                 assert daemon.wait() == 0, daemon.output()
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _scale_config(tmp_path: Path, dev: Path, *, request: bool) -> Path:
+    lines = [
+        "version: 1",
+        f"links: [{{name: scale-port, type: serial, port: '{dev}', timeout: 2s}}]",
+        "devices:",
+        "  - name: scale-1",
+        "    link: scale-port",
+        *(["    request: \"SI\\r\\n\""] if request else []),
+        "    response: '{}'".format(RESPONSE.replace("'", "''")),
+        "    points:",
+        "      - {name: weight, type: float64, unit: kg, precision: 2}",
+        "      - {name: count, type: int32}",
+        "      - {name: stable, type: bool}",
+        "      - {name: tag, type: string, count: 8}",
+    ]
+    path = tmp_path / "scale.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("request_mode", [True, False])
+async def test_cli_reads_an_instrument_once(
+    tmp_path: Path, line: Socat, request_mode: bool
+) -> None:
+    """`read -c FILE DEVICE` works for line instruments, asking or listening as configured."""
+    config = _scale_config(tmp_path, line.dev, request=request_mode)
+    stream = None if request_mode else 0.1
+    async with instrument(line.inst, stream_every=stream):
+        code, out, err = await _cli("read", "-c", str(config), "scale-1", "--json")
+    assert code == 0, err
+    rows = {row["point"]: row["value"] for row in json.loads(out)}
+    assert rows["stable"] is True
+    assert rows["tag"] == "AB12"
+    assert isinstance(rows["weight"], float)
+
+
+async def test_cli_read_of_a_silent_instrument_is_one_line(tmp_path: Path, line: Socat) -> None:
+    """No answer within the link timeout: exit 1 and one line naming the device."""
+    config = _scale_config(tmp_path, line.dev, request=True)
+    async with instrument(line.inst, answer=False):
+        code, _, err = await _cli("read", "-c", str(config), "scale-1")
+    assert code == 1
+    assert err.strip().splitlines() == [
+        f"m2m-bridge: device 'scale-1': no line matching `response` within 2s on {line.dev}"
+    ]
