@@ -70,17 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--type float32 --count 3\n"
         "         m2m-bridge read -c configs/bridge.yaml meter-1 voltage_l1",
     )
-    read.add_argument("-c", "--config", type=Path, help="bridge YAML file (config form)")
-    read.add_argument("target", help="device URL (tcp://host[:port]) or, with -c, a device name")
+    _device_args(read, tables=["holding", "input", "coil", "discrete"])
     read.add_argument("points", nargs="*", help="with -c: point names (default: all)")
-    read.add_argument("--unit", type=int, default=1, help="slave id, 0-247 (default 1)")
-    read.add_argument("--table", default="holding",
-                      choices=["holding", "input", "coil", "discrete"])
     read.add_argument("--address", type=int, default=0, help="0-based PDU address")
     read.add_argument("--count", type=int, default=1, help="how many values of --type")
-    read.add_argument("--type", dest="type_", default=None, help="value type (default uint16)")
-    read.add_argument("--byte-order", default="ABCD", choices=["ABCD", "CDAB", "BADC", "DCBA"])
-    read.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
     read.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     write = command(
@@ -89,17 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--type float32 42.5\n"
         "         m2m-bridge write -c configs/bridge.yaml pump-1 speed_setpoint 1450",
     )
-    write.add_argument("-c", "--config", type=Path, help="bridge YAML file (config form)")
-    write.add_argument("target", help="device URL (tcp://host[:port]) or, with -c, a device name")
+    _device_args(write, tables=["holding", "coil"])
     write.add_argument("rest", nargs="+", metavar="VALUE",
                        help="with -c: POINT VALUE; with a URL: VALUE (as on a /set topic: "
                             "42.5, true, on, running, '\"text\"')")
-    write.add_argument("--unit", type=int, default=1, help="slave id, 0-247 (default 1)")
-    write.add_argument("--table", default="holding", choices=["holding", "coil"])
     write.add_argument("--address", type=int, default=None, help="0-based PDU address (URL form)")
-    write.add_argument("--type", dest="type_", default=None, help="value type (default uint16)")
-    write.add_argument("--byte-order", default="ABCD", choices=["ABCD", "CDAB", "BADC", "DCBA"])
-    write.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
 
     sim = command("simulate", "serve the configured devices as Modbus slaves "
                   "(serial links and line instruments on ptys)",
@@ -116,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="config to demo (default: configs/bridge.yaml)")
     demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
     return parser
+
+
+def _device_args(parser: argparse.ArgumentParser, *, tables: list[str]) -> None:
+    """The arguments `read` and `write` share: where the device is and how to decode."""
+    parser.add_argument("-c", "--config", type=Path, help="bridge YAML file (config form)")
+    parser.add_argument("target", help="device URL (tcp://host[:port]) or, with -c, a device")
+    parser.add_argument("--unit", type=int, default=1, help="slave id, 0-247 (default 1)")
+    parser.add_argument("--table", default="holding", choices=tables)
+    parser.add_argument("--type", dest="type_", default=None, help="value type (default uint16)")
+    parser.add_argument("--byte-order", default="ABCD", choices=["ABCD", "CDAB", "BADC", "DCBA"])
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

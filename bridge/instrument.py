@@ -30,11 +30,9 @@ escapes such as "\\x05" in `request` reach the wire unchanged and no reply can f
 from __future__ import annotations
 
 import asyncio
-import math
-import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -46,7 +44,7 @@ from bridge.health import Activity
 from bridge.messages import Message
 from bridge.normalize import BadValue, engineering
 from bridge.planner import PollGroup
-from bridge.poller import BACKOFF_CAP, DeviceStats, Outbox
+from bridge.poller import DeviceStats, Outbox, poll_on_grid
 from bridge.transports.line import Line, LinePort, LineReader
 
 log = structlog.get_logger("bridge.instrument")
@@ -130,34 +128,21 @@ class InstrumentPoller:
         return self._request is None
 
     async def run(self) -> None:
+        interval = self.device.interval
         async with self.port.attached(self.reader):
             if self.streaming:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self.listen(), name=f"listen {self.device.name}")
-                    tg.create_task(self._loop(self.poll_stream, backoff=False))
+                    # Listening costs the line nothing: no back-off while it is silent.
+                    tg.create_task(poll_on_grid(
+                        interval, self.poll_stream, activity=self.activity, stats=self.stats,
+                        log=self._log, failures=None,
+                    ))
             else:
-                await self._loop(self.poll_request, backoff=True)
-
-    async def _loop(self, poll: Callable[[], Awaitable[bool]], *, backoff: bool) -> None:
-        # The same drift-free tick grid as DevicePoller: a slow poll shifts nothing after it.
-        interval = self.device.interval
-        start = time.monotonic()
-        tick = 0
-        while True:
-            delay = 0.0
-            try:
-                with self.activity.running():
-                    ok = await poll()
-            except Exception:  # a bug must cost one poll, not the daemon
-                self._log.exception("poll failed unexpectedly")
-                self.stats.count_failure("internal")
-                ok = False
-            if not ok and backoff:
-                step = min(BACKOFF_CAP, interval * 2 ** (self._failures - 1))
-                delay = step * random.uniform(0.5, 1.0)
-            due = time.monotonic() + delay
-            tick = max(tick + 1, math.ceil((due - start) / interval))
-            await asyncio.sleep(max(0.0, start + tick * interval - time.monotonic()))
+                await poll_on_grid(
+                    interval, self.poll_request, activity=self.activity, stats=self.stats,
+                    log=self._log, failures=lambda: self._failures,
+                )
 
     async def poll_request(self) -> bool:
         """Send `request`, publish the first matching line within `timeout`."""

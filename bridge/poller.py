@@ -26,7 +26,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -69,6 +69,40 @@ class _Out:
     point: Point
     topic: str
     payload: PointPayload
+
+
+async def poll_on_grid(
+    interval: float,
+    poll: Callable[[], Awaitable[bool]],
+    *,
+    activity: Activity,
+    stats: DeviceStats,
+    log: structlog.typing.FilteringBoundLogger,
+    failures: Callable[[], int] | None,
+) -> None:
+    """Call `poll` forever on a drift-free grid: poll k is due at start + k * interval.
+
+    A slow poll shifts nothing after it; a tick missed while the bus was busy is skipped, not
+    queued. After a failed poll the next one waits min(BACKOFF_CAP, interval * 2^(n-1)) times
+    a random 0.5-1.0 (n = `failures()`, None: no back-off), still on the grid.
+    """
+    start = time.monotonic()
+    tick = 0
+    while True:
+        delay = 0.0
+        try:
+            with activity.running():
+                ok = await poll()
+        except Exception:  # a bug must cost one poll, not the daemon
+            log.exception("poll failed unexpectedly")
+            stats.count_failure("internal")
+            ok = False
+        if not ok and failures is not None:
+            step = min(BACKOFF_CAP, interval * 2 ** (failures() - 1))
+            delay = step * random.uniform(0.5, 1.0)
+        due = time.monotonic() + delay
+        tick = max(tick + 1, math.ceil((due - start) / interval))
+        await asyncio.sleep(max(0.0, start + tick * interval - time.monotonic()))
 
 
 class Outbox:
@@ -166,25 +200,10 @@ class DevicePoller:
                 tg.create_task(self._loop(group), name=f"poll {self.device.name}")
 
     async def _loop(self, group: PollGroup) -> None:
-        interval = group.interval
-        start = time.monotonic()
-        tick = 0
-        while True:
-            delay = 0.0
-            try:
-                with self.activity.running():
-                    ok = await self.poll(group)
-            except Exception:  # a bug must cost one poll, not the daemon
-                self._log.exception("poll failed unexpectedly")
-                self.stats.count_failure("internal")
-                ok = False
-            if not ok:
-                step = min(BACKOFF_CAP, interval * 2 ** (self._backoff - 1))
-                delay = step * random.uniform(0.5, 1.0)
-            # Next tick on the grid that is in the future and at least `delay` away.
-            due = time.monotonic() + delay
-            tick = max(tick + 1, math.ceil((due - start) / interval))
-            await asyncio.sleep(max(0.0, start + tick * interval - time.monotonic()))
+        await poll_on_grid(
+            group.interval, lambda: self.poll(group), activity=self.activity, stats=self.stats,
+            log=self._log, failures=lambda: self._backoff,
+        )
 
     async def poll(self, group: PollGroup) -> bool:
         """Read every request of `group` once; return whether all succeeded."""
