@@ -7,9 +7,9 @@ polls would put them, then measures
 1. the put rate (messages/s, and CPU µs per message);
 2. the store's own drain ceiling: take(500) + ack until empty, no broker;
 3. the file size (database + WAL) when full;
-4. the replay to a real broker: the same messages put again, then drained to a private
-   mosquitto on a free 127.0.0.1 port with aiomqtt, QoS 1, batches of 500 publishes gathered
-   concurrently, each batch acked in the buffer once all its PUBACKs are in.
+4. the replay to a real broker: the same messages put again, then drained by the daemon's own
+   Publisher (MQTT 5 wire client, QoS 1) to a private mosquitto on a free 127.0.0.1 port,
+   once unpaced (the ceiling) and once at the default replay_rate of 1000 messages/s.
 
     .venv/bin/python bench/replay.py
     .venv/bin/python bench/replay.py --messages 20000
@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import aiomqtt
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # bridge, and tests.helpers for the private mosquitto
 
 from bridge.buffer import DiskBuffer  # noqa: E402
+from bridge.config import BufferSettings, MqttSettings  # noqa: E402
 from bridge.messages import Message, point_payload  # noqa: E402
+from bridge.mqtt import Publisher  # noqa: E402
 
 POLL = 100  # messages per put(), as one poll of a device would give
 TAKE = 500  # messages per take(): the publisher's batch
@@ -88,29 +88,23 @@ def report(label: str, n: int, wall: float, cpu: float) -> None:
           f"{cpu * 1e6 / n:6.1f} µs CPU/message")
 
 
-async def replay_to_broker(buffer: DiskBuffer, port: int) -> tuple[int, float, float]:
-    """Drain `buffer` to the broker: (messages published, wall s, CPU s)."""
-    async with aiomqtt.Client("127.0.0.1", port, identifier=f"bench-replay-{os.getpid()}",
-                              max_inflight_messages=TAKE, timeout=30) as client:
-        client.pending_calls_threshold = 2 * TAKE
-        sent = 0
-        wall, cpu = time.perf_counter(), time.process_time()
-        while True:
-            taken = buffer.take(TAKE)
-            if not taken:
-                break
-            try:
-                await asyncio.gather(*(
-                    client.publish(s.message.topic, s.message.payload, s.message.qos,
-                                   s.message.retain)
-                    for s in taken
-                ))
-            except BaseException:
-                buffer.requeue([s.id for s in taken])
-                raise
-            buffer.ack([s.id for s in taken])
-            sent += len(taken)
-        return sent, time.perf_counter() - wall, time.process_time() - cpu
+async def replay_to_broker(buffer: DiskBuffer, port: int, rate: int) -> tuple[int, float, float]:
+    """Drain `buffer` through the daemon's own Publisher (MQTT 5, the default): (messages
+    published, wall s, CPU s). Everything stored before it connects is backlog, paced at
+    `rate` messages a second (mqtt.buffer.replay_rate)."""
+    settings = MqttSettings(
+        host="127.0.0.1", port=port, client_id=f"bench-replay-{os.getpid()}",
+        topic_prefix="m2m/bench", buffer=BufferSettings(replay_rate=rate),
+    )
+    publisher = Publisher(settings, buffer)
+    wall, cpu = time.perf_counter(), time.process_time()
+    running = asyncio.create_task(publisher.run())
+    while len(buffer):  # noqa: ASYNC110 - watching from outside, as a user would
+        await asyncio.sleep(0.01)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    publisher.stop()
+    await running
+    return publisher.published, wall, cpu
 
 
 def main() -> None:
@@ -142,12 +136,14 @@ def main() -> None:
             print(f"  file size after drain: {file_sizes(path)} (SQLite reuses free pages; "
                   "it does not shrink the file)")
 
-            fill(buffer, backlog)
             with mosquitto(Path(tmp)) as broker:
-                sent, wall, cpu = asyncio.run(replay_to_broker(buffer, broker.port))
-            if sent != n or len(buffer):
-                raise SystemExit(f"replay incomplete: {sent} sent, {len(buffer)} left")
-            report(f"replay to mosquitto, QoS 1, {TAKE}/gather", n, wall, cpu)
+                for rate, size in ((10**9, n), (1000, min(n, 10_000))):
+                    fill(buffer, backlog[:size])
+                    sent, wall, cpu = asyncio.run(replay_to_broker(buffer, broker.port, rate))
+                    if sent != size or len(buffer):
+                        raise SystemExit(f"replay incomplete: {sent} sent, {len(buffer)} left")
+                    label = "unpaced" if rate > size else f"replay_rate {rate}/s"
+                    report(f"Publisher replay to mosquitto, {label}", size, wall, cpu)
         finally:
             buffer.close()
 
