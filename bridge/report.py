@@ -56,8 +56,10 @@ def bus_load(link: SerialLink, plans: Iterable[Iterable[PollGroup]]) -> float:
 
 
 def plan_report(config: Config) -> str:
+    """Requests per device and, for serial links, the bus time they take."""
     lines: list[str] = []
     total_requests = total_points = 0
+    serial_plans: dict[str, list[tuple[PollGroup, ...]]] = {}
     for device in config.devices:
         link = config.link(device.link)
         if not isinstance(link, TcpLink | SerialLink):
@@ -77,13 +79,18 @@ def plan_report(config: Config) -> str:
             for request in group.requests:
                 cost = ""
                 if isinstance(link, SerialLink):
-                    cost = f"  ~{rtu_seconds(request, link.baudrate) * 1000:.1f} ms"
+                    cost = f"  ~{bus_seconds(request, link) * 1000:.1f} ms"
                 names = ", ".join(p.name for p in request.points)
                 lines.append(f"  every {group.interval:g}s  {request}{cost}  [{names}]")
         if isinstance(link, SerialLink):
-            busy = sum(rtu_seconds(r, link.baudrate) / g.interval
-                       for g in groups for r in g.requests)
+            busy = bus_load(link, [groups])
             lines.append(f"  bus time: {busy * 100:.1f}% of {link.name} at {link.baudrate} baud")
+            serial_plans.setdefault(link.name, []).append(groups)
+    for name, plans in serial_plans.items():
+        link = config.link(name)
+        assert isinstance(link, SerialLink)
+        lines.append(f"link {name}: the polls need {bus_load(link, plans) * 100:.1f}% of its "
+                     f"bus time at {link.baudrate} baud")
     lines.append(f"total: {total_requests} requests per cycle instead of {total_points} "
                  f"(one per point)")
     return "\n".join(lines)

@@ -192,3 +192,26 @@ async def test_every_command_has_help_with_an_example() -> None:
         r = await cli(command, "--help")
         assert r.returncode == 0
         assert "example: m2m-bridge" in r.stdout, command
+
+
+async def test_plan_shows_bus_time_per_serial_link(tmp_path: Path) -> None:
+    """plan prices each request on a serial link and sums the load per link."""
+    path = tmp_path / "serial.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1,
+        "links": [{"name": "rs485-1", "type": "rtu", "port": "/dev/ttyUSB0", "baudrate": 9600}],
+        "devices": [
+            {"name": f"m{unit}", "link": "rs485-1", "unit": unit, "interval": "1s",
+             "points": [{"name": "v", "table": "input", "address": 0, "count": 1,
+                         "type": "string"}]}
+            for unit in (1, 2)
+        ],
+    }))
+    r = await cli("plan", "-c", str(path))
+    assert r.returncode == 0, r.stderr
+    # One 1-register read: 8 + 7 bytes at 11 bits, plus 2 x 3.5 characters of silence.
+    per_request_ms = (15 * 11 + 2 * 3.5 * 11) / 9600 * 1000
+    assert f"~{per_request_ms:.1f} ms" in r.stdout
+    assert f"link rs485-1: the polls need {2 * per_request_ms / 10:.1f}% of its bus time" in (
+        r.stdout
+    )
