@@ -18,6 +18,7 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import aiomqtt
 import structlog
@@ -201,13 +202,19 @@ class Publisher:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), pause)
                 continue
-            replay.spend(len(batch) if backlog_end and batch[0].id <= backlog_end else 0)
-            await self._deliver(session, batch)
+            replaying = bool(backlog_end) and batch[0].id <= backlog_end
+            if replaying:
+                replay.spend(len(batch))
+            await self._deliver(session, batch, replaying=replaying)
 
-    async def _deliver(self, session: Session, batch: list[Stored]) -> None:
+    async def _deliver(self, session: Session, batch: list[Stored], *, replaying: bool) -> None:
+        messages = [s.message for s in batch]
+        if replaying:
+            # Live readings went out first: a replayed one must not become the retained value.
+            messages = [replace(m, retain=False) if m.retain else m for m in messages]
         try:
             with self.activity.running():
-                await session.publish_batch([s.message for s in batch])
+                await session.publish_batch(messages)
         except BaseException:
             self.buffer.requeue([s.id for s in batch])
             raise

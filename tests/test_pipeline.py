@@ -99,3 +99,37 @@ async def test_readings_taken_while_broker_is_down_arrive_later_in_order(
     assert stamps == sorted(stamps), "replayed out of order"
     taken_offline = [r["value"] for r in readings if r["ts"] <= down_until]
     assert sorted(set(taken_offline)) == [1, 2, 3, 4, 5], (down_until, readings[:5])
+
+
+async def test_replayed_backlog_never_becomes_the_retained_value(tmp_path: Path) -> None:
+    """With retain on, a reading taken live stays the retained one while older readings from
+    the backlog are replayed after it."""
+    from bridge.buffer import DiskBuffer
+    from bridge.config import BufferSettings, MqttSettings
+    from bridge.messages import Message
+    from bridge.mqtt import Publisher
+
+    topic = "m2m/ret/dev/v"
+    buffer = DiskBuffer(tmp_path / "b.sqlite3", max_messages=10_000, max_bytes=10**8,
+                        max_age=86400)
+    now = time.time_ns() // 1_000_000
+    # 600 readings from the outage: more than one burst, so replay is still going on below.
+    buffer.put([Message(topic, str(n).encode(), 1, True, now - 600 + n) for n in range(600)])
+    with mosquitto(tmp_path) as broker:
+        settings = MqttSettings(host="127.0.0.1", port=broker.port, client_id="ret",
+                                topic_prefix="m2m/ret", buffer=BufferSettings(replay_rate=200))
+        publisher = Publisher(settings, buffer)
+        running = asyncio.create_task(publisher.run())
+        await asyncio.wait_for(publisher.connected.wait(), 10)
+        buffer.put([Message(topic, b"999", 1, True, now + 1)])  # live, newest
+        for _ in range(200):
+            if not len(buffer):
+                break
+            await asyncio.sleep(0.05)
+        assert len(buffer) == 0
+        publisher.stop()
+        await asyncio.wait_for(running, 10)
+        async with recording(broker.port, topic) as rec:
+            await rec.wait_for(lambda: rec.payloads(topic))
+        assert rec.messages[0][1:] == (b"999", True)
+    buffer.close()
