@@ -188,7 +188,7 @@ async def test_plan_shows_coalesced_requests(tmp_path: Path) -> None:
 
 async def test_every_command_has_help_with_an_example() -> None:
     """--help of each command shows an example."""
-    for command in ("run", "validate", "schema", "plan", "read", "simulate", "demo"):
+    for command in ("run", "validate", "schema", "plan", "read", "write", "simulate", "demo"):
         r = await cli(command, "--help")
         assert r.returncode == 0
         assert "example: m2m-bridge" in r.stdout, command
