@@ -420,8 +420,9 @@ def summary(samples: list[Sample], devices: int) -> None:
     print(f"target: under {TARGET_RSS_MIB:g} MiB RSS for 500 devices x 30 points, flat with "
           f"uptime (DESIGN.md; this run: {devices} devices x {POINTS} points)")
     depths = [s.buffer for s in late] or [samples[-1].buffer]
-    print(f"buffer depth at the end: {samples[-1].buffer:.0f} messages (max after 1 min: "
-          f"{max(depths):.0f}); poll failures over the run: {samples[-1].failed:.0f}")
+    print(f"buffer depth at the end: {samples[-1].buffer:.0f} messages (min/max after 1 min: "
+          f"{min(depths):.0f}/{max(depths):.0f}; a snapshot, so up to one poll burst in "
+          f"flight); poll failures over the run: {samples[-1].failed:.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
