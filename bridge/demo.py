@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import signal
 import socket
 import sys
@@ -56,11 +57,19 @@ class LiveView:
         now = time.monotonic()
         width = max((len(t) for t in self.latest), default=5)
         lines = [self.header, "", f"{'topic':<{width}}  {'age':>6}  payload"]
-        for topic in sorted(self.latest):
+        topics = sorted(self.latest)
+        # Fit the terminal: the header (how to subscribe) must stay on screen.
+        size = shutil.get_terminal_size()
+        used = sum(max(1, -(-len(line) // size.columns)) for line in lines)  # wrapped lines
+        room = size.lines - used - 1
+        shown = topics if len(topics) <= room else topics[: max(room - 1, 0)]
+        for topic in shown:
             text, at = self.latest[topic]
             if len(text) > _PAYLOAD_WIDTH:
                 text = text[: _PAYLOAD_WIDTH - 1] + "…"
             lines.append(f"{topic:<{width}}  {now - at:>5.1f}s  {text}")
+        if len(shown) < len(topics):
+            lines.append(f"… {len(topics) - len(shown)} more topics (a taller terminal shows them)")
         self.out.write(_CLEAR + "\n".join(lines) + "\n")
         self.out.flush()
 
