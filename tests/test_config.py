@@ -139,6 +139,16 @@ class TestLocatedErrors:
         assert (issue.line, issue.path) == (6, "devices[0].response")
         assert "required" in issue.message
 
+    def test_writable_line_instrument_point_is_refused(self, tmp_path: Path) -> None:
+        """A line instrument is only read: a writable point there is a mistake."""
+        text = HEAD + (
+            "  - name: s\n    link: line\n    response: '(?P<w>\\d+)'\n"
+            "    points:\n      - {name: w, writable: true}\n"
+        )
+        issue = only_issue(tmp_path, text)
+        assert (issue.line, issue.path) == (10, "devices[0].points[0].writable")
+        assert "read-only" in issue.message
+
     def test_modbus_device_with_a_response_is_refused(self, tmp_path: Path) -> None:
         """`response` is meaningless on a Modbus link."""
         issue = only_issue(tmp_path, HEAD + "  - name: d\n    link: net\n    response: x\n")
