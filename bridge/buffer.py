@@ -238,7 +238,11 @@ class DiskBuffer:
                 continue
             gap_hi = hi if i + 1 >= len(starts) else min(hi, starts[i + 1] - 1)
             want = limit - len(out)
-            rows = self._db.execute(_SELECT, (pos, gap_hi, want)).fetchall()
+            try:
+                rows = self._db.execute(_SELECT, (pos, gap_hi, want)).fetchall()
+            except sqlite3.Error as exc:  # a failing disk: send what we have, try again later
+                log.warning("buffer read failed", path=str(self.path), error=str(exc))
+                break
             for id_, topic, payload, qos, retain, ts in rows:
                 if id_ not in inflight:
                     inflight.add(id_)
@@ -292,10 +296,13 @@ class DiskBuffer:
 
     @property
     def oldest_ts(self) -> int | None:
-        """`ts` (epoch ms) of the oldest stored row, None when empty."""
+        """`ts` (epoch ms) of the oldest stored row, None when empty or unreadable."""
         if not self._count:
             return None
-        row = self._db.execute("SELECT ts FROM messages ORDER BY id LIMIT 1").fetchone()
+        try:
+            row = self._db.execute("SELECT ts FROM messages ORDER BY id LIMIT 1").fetchone()
+        except sqlite3.Error:  # only logging and metrics ask: not worth failing them
+            return None
         return None if row is None else int(row[0])
 
     @property

@@ -37,7 +37,6 @@ POINT_TYPES: tuple[PointType, ...] = (
 )
 BYTE_ORDERS: tuple[ByteOrder, ...] = ("ABCD", "CDAB", "BADC", "DCBA")
 BIT_TABLES: frozenset[Table] = frozenset({"coil", "discrete"})
-REGISTER_TABLES: frozenset[Table] = frozenset({"holding", "input"})
 
 # (struct code, registers) per numeric type; bool on a register table reads one uint16.
 _NUMERIC: Mapping[PointType, tuple[str, int]] = {

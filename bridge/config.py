@@ -22,7 +22,7 @@ import platform
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -205,7 +205,6 @@ class LineLink(_LinkBase, _SerialPort):
 
 
 Link = Annotated[TcpLink | SerialLink | LineLink, Field(discriminator="type")]
-ModbusLink: TypeAlias = TcpLink | SerialLink
 
 
 class SimHint(_Model):

@@ -65,7 +65,6 @@ class Publisher:
         # Acquisition to delivery, per message: a Prometheus summary's sum and count.
         self.latency_count = 0
         self.latency_sum_ms = 0
-        self.last_error = ""
 
     def set_status(self, device: str, online: bool) -> None:
         """Record a device's status; it goes out now if connected, else on the next connect."""
@@ -102,7 +101,6 @@ class Publisher:
                     log.exception("publisher failed unexpectedly")
                 self._session = None
                 event, reason = describe_connect_failure(exc)
-                self.last_error = f"{event}: {reason}"
                 self.connected.clear()
                 # One line per change of state or of cause, not one per attempt.
                 if not was_down or attempt == 0 or event != last_event:
@@ -198,9 +196,7 @@ class Publisher:
                 if pause is None:
                     await self._wait_for_work()
                 else:  # the backlog waits for tokens; a status change or stop cuts it short
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), pause)
+                    await self._sleep_unless_stopping(pause)
                 continue
             replaying = bool(backlog_end) and batch[0].id <= backlog_end
             if replaying:

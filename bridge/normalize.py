@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bridge.codec import Value
+from bridge.errors import CodecError
 
 
 class Scaled(Protocol):
@@ -30,7 +31,7 @@ class Scaled(Protocol):
     def values(self) -> Mapping[int, str] | None: ...
 
 
-class BadValue(ValueError):
+class BadValue(CodecError):
     """A decoded value cannot be published (NaN or infinity: JSON has no such numbers)."""
 
 

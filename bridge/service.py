@@ -60,8 +60,6 @@ def build_links(config: Config) -> dict[str, Link]:
         link = config.link(name)
         if isinstance(link, LineLink):
             continue  # line instruments own their port: Service.line_ports
-        if not isinstance(link, TcpLink | SerialLink):
-            raise BridgeError(f"link {name!r}: type {link.type!r} is not supported by this build")
         links[name] = Link(ModbusClient(endpoint_for(link)), silence=link_silence(link))
     return links
 

@@ -25,11 +25,11 @@ def notify(state: str) -> bool:
         return False
     if path.startswith("@"):  # abstract namespace socket
         path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
+    try:  # out of sockets or a vanished systemd: a missed notification, never a crash
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto(state.encode(), path)
-        except OSError:
-            return False
+    except OSError:
+        return False
     return True
 
 

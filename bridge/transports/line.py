@@ -157,7 +157,7 @@ class LinePort:
                     stopbits=self.link.stopbits,
                     bytesize=self.link.bytesize,
                 )
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # pyserial: ValueError for a bad port URL
                 failures += 1
                 if failures == 1:
                     self._log.warning("serial port cannot be opened", error=str(exc))
