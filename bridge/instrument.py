@@ -42,9 +42,9 @@ from bridge.config import Device, MqttSettings, Point
 from bridge.errors import TransportError
 from bridge.health import Activity
 from bridge.messages import Message
-from bridge.normalize import BadValue, engineering
+from bridge.normalize import engineering
 from bridge.planner import PollGroup
-from bridge.poller import DeviceStats, Outbox, poll_on_grid
+from bridge.poller import DeviceStats, DeviceStatus, Outbox, poll_on_grid
 from bridge.transports.line import Line, LinePort, LineReader
 
 log = structlog.get_logger("bridge.instrument")
@@ -101,7 +101,6 @@ class InstrumentPoller:
         self.device = device
         self.port = port
         self.emit = emit
-        self.set_status = set_status
         self.stats = InstrumentStats()
         self.timeout = port.link.timeout
         self.reader = LineReader(device.eol.encode(ENCODING))
@@ -115,13 +114,12 @@ class InstrumentPoller:
         self._latest: tuple[re.Match[str], Line] | None = None
         self.last_values: dict[str, Value] = {}  # of the last successful poll
         self._fresh = asyncio.Event()
-        self._failures = 0
-        self._online: bool | None = None
         self._log = log.bind(device=device.name)
+        self.status = DeviceStatus(device, set_status, self._outbox, self._log)
 
     @property
     def online(self) -> bool:
-        return self._online is True
+        return self.status.online
 
     @property
     def streaming(self) -> bool:
@@ -141,7 +139,7 @@ class InstrumentPoller:
             else:
                 await poll_on_grid(
                     interval, self.poll_request, activity=self.activity, stats=self.stats,
-                    log=self._log, failures=lambda: self._failures,
+                    log=self._log, failures=lambda: self.status.failures,
                 )
 
     async def poll_request(self) -> bool:
@@ -213,26 +211,17 @@ class InstrumentPoller:
                 continue  # an optional group the instrument left out this time
             try:
                 values[name] = engineering(point, parse_text(point, text))
-            except (ValueError, BadValue) as exc:  # BadValue is a ValueError; named for clarity
+            except ValueError as exc:  # a text that is not the point's type, or NaN (BadValue)
                 self.stats.bad_values += 1
                 self._log.debug("bad value in line", point=name, text=text, error=str(exc))
         self.last_values = values
         if values:
             self.emit(self._outbox.messages(values, line.ts, time.monotonic()))
-        self._failures = 0
-        if self._online is not True:
-            self._online = True
-            self.set_status(self.device.name, True)
-            self._log.info("device online")
+        self.status.succeeded()
         return True
 
     def _failed(self, kind: str, reason: str) -> bool:
         self.stats.count_failure(kind)
         self.stats.failed_polls += 1
-        self._failures += 1
-        if self._failures >= self.device.offline_after and self._online is not False:
-            self._online = False
-            self.set_status(self.device.name, False)
-            self._outbox.forget()
-            self._log.warning("device offline", error=reason)
+        self.status.failed(reason)
         return False

@@ -154,6 +154,44 @@ class Outbox:
                 self._changes.forget(name)
 
 
+class DeviceStatus:
+    """A device's `online`/`offline`: offline after `offline_after` failed polls in a row,
+    online again at the next success; each change is published and logged once."""
+
+    def __init__(
+        self,
+        device: Device,
+        publish: Callable[[str, bool], None],
+        outbox: Outbox,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self.device = device
+        self.publish = publish
+        self.outbox = outbox
+        self.log = log
+        self.failures = 0  # failed polls in a row, towards offline_after
+        self._online: bool | None = None
+
+    @property
+    def online(self) -> bool:
+        return self._online is True
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        if self._online is not True:
+            self._online = True
+            self.publish(self.device.name, True)
+            self.log.info("device online")
+
+    def failed(self, reason: str) -> None:
+        self.failures += 1
+        if self.failures >= self.device.offline_after and self._online is not False:
+            self._online = False
+            self.publish(self.device.name, False)
+            self.outbox.forget()  # on-change: publish every point again when it comes back
+            self.log.warning("device offline", error=reason)
+
+
 class DevicePoller:
     """Polls one Modbus device's plan forever; emits messages and status changes."""
 
@@ -171,17 +209,15 @@ class DevicePoller:
         self.plan = tuple(plan)
         self.link = link
         self.emit = emit
-        self.set_status = set_status
         self.stats = DeviceStats()
         # A poll may take every request's timeout plus the quiet time around it; twice that
         # (and 10 s) before the watchdog calls it hung.
         worst = sum(len(g.requests) for g in self.plan) * (link.client.endpoint.timeout + 1.0)
         self.activity = Activity(f"device {device.name}", 10.0 + 2 * worst)
         self._outbox = Outbox(device, mqtt)
-        self._failures = 0  # failed polls in a row, towards offline_after
         self._backoff = 0  # unsuccessful polls in a row (busy ones too), for the back-off
-        self._online: bool | None = None
         self._log = log.bind(device=device.name)
+        self.status = DeviceStatus(device, set_status, self._outbox, self._log)
         # What the device refuses (exception 02/03), learned at run time.
         self.refused: set[str] = set()  # point names skipped
         self.barriers: set[Barrier] = set()  # ranges no block may cover or straddle
@@ -192,7 +228,7 @@ class DevicePoller:
 
     @property
     def online(self) -> bool:
-        return self._online is True
+        return self.status.online
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -240,17 +276,16 @@ class DevicePoller:
                 except BadValue:
                     self.stats.bad_values += 1
         if values:
-            self.emit(self._messages(values, ts, now))
+            self.emit(self._outbox.messages(values, ts, now))
         if error is None:
-            self._failures = self._backoff = 0
-            self._mark(True, None)
+            self._backoff = 0
+            self.status.succeeded()
             return True
         self._backoff += 1
         self.stats.failed_polls += 1
         if busy_only:
             return False  # alive but busy: retry later, status unchanged
-        self._failures += 1
-        self._mark(False, error)
+        self.status.failed(str(error))
         return False
 
     async def _read(self, request: ReadRequest) -> list[tuple[Point, Value]]:
@@ -357,23 +392,6 @@ class DevicePoller:
         self.barriers.clear()
         self._active.clear()
         self._learned_at = 0.0
-
-    def _messages(self, values: dict[str, Value], ts: int, now: float) -> list[Message]:
-        return self._outbox.messages(values, ts, now)
-
-    def _mark(self, ok: bool, error: BridgeError | None) -> None:
-        if ok:
-            if self._online is not True:
-                self._online = True
-                self.set_status(self.device.name, True)
-                self._log.info("device online")
-            return
-        if self._failures >= self.device.offline_after and self._online is not False:
-            self._online = False
-            self.set_status(self.device.name, False)
-            self._outbox.forget()
-            self._log.warning("device offline", error=str(error))
-
 
 def _clusters(points: Iterable[Point]) -> list[list[Point]]:
     """Points grouped where their registers overlap (bits of one word, a value and its halves)."""
