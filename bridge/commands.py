@@ -42,9 +42,10 @@ import structlog
 from bridge.codec import BIT_TABLES, Field, Value, encode
 from bridge.config import Config, Device, Point, SerialLink, TcpLink
 from bridge.errors import BridgeError, CodecError
-from bridge.messages import Message, Topics, device_payload, point_payload
+from bridge.messages import Message, Topics
 from bridge.normalize import BadValue, engineering
 from bridge.planner import ReadRequest, plan_device
+from bridge.poller import Outbox
 from bridge.scheduler import Link, Priority
 from bridge.wire import Incoming
 
@@ -341,7 +342,7 @@ class _Target:
     device: Device
     point: Point
     readback: ReadRequest | None  # None: the point cannot be written (refused before I/O)
-    reading_topic: str
+    outbox: Outbox  # the device's: read-backs are published exactly as its polls are
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,19 +373,15 @@ class CommandHandler:
         self.emit = emit
         self.min_interval = min_interval
         self.stats = CommandStats()
-        mqtt = config.mqtt
-        self._qos, self._retain, self._format = mqtt.qos, mqtt.retain, mqtt.format
-        self._per_device = mqtt.messages == "per-device"
-        self._topics = Topics(mqtt.topic_prefix)
+        self._topics = Topics(config.mqtt.topic_prefix)
         self._targets: dict[str, _Target] = {}
         for device in config.devices:
             if not isinstance(config.link(device.link), TcpLink | SerialLink):
                 continue  # line instruments have nothing to write
+            outbox = Outbox(device, config.mqtt)
             for point in device.points:
                 self._targets[self._topics.command(device.name, point.name)] = _Target(
-                    device, point, _readback_or_none(point),
-                    self._topics.device(device.name) if self._per_device
-                    else self._topics.point(device.name, point.name),
+                    device, point, _readback_or_none(point), outbox
                 )
         self._last_write: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -482,16 +479,8 @@ class CommandHandler:
             except BridgeError as exc:
                 return _Outcome(False, error=f"write failed: {exc}", kind="failed")
 
-        self.emit([self._reading(target, read, time.time_ns() // 1_000_000)])
+        self.emit(target.outbox.build({target.point.name: read}, time.time_ns() // 1_000_000))
         return _Outcome(True, value=read)
-
-    def _reading(self, target: _Target, value: Value, ts: int) -> Message:
-        """The read-back as the poller would publish it."""
-        if self._per_device:
-            payload = device_payload({target.point.name: value}, ts)
-        else:
-            payload = point_payload(value, ts, target.point.unit, self._format)
-        return Message(target.reading_topic, payload, self._qos, self._retain, ts)
 
     async def _answer(
         self,

@@ -134,6 +134,10 @@ class Outbox:
                 for name, v in values.items()
                 if changes.passes(name, v, now, self._out[name].point.deadband, self._heartbeat)
             }
+        return self.build(values, ts)
+
+    def build(self, values: dict[str, Value], ts: int) -> list[Message]:
+        """The messages for `values` as they are, no change filter (a write's read-back)."""
         if not values:
             return []
         if self._per_device:
