@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-import aiomqtt
 import structlog
 
 from bridge.buffer import DiskBuffer, Stored
@@ -96,7 +95,7 @@ class Publisher:
                     await session.publish(status, b"offline", 1, True)
                     return
             except Exception as exc:
-                if not isinstance(exc, aiomqtt.MqttError | BrokerError | OSError):
+                if not isinstance(exc, BrokerError | OSError):
                     # A bug must cost a reconnect, never the daemon: readings stay buffered.
                     log.exception("publisher failed unexpectedly")
                 self._session = None
@@ -127,7 +126,7 @@ class Publisher:
             return False
         try:
             await session.publish(topic, payload, 1, False, correlation_data=correlation_data)
-        except (aiomqtt.MqttError, BrokerError):
+        except BrokerError:
             return False
         return True
 
@@ -253,7 +252,7 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             stack[:0] = list(exc.exceptions)
         else:
             leaves.append(exc)
-    mqtt = [e for e in leaves if isinstance(e, aiomqtt.MqttError | BrokerError)]
+    mqtt = [e for e in leaves if isinstance(e, BrokerError)]
     return (mqtt or leaves)[0]
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Protocol
 
 import aiomqtt
@@ -73,8 +73,21 @@ async def open_session(settings: MqttSettings, will_topic: str) -> AsyncIterator
             await client.disconnect()  # a clean DISCONNECT: the broker drops the will
         return
     will = aiomqtt.Will(will_topic, b"offline", qos=1, retain=True)
-    async with make_client(settings, will=will) as aio:
-        yield _AiomqttSession(aio)
+    with _mapped_errors():
+        async with make_client(settings, will=will) as aio:
+            yield _AiomqttSession(aio)
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """aiomqtt's errors as ours (httpcore's map_exceptions): nothing above sees aiomqtt."""
+    try:
+        yield
+    except aiomqtt.MqttError as exc:
+        code = None
+        if isinstance(exc, MqttConnectError):
+            code = exc.rc.value if isinstance(exc.rc, ReasonCode) else exc.rc
+        raise WireError(str(exc), reason_code=code) from exc  # the cause keeps TLS details
 
 
 class _WireSession:
@@ -121,25 +134,33 @@ class _AiomqttSession:
         *, correlation_data: bytes | None = None,
     ) -> None:
         # MQTT 3.1.1 has no properties: a reply's correlation data cannot travel.
-        await self.client.publish(topic, payload, qos, retain)
+        with _mapped_errors():
+            await self.client.publish(topic, payload, qos, retain)
 
     async def publish_batch(self, messages: Sequence[Message]) -> None:
-        await asyncio.gather(
-            *(self.client.publish(m.topic, m.payload, m.qos, m.retain) for m in messages)
-        )
+        with _mapped_errors():
+            await asyncio.gather(
+                *(self.client.publish(m.topic, m.payload, m.qos, m.retain) for m in messages)
+            )
 
     async def subscribe(self, topics: Sequence[str]) -> None:
-        for topic in topics:
-            await self.client.subscribe(topic, qos=1)
+        with _mapped_errors():
+            for topic in topics:
+                await self.client.subscribe(topic, qos=1)
 
     async def incoming(self) -> AsyncIterator[Incoming]:
-        async for message in self.client.messages:
-            payload = message.payload
-            if isinstance(payload, str):
-                payload = payload.encode()
-            elif not isinstance(payload, bytes | bytearray):
-                payload = b"" if payload is None else str(payload).encode()
-            yield Incoming(str(message.topic), bytes(payload), None, None, message.retain)
+        with _mapped_errors():
+            async for message in self.client.messages:
+                yield _incoming(message)
+
+
+def _incoming(message: aiomqtt.Message) -> Incoming:
+    payload = message.payload
+    if isinstance(payload, str):
+        payload = payload.encode()
+    elif not isinstance(payload, bytes | bytearray):
+        payload = b"" if payload is None else str(payload).encode()
+    return Incoming(str(message.topic), bytes(payload), None, None, message.retain)
 
 
 def make_client(settings: MqttSettings, *, will: aiomqtt.Will | None = None) -> aiomqtt.Client:
@@ -229,14 +250,6 @@ def describe_connect_failure(exc: BaseException) -> tuple[str, str]:
         if exc.reason_code is not None:
             return "broker refused connection", str(exc)
         return "broker unreachable", str(exc)
-    if isinstance(exc, MqttConnectError):
-        code = exc.rc.value if isinstance(exc.rc, ReasonCode) else exc.rc
-        if code in _LOGIN_REFUSED:
-            return (
-                "broker refused login",
-                f"{exc} (check mqtt.username and the password it is given)",
-            )
-        return "broker refused connection", str(exc)
     if isinstance(exc, BrokerError):
         return "broker settings unusable", str(exc)
     return "broker unreachable", str(exc)

@@ -245,3 +245,25 @@ async def test_bad_config_is_refused_before_touching_anything(
     assert "bad.yaml:" in d.output()
     assert "devices[0].points[0].type" in d.output()
     assert "int33" in d.output()
+
+
+async def test_mqtt_311_brokers_get_the_same_contract(
+    tmp_path: Path, broker: Broker, device: tuple[Simulator, int, dict[str, Any]],
+    daemon: list[Daemon],
+) -> None:
+    """protocol: 3.1.1 (on aiomqtt) publishes the same topics, payloads and statuses."""
+    _, port, _ = device
+    points = [{"name": "voltage", "table": "input", "address": 0, "type": "float32",
+               "unit": "V"}]
+    config = write_config(tmp_path / "bridge.yaml", broker.port, port, points,
+                          mqtt={"protocol": "3.1.1"})
+    async with recording(broker.port, f"{PREFIX}/#") as rec:
+        d = start(daemon, config)
+        await rec.wait_for(lambda: rec.payloads(f"{PREFIX}/dev/voltage"))
+        body = json.loads(rec.payloads(f"{PREFIX}/dev/voltage")[-1])
+        assert (body["value"], body["unit"]) == (229.75, "V")
+        assert rec.last(f"{PREFIX}/status") == b"online"
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0, d.output()
+        await rec.wait_for(lambda: rec.last(f"{PREFIX}/status") == b"offline")
+    assert '"protocol": "3.1.1"' in d.output()
