@@ -21,7 +21,6 @@ from bridge.codec import (
     Value,
     register_count,
 )
-from bridge.commands import CommandRefused, parse_command, write_point
 from bridge.config import Config, Device, LineLink, Point
 from bridge.errors import DeviceError, UsageError
 from bridge.instrument import InstrumentPoller
@@ -32,6 +31,7 @@ from bridge.scheduler import Link
 from bridge.service import build_links, plan_for
 from bridge.transports.line import LinePort
 from bridge.transports.modbus import LINK_KINDS, SERIAL_KINDS, Endpoint, LinkKind, ModbusClient
+from bridge.writes import CommandRefused, parse_command, write_point
 
 DEFAULT_PORTS = {"tcp": 502, "udp": 502}  # rtu-over-tcp servers use all sorts: ask for it
 SERIAL_SETTINGS = ("baudrate", "parity", "stopbits", "bytesize")
