@@ -5,17 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from bridge.bustime import BITS_PER_CHAR, silence
 from bridge.config import Config, SerialLink, TcpLink
 from bridge.planner import PollGroup, ReadRequest, plan_device, registers_spanned
 
-BITS_PER_CHAR = 11  # RTU: start + 8 data + parity (or 2nd stop) + stop
 RTU_REQUEST_BYTES = 8  # unit, function, address(2), count(2), CRC(2)
 RTU_REPLY_OVERHEAD = 5  # unit, function, byte count, CRC(2)
-
-
-def silence(baudrate: int) -> float:
-    """Inter-frame silence: 3.5 characters, fixed at 1.75 ms above 19200 baud (serial-line spec)."""
-    return 0.00175 if baudrate > 19200 else 3.5 * BITS_PER_CHAR / baudrate
 
 
 def rtu_seconds(request: ReadRequest, baudrate: int) -> float:

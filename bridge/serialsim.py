@@ -50,6 +50,7 @@ from typing import Any
 
 import structlog
 
+from bridge import bustime
 from bridge.codec import Value
 from bridge.config import Config, Device, LineLink, Point, SerialLink
 from bridge.simulator import Simulator, _DeviceStore
@@ -83,9 +84,7 @@ class Timing:
         if baud is None:
             return cls()
         bits = 1 + link.bytesize + (link.parity != "N") + link.stopbits
-        char_time = bits / baud
-        silence = 0.00175 if baud > 19200 else 3.5 * char_time
-        return cls(char_time, silence, turnaround)
+        return cls(bustime.char_time(baud, bits), bustime.silence(baud, bits), turnaround)
 
 
 # --- Modbus -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import structlog
 
 from bridge.buffer import DiskBuffer
+from bridge.bustime import silence
 from bridge.commands import CommandHandler
 from bridge.config import Config, Device, LineLink, SerialLink, TcpLink
 from bridge.errors import BridgeError
@@ -21,7 +22,7 @@ from bridge.instrument import InstrumentPoller
 from bridge.mqtt import Publisher
 from bridge.planner import PollGroup, plan_device
 from bridge.poller import DevicePoller
-from bridge.report import bus_load, silence
+from bridge.report import bus_load
 from bridge.scheduler import Link
 from bridge.transports.line import LinePort
 from bridge.transports.modbus import Endpoint, ModbusClient

@@ -29,6 +29,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, Async
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 
+from bridge import bustime
 from bridge.codec import BIT_TABLES, Table
 from bridge.errors import DeviceError, TransportError
 
@@ -131,8 +132,8 @@ def _short(exc: BaseException) -> str:
 
 
 def char_time(endpoint: Endpoint) -> float:
-    """Seconds one character takes on the line (11 bits a character; ASCII is no faster)."""
-    return 11 / endpoint.baudrate if endpoint.is_serial else 0.0
+    """Seconds one character takes on the line (ASCII is no faster); 0 off serial lines."""
+    return bustime.char_time(endpoint.baudrate) if endpoint.is_serial else 0.0
 
 
 AnyClient = AsyncModbusTcpClient | AsyncModbusUdpClient | AsyncModbusSerialClient
