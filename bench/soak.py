@@ -43,6 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.helpers: the private mosquitto the e2e tests use
 
+from pipeline import cpu_seconds, stop, tail  # noqa: E402 - bench/ is this script's own folder
+
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 GATEWAY = "soak"
@@ -53,7 +55,6 @@ TARGET_RSS_MIB = 40.0  # DESIGN.md: under this for 500 devices x 30 points, flat
 FIRST_VALUES_TIMEOUT = 60.0  # daemon start to the first published message
 STOP_GRACE = 5.0  # SIGTERM, then SIGKILL after this many seconds
 PROBE_SECONDS = 2.0  # how long the slave's capacity is probed before the daemon starts
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # --- the simulated device: a Modbus TCP slave on raw MBAP frames ---------------------------
@@ -250,13 +251,6 @@ def write_config(path: Path, *, broker: int, metrics: int, ports: list[int], uni
 # --- /proc and the metrics endpoint --------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of `pid` (all its threads) so far."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime: fields 14, 15
-
-
 def status_mib(pid: int, key: str = "VmRSS") -> float:
     """A kB line of /proc/PID/status (VmRSS, VmHWM, RssAnon, ...) in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -289,24 +283,6 @@ def baseline_rss(code: str) -> float:
 
 
 # --- processes -----------------------------------------------------------------------------
-
-
-def stop(process: subprocess.Popen[bytes] | None) -> None:
-    """Terminate `process` by its id; kill it if it is still there after STOP_GRACE."""
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(STOP_GRACE)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
 
 
 @contextlib.contextmanager
