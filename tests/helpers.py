@@ -274,3 +274,49 @@ def mosquitto_tls(
         yield broker
     finally:
         broker.stop()
+
+
+@dataclass
+class Socat:
+    """`socat` joining two ptys, reachable as tmp/<a> and tmp/<b> (stable symlinks)."""
+
+    a: Path
+    b: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        for path in (self.a, self.b):  # a killed socat leaves its links behind
+            path.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            ["socat", "-d", "-d", f"pty,raw,echo=0,link={self.a}",
+             f"pty,raw,echo=0,link={self.b}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while not (self.a.exists() and self.b.exists()):
+            assert time.monotonic() < deadline, "socat did not create its ptys"
+            assert self.process.poll() is None, "socat exited"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        deadline = time.monotonic() + 5
+        while self.a.exists() or self.b.exists():  # socat removes its links on the way out
+            if time.monotonic() > deadline:
+                self.a.unlink(missing_ok=True)
+                self.b.unlink(missing_ok=True)
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        """Close the line abruptly, as an unplugged USB converter does (links stay behind)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+        self.process = None

@@ -12,7 +12,6 @@ import contextlib
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -26,7 +25,7 @@ from bridge.config import Device, LineLink, MqttSettings, Point
 from bridge.instrument import InstrumentPoller, parse_text
 from bridge.messages import Message
 from bridge.transports.line import LinePort
-from tests.helpers import Daemon, mosquitto, recording
+from tests.helpers import Daemon, Socat, mosquitto, recording
 
 pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat")
 
@@ -41,37 +40,9 @@ POINTS = [
 ]
 
 
-@dataclass
-class Socat:
-    """A pty pair: `dev` for the bridge, `inst` for the scripted instrument."""
-
-    dev: Path
-    inst: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        for path in (self.dev, self.inst):  # a killed socat leaves its links behind
-            path.unlink(missing_ok=True)
-        self.process = subprocess.Popen(
-            ["socat", f"pty,raw,echo=0,link={self.dev}", f"pty,raw,echo=0,link={self.inst}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while not (self.dev.exists() and self.inst.exists()):
-            assert time.monotonic() < deadline, "socat made no ptys"
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        """Close the line abruptly, as an unplugged USB converter does."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-        self.process = None
-
-
 @pytest.fixture
 def line(tmp_path: Path) -> Iterator[Socat]:
-    socat = Socat(tmp_path / "ttyBRIDGE", tmp_path / "ttyINST")
+    socat = Socat(tmp_path / "ttyBRIDGE", tmp_path / "ttyINST")  # a: the bridge, b: the scale
     socat.start()
     try:
         yield socat
@@ -195,8 +166,8 @@ def test_parse_text_types() -> None:
 
 async def test_request_mode_publishes_typed_values_and_counts_junk(line: Socat) -> None:
     sink = Sink()
-    poller = make_poller(line.dev, sink)
-    async with instrument(line.inst) as inst, running(poller):
+    poller = make_poller(line.a, sink)
+    async with instrument(line.b) as inst, running(poller):
         await until(lambda: len(sink.payloads("weight")) >= 3)
     weight = sink.payloads("weight")[0]
     assert weight["value"] == 12.35  # precision 2
@@ -216,8 +187,8 @@ async def test_request_mode_publishes_typed_values_and_counts_junk(line: Socat) 
 
 async def test_streaming_mode_publishes_latest_line_per_interval(line: Socat) -> None:
     sink = Sink()
-    poller = make_poller(line.dev, sink, request=False, interval=0.3)
-    async with instrument(line.inst, stream_every=0.05) as inst, running(poller):
+    poller = make_poller(line.a, sink, request=False, interval=0.3)
+    async with instrument(line.b, stream_every=0.05) as inst, running(poller):
         await until(lambda: len(sink.payloads("weight")) >= 4)
         sent = inst.sent
     values = [p["value"] for p in sink.payloads("weight")]
@@ -232,8 +203,8 @@ async def test_streaming_mode_publishes_latest_line_per_interval(line: Socat) ->
 
 async def test_no_answer_goes_offline_and_back(line: Socat) -> None:
     sink = Sink()
-    poller = make_poller(line.dev, sink, interval=0.1, timeout=0.1, offline_after=2)
-    async with instrument(line.inst, answer=False) as inst, running(poller):
+    poller = make_poller(line.a, sink, interval=0.1, timeout=0.1, offline_after=2)
+    async with instrument(line.b, answer=False) as inst, running(poller):
         await until(lambda: sink.statuses == [False])
         assert inst.requests >= 2
         assert sink.messages == []
@@ -245,26 +216,26 @@ async def test_no_answer_goes_offline_and_back(line: Socat) -> None:
 
 async def test_streaming_silence_goes_offline(line: Socat) -> None:
     sink = Sink()
-    poller = make_poller(line.dev, sink, request=False, interval=0.1, timeout=0.1,
+    poller = make_poller(line.a, sink, request=False, interval=0.1, timeout=0.1,
                          offline_after=2)
     async with running(poller):
         await until(lambda: sink.statuses == [False])
-        async with instrument(line.inst, stream_every=0.05):
+        async with instrument(line.b, stream_every=0.05):
             await until(lambda: sink.statuses == [False, True])
 
 
 async def test_port_closed_and_reopened_recovers(line: Socat) -> None:
     sink = Sink()
-    poller = make_poller(line.dev, sink, interval=0.1, timeout=0.2, offline_after=2)
+    poller = make_poller(line.a, sink, interval=0.1, timeout=0.2, offline_after=2)
     async with running(poller):
-        async with instrument(line.inst):
+        async with instrument(line.b):
             await until(lambda: sink.statuses == [True])
             line.kill()
             await until(lambda: sink.statuses == [True, False])
             assert not poller.port.connected
         published = len(sink.payloads("weight"))
         line.start()  # same paths, new ptys: what a replugged USB converter looks like
-        async with instrument(line.inst):
+        async with instrument(line.b):
             await until(lambda: sink.statuses == [True, False, True])
             await until(lambda: len(sink.payloads("weight")) > published)
     assert poller.port.opens >= 2
@@ -278,7 +249,7 @@ async def test_daemon_publishes_instrument_readings(line: Socat, tmp_path: Path)
             "gateway: {id: gw-test}\n"
             f"mqtt: {{host: 127.0.0.1, port: {broker.port}}}\n"
             "links:\n"
-            f"  - {{name: scale-port, type: serial, port: '{line.dev}', baudrate: 9600,"
+            f"  - {{name: scale-port, type: serial, port: '{line.a}', baudrate: 9600,"
             " timeout: 500ms}\n"
             "devices:\n"
             "  - name: scale-1\n"
@@ -293,7 +264,7 @@ async def test_daemon_publishes_instrument_readings(line: Socat, tmp_path: Path)
             "      - {name: tag, type: string, count: 2}\n"
         )
         daemon = Daemon(config)
-        async with recording(broker.port, "m2m/gw-test/#") as rec, instrument(line.inst):
+        async with recording(broker.port, "m2m/gw-test/#") as rec, instrument(line.b):
             daemon.start()
             try:
                 await rec.wait_for(lambda: rec.last("m2m/gw-test/scale-1/weight") is not None)
@@ -348,9 +319,9 @@ async def test_cli_reads_an_instrument_once(
     tmp_path: Path, line: Socat, request_mode: bool
 ) -> None:
     """`read -c FILE DEVICE` works for line instruments, asking or listening as configured."""
-    config = _scale_config(tmp_path, line.dev, request=request_mode)
+    config = _scale_config(tmp_path, line.a, request=request_mode)
     stream = None if request_mode else 0.1
-    async with instrument(line.inst, stream_every=stream):
+    async with instrument(line.b, stream_every=stream):
         code, out, err = await _cli("read", "-c", str(config), "scale-1", "--json")
     assert code == 0, err
     rows = {row["point"]: row["value"] for row in json.loads(out)}
@@ -361,10 +332,10 @@ async def test_cli_reads_an_instrument_once(
 
 async def test_cli_read_of_a_silent_instrument_is_one_line(tmp_path: Path, line: Socat) -> None:
     """No answer within the link timeout: exit 1 and one line naming the device."""
-    config = _scale_config(tmp_path, line.dev, request=True)
-    async with instrument(line.inst, answer=False):
+    config = _scale_config(tmp_path, line.a, request=True)
+    async with instrument(line.b, answer=False):
         code, _, err = await _cli("read", "-c", str(config), "scale-1")
     assert code == 1
     assert err.strip().splitlines() == [
-        f"m2m-bridge: device 'scale-1': no line matching `response` within 2s on {line.dev}"
+        f"m2m-bridge: device 'scale-1': no line matching `response` within 2s on {line.a}"
     ]

@@ -28,7 +28,7 @@ from bridge.poller import DevicePoller
 from bridge.scheduler import Link
 from bridge.service import endpoint_for, link_silence
 from bridge.transports.modbus import BadFrame, Endpoint, ModbusClient, NoResponse
-from tests.test_serial import Socat
+from tests.helpers import Socat
 
 HOLE = range(10, 20)  # holding registers the slave refuses (exception 02)
 

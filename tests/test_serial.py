@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,46 +31,9 @@ from bridge.poller import DevicePoller
 from bridge.scheduler import Link, Priority
 from bridge.service import build_links, link_silence, warn_overloaded_links
 from bridge.transports.modbus import Endpoint, LinkKind, ModbusClient
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, Socat, free_port
 
 HOLDING_BASE = 1000  # unit u's holding register i holds u * HOLDING_BASE + i
-
-
-@dataclass
-class Socat:
-    """`socat` joining two ptys, reachable as tmp/<a> and tmp/<b> (stable symlinks)."""
-
-    a: Path
-    b: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["socat", "-d", "-d", f"pty,raw,echo=0,link={self.a}",
-             f"pty,raw,echo=0,link={self.b}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while not (self.a.exists() and self.b.exists()):
-            assert time.monotonic() < deadline, "socat did not create its ptys"
-            assert self.process.poll() is None, "socat exited"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-        deadline = time.monotonic() + 5
-        while self.a.exists() or self.b.exists():  # socat removes its links on the way out
-            if time.monotonic() > deadline:
-                self.a.unlink(missing_ok=True)
-                self.b.unlink(missing_ok=True)
-            time.sleep(0.01)
 
 
 @contextlib.contextmanager
