@@ -84,7 +84,12 @@ def mosquitto(tmp: Path, extra: str = "", port: int | None = None) -> Iterator[B
         f"persistence_file {port}.db\nlog_dest file {data}/{port}.log\n"
         f"log_type error\nlog_type warning\nlog_type notice\n{extra}"
     )
-    broker = Broker(port, conf)
+    with _running(Broker(port, conf)) as broker:
+        yield broker
+
+
+@contextlib.contextmanager
+def _running(broker: Broker) -> Iterator[Broker]:
     broker.start()
     try:
         yield broker
@@ -119,14 +124,16 @@ class Recorder:
 
 @contextlib.asynccontextmanager
 async def recording(
-    port: int, topic: str, *, session: str | None = None
+    port: int, topic: str, *, session: str | None = None, client: aiomqtt.Client | None = None
 ) -> AsyncIterator[Recorder]:
-    """Record `topic`; with `session`, a persistent session the broker queues for."""
+    """Record `topic`; with `session`, a persistent session the broker queues for; `client`
+    replaces the plain loopback one (TLS, credentials)."""
     recorder = Recorder()
-    async with aiomqtt.Client(
+    client = client or aiomqtt.Client(
         "127.0.0.1", port, identifier=session or f"test-{os.getpid()}-{port}",
         clean_session=session is None,
-    ) as client:
+    )
+    async with client:
         await client.subscribe(topic, qos=1)
 
         async def pump() -> None:
@@ -268,12 +275,8 @@ def mosquitto_tls(
         f"log_dest file {data}/{port}.log\nlog_type error\nlog_type warning\n"
         f"log_type notice\nlog_type information\n"
     )
-    broker = Broker(port, conf)
-    broker.start()
-    try:
+    with _running(Broker(port, conf)) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @dataclass

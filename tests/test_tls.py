@@ -26,7 +26,16 @@ import yaml
 
 from bridge.config import load_config
 from bridge.simulator import Simulator
-from tests.helpers import Broker, Daemon, Pki, Recorder, free_port, make_pki, mosquitto_tls
+from tests.helpers import (
+    Broker,
+    Daemon,
+    Pki,
+    Recorder,
+    free_port,
+    make_pki,
+    mosquitto_tls,
+    recording,
+)
 
 GATEWAY = "tls"
 PREFIX = f"m2m/{GATEWAY}"
@@ -124,25 +133,12 @@ def start_daemon(
 @contextlib.asynccontextmanager
 async def watching(broker: Broker, pki: Pki, topic: str = "#") -> AsyncIterator[Recorder]:
     """Record `topic` as the admin user (who may read everything)."""
-    recorder = Recorder()
-    async with aiomqtt.Client(
+    admin = aiomqtt.Client(
         "127.0.0.1", broker.port, username="admin", password=ADMIN_PASSWORD,
         tls_context=client_tls(pki), identifier=f"admin-{time.monotonic_ns()}",
-    ) as client:
-        await client.subscribe(topic, qos=1)
-
-        async def pump() -> None:
-            async for message in client.messages:
-                assert isinstance(message.payload, bytes)
-                recorder.messages.append((str(message.topic), message.payload, message.retain))
-
-        task = asyncio.create_task(pump())
-        try:
-            yield recorder
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    )
+    async with recording(broker.port, topic, client=admin) as recorder:
+        yield recorder
 
 
 def log_events(d: Daemon) -> list[dict[str, Any]]:
