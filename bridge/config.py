@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -41,7 +42,7 @@ from pydantic import (
 
 from bridge.codec import BIT_TABLES, ByteOrder, PointType, Table, register_count
 from bridge.errors import ConfigError, ConfigIssue
-from bridge.yamlsource import Document, Loc, UnreadableFileError, read_document
+from bridge.yamlsource import Document, Loc, UnreadableFileError, read_document, type_secrets
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -85,7 +86,7 @@ Name = Annotated[str, StringConstraints(pattern=f"^{_NAME_CHARS}+$")]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Gateway(_Model):
@@ -94,7 +95,10 @@ class Gateway(_Model):
     id: Name = Field(
         default_factory=lambda: re.sub(f"[^{_NAME_CHARS[1:]}", "-", platform.node()) or "gateway"
     )
-    state_dir: str = Field(default="./state", description="default: $STATE_DIRECTORY, else ./state")
+    state_dir: str = Field(
+        default="./state",
+        description="default: $STATE_DIRECTORY, else ./state; relative to the config file",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -380,11 +384,17 @@ class Config(_Model):
     devices: list[Device] = []
     metrics: MetricsSettings | None = None  # off unless configured
     _source: str = PrivateAttr("")
+    _warnings: list[ConfigIssue] = PrivateAttr(default_factory=list)
 
     @property
     def source(self) -> str:
         """The path of the main config file, as given to load_config."""
         return self._source
+
+    @property
+    def warnings(self) -> list[ConfigIssue]:
+        """Legal but suspicious settings (a Modicon-style address), located like errors."""
+        return self._warnings
 
     def link(self, name: str) -> Link:
         """The link called `name` (KeyError if there is none)."""
@@ -422,17 +432,22 @@ def config_json_schema() -> dict[str, Any]:
 _LINK: TypeAdapter[TcpLink | SerialLink | LineLink] = TypeAdapter(Link)
 
 
-def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | Path, *, environ: Mapping[str, str] | None = None, check_state_dir: bool = False
+) -> Config:
     """Load and check the config at `path`; raise ConfigError listing every problem found.
 
     `environ` (default os.environ) supplies `${env:…}`, $CREDENTIALS_DIRECTORY and
     $STATE_DIRECTORY, so tests and reloads need not touch the process environment.
+    `check_state_dir` also creates the state directory and proves it writable: `validate`,
+    `run` and reload want that; one-off reads on a gateway, often by another user, do not.
     """
     environ = os.environ if environ is None else environ
     try:
         main, issues = read_document(Path(path), str(path), environ)
     except UnreadableFileError as exc:
         raise ConfigError([ConfigIssue(str(path), 0, "", f"cannot read: {exc}")]) from None
+    type_secrets(main, lambda data: Config.model_validate(data, context={"environ": environ}))
     config: Config | None = None
     try:
         config = Config.model_validate(main.data, context={"environ": environ})
@@ -446,13 +461,61 @@ def load_config(path: str | Path, *, environ: Mapping[str, str] | None = None) -
     maps = _Maps(Path(path).parent, environ)
     by_name = {link.name: link for _, link in links}
     merged = [_complete(main, index, device, by_name, maps) for index, device in devices]
-    issues += maps.issues + [issue for _, found in merged for issue in found]
+    issues += _duplicate_points(main)
+    issues += maps.issues + [issue for _, found, _ in merged for issue in found]
+    state_dir = _state_dir(Path(path), config)
+    if check_state_dir and config is not None:
+        problem = state_dir_problem(state_dir)
+        if problem is not None:
+            at: Loc = ("gateway", "state_dir")
+            source = ""
+            if at not in main.lines:  # say where a path nobody wrote in this file came from
+                source = " ($STATE_DIRECTORY)" if "STATE_DIRECTORY" in environ else " (default)"
+            issues.append(main.issue(at, f"cannot use {str(state_dir)!r}{source}: {problem}"))
     if issues or config is None:
-        unique = dict.fromkeys(issues)  # a map shared by two devices reports a problem once
-        raise ConfigError(sorted(unique, key=lambda i: (i.file != main.file, i.file, i.line)))
-    config = config.model_copy(update={"devices": [device for device, _ in merged]})
+        raise ConfigError(_ordered(issues, main))
+    gateway = config.gateway.model_copy(update={"state_dir": str(state_dir)})
+    config = config.model_copy(
+        update={"gateway": gateway, "devices": [device for device, _, _ in merged]}
+    )
     config._source = str(path)
+    config._warnings = _ordered([w for _, _, found in merged for w in found], main)
     return config
+
+
+def _ordered(issues: list[ConfigIssue], main: Document) -> list[ConfigIssue]:
+    """The main file's issues first, then each map's, by line; a map shared by two devices
+    reports a problem once."""
+    return sorted(dict.fromkeys(issues), key=lambda i: (i.file != main.file, i.file, i.line))
+
+
+def _state_dir(config_path: Path, config: Config | None) -> Path:
+    """The state directory, a relative one taken from the config file's folder like map paths
+    (the daemon's working directory is `/` under systemd)."""
+    configured = Path(config.gateway.state_dir if config is not None else "./state")
+    return Path(os.path.abspath(config_path.parent / configured))
+
+
+def state_dir_problem(directory: Path) -> str | None:
+    """Why the daemon could not keep its buffer in `directory`, or None if it can.
+
+    Creates the directory and a file in it, as the buffer will: a read-only mount, a path
+    under /proc or a missing permission shows up now, in one line, not as a traceback from
+    SQLite once devices are being polled.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        return "it is not a directory (or a part of its path is a file)"
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    buffer = directory / "buffer.sqlite3"
+    for file in (buffer, buffer.with_name("buffer.sqlite3-wal")):
+        if file.exists() and not os.access(file, os.R_OK | os.W_OK):
+            return f"{file.name} in it is not readable and writable"
+    return None
 
 
 class _Maps:
@@ -481,6 +544,7 @@ class _Maps:
             self.issues += exc.issues
             return None
         self.issues += issues
+        type_secrets(doc, DeviceMap.model_validate)
         try:
             device_map = DeviceMap.model_validate(doc.data)
         except ValidationError as exc:
@@ -496,8 +560,9 @@ def _complete(
     device: Device,
     links: Mapping[str, TcpLink | SerialLink | LineLink],
     maps: _Maps,
-) -> tuple[Device, list[ConfigIssue]]:
-    """Merge the device's map into it and check what needs its link; return it and problems."""
+) -> tuple[Device, list[ConfigIssue], list[ConfigIssue]]:
+    """Merge the device's map into it and check what needs its link; return it, its problems
+    and its warnings."""
     at: Loc = ("devices", index)
     issues: list[ConfigIssue] = []
     loaded = maps.get(device.map) if device.map is not None else None
@@ -514,9 +579,8 @@ def _complete(
     for j, point in enumerate(device.points):
         entry = (point, main, (*at, "points", j))
         if point.name in own:
-            where = (*at, "points", j, "name")
-            issues.append(main.issue(where, f"duplicate name {main.show(where, point.name)}"))
-        elif point.name in position:
+            continue  # reported by _duplicate_points, from the raw data
+        if point.name in position:
             entries[position[point.name]] = entry
         else:
             position[point.name] = len(entries)
@@ -560,7 +624,52 @@ def _complete(
         for key in ("description", "manufacturer", "model")
         if getattr(device, key) is None
     }
-    return device.model_copy(update={"points": points, **described}), issues
+    warnings = [] if isinstance(link, LineLink) else [
+        doc.issue((*path, "address"), message)
+        for point, doc, path in entries
+        if (message := _modicon_warning(point)) is not None
+    ]
+    return device.model_copy(update={"points": points, **described}), issues, warnings
+
+
+# Modicon notation numbers holding registers from 40001 and input registers from 30001;
+# the config wants the 0-based PDU address, and this is the commonest off-by-40001.
+_MODICON_BASE = {"holding": 40001, "input": 30001}
+
+
+def _modicon_warning(point: Point) -> str | None:
+    base = _MODICON_BASE.get(point.table)
+    if base is None or point.address is None or not base <= point.address < base + 9999:
+        return None
+    likely = point.address - base
+    return (
+        f"warning: Modicon numbering? {point.table} {point.address} is usually address "
+        f"{likely} (0-based); if {point.address} is meant, ignore this"
+    )
+
+
+def _duplicate_points(doc: Document) -> list[ConfigIssue]:
+    """An issue at each point of a device whose name an earlier point of it has.
+
+    Read from the raw data, so a device that fails validation still has its names checked.
+    """
+    issues = []
+    for index, device in enumerate(doc.items("devices")):
+        points = device.get("points") if isinstance(device, dict) else None
+        if not isinstance(points, list):
+            continue
+        first: dict[str, int] = {}
+        for j, point in enumerate(points):
+            name = point.get("name") if isinstance(point, dict) else None
+            if not isinstance(name, str):
+                continue
+            at: Loc = ("devices", index, "points", j, "name")
+            if name in first:
+                where = doc.line(("devices", index, "points", first[name]))
+                message = f"duplicate name {doc.show(at)} (first at line {where})"
+                issues.append(doc.issue(at, message))
+            first.setdefault(name, j)
+    return issues
 
 
 def _valid_items(doc: Document, key: str, validate: Any) -> list[tuple[int, Any]]:
@@ -575,14 +684,16 @@ def _valid_items(doc: Document, key: str, validate: Any) -> list[tuple[int, Any]
 
 
 def _unknown_links(doc: Document, known: set[str]) -> list[ConfigIssue]:
-    """An issue at each device's `link` that names no link.
+    """An issue at each device's `link` that names no link, listing the links there are.
 
     Read from the raw data, so a device with a bad point still has its link checked.
     """
     issues = []
+    shown = [doc.show(("links", index, "name")) for index, _ in doc.names("links")]
+    there = f"links are: {', '.join(shown)}" if shown else "no links are defined"
     for index, item in enumerate(doc.items("devices")):
         at: Loc = ("devices", index, "link")
         link = item.get("link") if isinstance(item, dict) else None
         if isinstance(link, str) and link not in known:
-            issues.append(doc.issue(at, f"unknown link {doc.show(at)}"))
+            issues.append(doc.issue(at, f"unknown link {doc.show(at)} ({there})"))
     return issues

@@ -12,7 +12,7 @@ with short messages that never echo a value a secret reference went into.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -129,6 +129,8 @@ def parse_yaml(text: str, file: str) -> tuple[Document, list[ConfigIssue]]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
+        if "'\\t'" in problem:
+            problem += " (YAML indents with spaces, never tabs)"
         line = mark.line + 1 if mark is not None else 0
         raise ConfigError([ConfigIssue(file, line, "", f"invalid YAML: {problem}")]) from None
     finally:
@@ -158,6 +160,41 @@ def read_document(
     secrets = substitute(parsed.data, environ)
     doc = Document(file, secrets.data, parsed.lines, secrets.secret_paths)
     return doc, issues + [doc.issue(at, message) for at, message in secrets.problems]
+
+
+# What a strict model says when text stands where a number or a boolean belongs.
+_SCALAR_ERRORS = frozenset(
+    {"int_type", "float_type", "bool_type", "literal_error", "int_parsing", "float_parsing"}
+)
+
+
+def type_secrets(doc: Document, validate: Callable[[Any], object]) -> None:
+    """Read secret values as YAML would where the format wants a number or a boolean.
+
+    A reference always yields text, and the models are strict (a quoted "14" is refused, as
+    the schema says), yet `port: ${env:MQTT_PORT}` is a fair thing to write. So where
+    validating finds text from a secret in a number's or boolean's place, that text is typed
+    by YAML's own rules, in place. Written-out values are never retyped.
+    """
+    if not doc.secret_paths:
+        return
+    try:
+        validate(doc.data)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            path = _path(doc.data, error)
+            if error["type"] not in _SCALAR_ERRORS or path not in doc.secret_paths or not path:
+                continue
+            parent = doc.data
+            for part in path[:-1]:
+                parent = parent[part]
+            text = parent[path[-1]]
+            try:
+                typed = yaml.safe_load(text) if isinstance(text, str) and len(text) < 64 else None
+            except yaml.YAMLError:
+                continue
+            if isinstance(typed, int | float):  # bool is an int too
+                parent[path[-1]] = typed
 
 
 # Aliases may repeat a node many times over (`[*a, *a, ...]` nested: "billion laughs") or
@@ -252,4 +289,19 @@ def _message(error: ErrorDetails, path: Loc, doc: Document) -> str:
         return error["msg"].removeprefix("Value error, ")
     if kind == "model_type" and not path:
         return "expected a mapping of keys"
+    if kind in _WANTED and isinstance(error["input"], str):
+        if doc.is_secret(path):
+            return f"expected {_WANTED[kind]}; the secret's value is not one"
+        shown = doc.show(path, error["input"])
+        return f"expected {_WANTED[kind]}, not the text {shown}: drop the quotes"
+    if kind == "string_type" and isinstance(error["input"], bool):
+        # YAML 1.1 reads unquoted yes/no/on/off/true/false as booleans.
+        example = "'on'" if error["input"] else "'off'"
+        return (
+            f"YAML read an unquoted on/off/yes/no here as {str(error['input']).lower()}: "
+            f"quote the word, e.g. {example}"
+        )
     return error["msg"]
+
+
+_WANTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}

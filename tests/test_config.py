@@ -73,7 +73,7 @@ class TestLocatedErrors:
         """A string where a number belongs says what was expected, with no URL."""
         issue = only_issue(tmp_path, LINKS.replace("127.0.0.1}", "127.0.0.1, port: web}"))
         assert (issue.line, issue.path) == (3, "links[0].port")
-        assert "valid integer" in issue.message
+        assert issue.message == "expected an integer, not the text 'web': drop the quotes"
         assert "http" not in issue.message
 
     def test_literal_error_lists_the_choices(self, tmp_path: Path) -> None:
@@ -122,7 +122,17 @@ class TestLocatedErrors:
         text = device_with("{name: p, address: 0}") + "      - {name: p, address: 1}\n"
         issue = only_issue(tmp_path, text)
         assert (issue.line, issue.path) == (10, "devices[0].points[1].name")
-        assert issue.message == "duplicate name 'p'"
+        assert issue.message == "duplicate name 'p' (first at line 9)"
+
+    def test_duplicate_point_is_found_in_a_device_that_fails_otherwise(
+        self, tmp_path: Path
+    ) -> None:
+        """One bad point does not hide that two others share a name."""
+        text = device_with("{name: p, address: 0}") + (
+            "      - {name: p, address: 1}\n      - {name: q, address: 2, type: int33}\n"
+        )
+        paths = {issue.path for issue in issues(tmp_path, text)}
+        assert paths == {"devices[0].points[1].name", "devices[0].points[2].type"}
 
     def test_device_naming_an_unknown_link_is_refused(self, tmp_path: Path) -> None:
         """The `link` key is reported with the name it gave."""
@@ -130,8 +140,13 @@ class TestLocatedErrors:
         assert (issue.line, issue.path, issue.message) == (
             7,
             "devices[0].link",
-            "unknown link 'nett'",
+            "unknown link 'nett' (links are: 'net', 'line')",
         )
+
+    def test_unknown_link_says_when_there_are_none(self, tmp_path: Path) -> None:
+        """With no links at all, the message says so rather than listing nothing."""
+        issue = only_issue(tmp_path, "version: 1\ndevices:\n  - {name: d, link: net}\n")
+        assert issue.message == "unknown link 'net' (no links are defined)"
 
     def test_line_device_needs_a_response(self, tmp_path: Path) -> None:
         """A device on a serial (line) link cannot parse anything without `response`."""
@@ -456,7 +471,7 @@ class TestDefaults:
         """$STATE_DIRECTORY (systemd StateDirectory=) wins over ./state."""
         config = load(tmp_path, "version: 1\n", {"STATE_DIRECTORY": "/var/lib/m2m-bridge"})
         assert config.gateway.state_dir == "/var/lib/m2m-bridge"
-        assert load(tmp_path, "version: 1\n").gateway.state_dir == "./state"
+        assert load(tmp_path, "version: 1\n").gateway.state_dir == str(tmp_path / "state")
 
     def test_protocol_311_may_be_written_unquoted(self, tmp_path: Path) -> None:
         """YAML reads 3.1.1 as a string, which is the value the model expects."""
@@ -538,6 +553,143 @@ class TestDurationsAndSizes:
         assert "250ms" in issue.message
 
 
+class TestStrictTypes:
+    """YAML's own typing is what the integrator wrote: text is not a number or a boolean."""
+
+    @pytest.mark.parametrize(
+        ("point", "key", "wanted"),
+        [
+            ('{name: p, address: "14"}', "address", "an integer"),
+            ('{name: p, address: 1, scale: "0.1"}', "scale", "a number"),
+            ('{name: p, address: 1, writable: "yes"}', "writable", "true or false"),
+            ('{name: p, address: 1, type: string, count: "4"}', "count", "an integer"),
+        ],
+    )
+    def test_quoted_numbers_and_booleans_are_refused(
+        self, tmp_path: Path, point: str, key: str, wanted: str
+    ) -> None:
+        """Each names its path and says to drop the quotes."""
+        issue = only_issue(tmp_path, device_with(point))
+        assert (issue.line, issue.path) == (9, f"devices[0].points[0].{key}")
+        assert issue.message.startswith(f"expected {wanted}, not the text ")
+        assert issue.message.endswith("drop the quotes")
+
+    def test_quoted_unit_is_refused(self, tmp_path: Path) -> None:
+        """A device's unit id given as text is an error at `unit`."""
+        issue = only_issue(tmp_path, HEAD + '  - {name: d, link: net, unit: "2"}\n')
+        assert (issue.line, issue.path) == (6, "devices[0].unit")
+
+    def test_schema_and_loader_agree_on_integers(self, tmp_path: Path) -> None:
+        """What `schema` calls an integer, the loader refuses as text."""
+        point = config_json_schema()["$defs"]["Point"]["properties"]["address"]
+        assert {"type": "integer", "minimum": 0, "maximum": 65535} in point["anyOf"]
+        assert only_issue(tmp_path, device_with('{name: p, address: "3"}'))
+
+    def test_unquoted_on_off_in_values_says_to_quote_them(self, tmp_path: Path) -> None:
+        """YAML 1.1 reads on/off as booleans; the message says what happened."""
+        found = issues(tmp_path, device_with("{name: p, address: 1, values: {0: off, 1: on}}"))
+        assert [issue.path for issue in found] == [
+            "devices[0].points[0].values[0]",
+            "devices[0].points[0].values[1]",
+        ]
+        assert found[0].message == (
+            "YAML read an unquoted on/off/yes/no here as false: quote the word, e.g. 'off'"
+        )
+
+    def test_a_tab_says_yaml_needs_spaces(self, tmp_path: Path) -> None:
+        """A tab in the indentation is the commonest first YAML mistake."""
+        issue = only_issue(tmp_path, "version: 1\nmqtt:\n\thost: x\n")
+        assert issue.line == 3
+        assert issue.message.endswith("(YAML indents with spaces, never tabs)")
+
+    def test_numbers_from_secrets_are_typed_as_yaml_would(self, tmp_path: Path) -> None:
+        """A reference always yields text, so where a number belongs it is read as YAML."""
+        text = 'version: 1\nmqtt: {port: "${env:P}", retain: "${env:R}", password: "${env:W}"}\n'
+        mqtt = load(tmp_path, text, {"P": "1884", "R": "true", "W": "12345"}).mqtt
+        assert (mqtt.port, mqtt.retain) == (1884, True)
+        assert mqtt.password is not None
+        assert mqtt.password.get_secret_value() == "12345"  # a string field stays text
+
+    def test_a_secret_that_is_not_a_number_is_refused_without_its_value(
+        self, tmp_path: Path
+    ) -> None:
+        """The message says a number was wanted, never what the secret held."""
+        text = 'version: 1\nmqtt: {port: "${env:P}"}\n'
+        issue = only_issue(tmp_path, text, {"P": "hunter2"})
+        assert issue.path == "mqtt.port"
+        assert "hunter2" not in str(issue)
+        assert issue.message == "expected an integer; the secret's value is not one"
+
+
+class TestModiconWarnings:
+    """High addresses are legal but usually Modicon numbering: a warning, not an error."""
+
+    def test_holding_40015_warns_with_the_likely_address(self, tmp_path: Path) -> None:
+        """The warning names the point's line and the 0-based address it probably means."""
+        config = load(tmp_path, device_with("{name: p, address: 40015}"))
+        (warning,) = config.warnings
+        assert (warning.line, warning.path) == (9, "devices[0].points[0].address")
+        assert "Modicon numbering? holding 40015 is usually address 14" in warning.message
+
+    def test_input_30010_warns_and_low_addresses_do_not(self, tmp_path: Path) -> None:
+        """Input registers count from 30001; ordinary addresses and coils give no warning."""
+        text = device_with("{name: p, table: input, address: 30010}") + (
+            "      - {name: q, address: 100}\n      - {name: c, table: coil, address: 40001}\n"
+        )
+        (warning,) = load(tmp_path, text).warnings
+        assert "input 30010 is usually address 9" in warning.message
+
+    def test_a_map_shared_by_two_devices_warns_once(self, tmp_path: Path) -> None:
+        """The warning is located in the map file, once."""
+        write(tmp_path, "points:\n  - {name: p, address: 40001}\n", "m.yaml")
+        text = HEAD + "".join(f"  - {{name: {n}, link: net, map: m.yaml}}\n" for n in "ab")
+        (warning,) = load(tmp_path, text).warnings
+        assert (warning.file, warning.line) == (str(tmp_path / "m.yaml"), 2)
+
+
+class TestStateDir:
+    """Where the buffer lives is checked before anything runs."""
+
+    def test_relative_state_dir_is_relative_to_the_config_file(self, tmp_path: Path) -> None:
+        """As map paths are: the daemon's working directory is / under systemd."""
+        text = "version: 1\ngateway: {state_dir: var/buffer}\n"
+        assert load(tmp_path, text).gateway.state_dir == str(tmp_path / "var" / "buffer")
+
+    def test_checked_state_dir_is_created(self, tmp_path: Path) -> None:
+        """`validate` and `run` create it, as the buffer would."""
+        path = write(tmp_path, "version: 1\ngateway: {state_dir: a/b}\n")
+        load_config(path, environ={}, check_state_dir=True)
+        assert (tmp_path / "a" / "b").is_dir()
+        assert list((tmp_path / "a" / "b").iterdir()) == []  # the write test leaves nothing
+
+    @pytest.mark.parametrize(
+        ("state_dir", "reason"),
+        [
+            ("/proc/nope", "No such file or directory"),
+            ("bridge.yaml/sub", "not a directory"),
+        ],
+    )
+    def test_unusable_state_dir_is_one_located_issue(
+        self, tmp_path: Path, state_dir: str, reason: str
+    ) -> None:
+        """The issue names the path and the reason, at the key's line."""
+        path = write(tmp_path, f"version: 1\ngateway:\n  state_dir: {state_dir}\n")
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, environ={}, check_state_dir=True)
+        (issue,) = caught.value.issues
+        assert (issue.line, issue.path) == (3, "gateway.state_dir")
+        assert issue.message.startswith("cannot use '")
+        assert reason in issue.message
+        load_config(path, environ={})  # one-off commands do not need the state dir
+
+    def test_state_directory_from_systemd_is_named_as_the_source(self, tmp_path: Path) -> None:
+        """A default nobody wrote in the file says where it came from."""
+        path = write(tmp_path, "version: 1\n")
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, environ={"STATE_DIRECTORY": "/proc/x"}, check_state_dir=True)
+        assert "'/proc/x' ($STATE_DIRECTORY)" in str(caught.value)
+
+
 class TestSecrets:
     """`${env:…}`, `${file:…}` and `${credential:…}` references."""
 
@@ -600,6 +752,12 @@ class TestShippedConfigs:
         config = load_config(path, environ={})
         assert config.source == str(path)
         assert config.devices
+
+    def test_example_config_leaves_state_dir_to_systemd(self) -> None:
+        """Copied to /etc/m2m-bridge/, the example must not point at a read-only ./state."""
+        config = load_config(CONFIGS / "bridge.yaml", environ={"STATE_DIRECTORY": "/var/x"})
+        assert config.gateway.state_dir == "/var/x"
+        assert not config.warnings
 
     def test_example_pump_drive_merges_overrides(self) -> None:
         """pump-1 keeps the map's points with its overrides in place and its additions last."""
