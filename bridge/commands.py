@@ -1,5 +1,7 @@
 """Commands: `<prefix>/<device>/<point>/set` -> checked write -> read-back -> result.
 
+The bridge subscribes to `<prefix>/+/+/set` only, so every command reaches the handler and is
+answered: one for an unknown device or point, or a read-only one, is refused naming why.
 `CommandHandler` receives the publisher's messages, runs each command in a task of its own,
 checks and writes it through bridge.writes (the link scheduler puts writes first on the bus),
 reads the point back, publishes it as a normal reading and answers on `…/set/result` (or the
@@ -109,10 +111,18 @@ class CommandHandler:
         self.min_interval = min_interval
         self.stats = CommandStats()
         self._topics = Topics(config.mqtt.topic_prefix)
+        self._prefix = config.mqtt.topic_prefix + "/"
+        # Every point of every Modbus device, writable or not, so a command to any of them is
+        # answered with the right reason; devices of line links are named so their refusal
+        # says why (they have no registers to write).
         self._targets: dict[str, _Target] = {}
+        self._lines: set[str] = set()
+        self._devices: set[str] = set()
         for device in config.devices:
+            self._devices.add(device.name)
             if not isinstance(config.link(device.link), TcpLink | SerialLink):
-                continue  # line instruments have nothing to write
+                self._lines.add(device.name)
+                continue
             outbox = Outbox(device, config.mqtt)
             for point in device.points:
                 self._targets[self._topics.command(device.name, point.name)] = _Target(
@@ -123,8 +133,13 @@ class CommandHandler:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def topics(self) -> list[str]:
-        """The exact `/set` topics of writable points: the only subscriptions (never `#`)."""
-        return [topic for topic, t in self._targets.items() if t.point.writable]
+        """The one subscription: `<prefix>/+/+/set`, never `#`.
+
+        One filter for every point, not one per writable point: a command to a point that is
+        unknown or read-only must reach us to be answered, and the filter does not change when
+        a reload changes which points are writable (subscriptions change only with a session).
+        """
+        return [self._topics.command("+", "+")]
 
     def on_message(self, message: Incoming) -> None:
         """Publisher hook: start handling `message`; never raises, whatever it carries."""
@@ -188,7 +203,7 @@ class CommandHandler:
     async def _execute(self, topic: str, payload: bytes) -> _Outcome:
         target = self._targets.get(topic)
         if target is None:
-            return _refused("unknown device or point, or the point is not writable")
+            return _refused(self._unknown(topic))
         try:
             value = parse_command(target.point, payload)
         except CommandRefused as exc:
@@ -216,6 +231,19 @@ class CommandHandler:
 
         self.emit(target.outbox.build({target.point.name: read}, time.time_ns() // 1_000_000))
         return _Outcome(True, value=read)
+
+    def _unknown(self, topic: str) -> str:
+        """Why `topic` names nothing writable: no such device, no such point, or a line."""
+        rest = topic.removeprefix(self._prefix)
+        parts = rest.split("/")
+        if rest == topic or len(parts) != 3 or parts[2] != "set":
+            return "not a command topic (<prefix>/<device>/<point>/set)"
+        device, point = parts[0], parts[1]
+        if device not in self._devices:
+            return f"unknown device {device!r}"
+        if device in self._lines:
+            return f"device {device!r} is a line instrument: it has nothing to write"
+        return f"device {device!r} has no point {point!r}"
 
     async def _answer(
         self,
@@ -250,12 +278,18 @@ class CommandHandler:
         if (
             response_topic is not None
             and _publishable(response_topic)
-            and response_topic not in self._targets
+            and not self._is_command(response_topic)
         ):  # answering onto a /set topic would make the result a command
             return response_topic, correlation_data or None
         if topic.endswith("/set"):
             return f"{topic}/result", None
         return None, None  # nothing sensible to answer on; the audit log has it
+
+
+    def _is_command(self, topic: str) -> bool:
+        """Whether `topic` matches our subscription `<prefix>/+/+/set`."""
+        parts = topic.removeprefix(self._prefix).split("/")
+        return topic.startswith(self._prefix) and len(parts) == 3 and parts[2] == "set"
 
 
 def _publishable(topic: str) -> bool:

@@ -128,12 +128,10 @@ class Service:
         )
         return self.commands
 
-    def _swap_commands(self, new: Config) -> bool:
-        """Check commands against `new` from now on (a lowered max applies at once); False
-        when its /set topics differ, as subscriptions change only with a new session."""
-        before = self.commands.topics()
+    def _swap_commands(self, new: Config) -> None:
+        """Check commands against `new` from now on: a point made writable or read-only, or a
+        lowered max, applies at once (the subscription, `<prefix>/+/+/set`, stays the same)."""
         self.publisher.on_message = self._make_commands(new).on_message
-        return self.commands.topics() == before
 
     def _make_poller(self, config: Config, device: Device) -> DevicePoller | InstrumentPoller:
         link = config.link(device.link)
@@ -242,9 +240,11 @@ class Service:
         for key in ("gateway.state_dir", "metrics"):
             if _setting(old, key) != _setting(new, key):
                 changes.append(f"{key} changed: takes effect at the next start")
-        if new.mqtt != old.mqtt or new.gateway != old.gateway or not self._swap_commands(new):
+        if new.mqtt != old.mqtt or new.gateway != old.gateway:
             self._restart_publisher(new)
             changes.append("mqtt publisher restarted")
+        else:
+            self._swap_commands(new)
         self.config = new
         return changes
 

@@ -271,11 +271,12 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[Simulator, Harness]]:
 class TestHandler:
     """Routing, results, read-back, refusal without I/O."""
 
-    async def test_subscribes_to_writable_points_only_with_exact_topics(
+    async def test_subscribes_to_every_command_topic_with_one_filter(
         self, rig: tuple[Simulator, Harness]
     ) -> None:
+        """One `<prefix>/+/+/set`, never `#`: commands to any point reach us to be answered."""
         _, h = rig
-        assert h.handler.topics() == ["m2m/cmd/dev/setpoint/set"]
+        assert h.handler.topics() == ["m2m/cmd/+/+/set"]
 
     async def test_write_reads_back_publishes_and_answers(
         self, rig: tuple[Simulator, Harness]
@@ -290,22 +291,25 @@ class TestHandler:
         assert json.loads(reading.payload) | {"ts": 0} == {"value": 12.25, "ts": 0, "unit": "V"}
         assert h.handler.stats.accepted == 1
 
-    async def test_misrouted_read_only_and_unknown_topics_are_refused_without_a_write(
+    async def test_read_only_and_unknown_targets_are_refused_naming_why_without_a_write(
         self, rig: tuple[Simulator, Harness]
     ) -> None:
         sim, h = rig
         await h.send("m2m/cmd/dev/level/set", b"5")
         await h.send("m2m/cmd/nosuch/x/set", b"5")
+        await h.send("m2m/cmd/dev/nosuch/set", b"5")
         await h.send("m2m/cmd/dev/alarm/set", b"true")
         await h.send("m2m/cmd/dev/level", b"5")  # not a /set topic: nothing to answer on
-        assert [topic for topic, _, _ in h.replies] == [
-            "m2m/cmd/dev/level/set/result", "m2m/cmd/nosuch/x/set/result",
-            "m2m/cmd/dev/alarm/set/result",
+        assert [(topic, body["ok"], body["error"]) for topic, body, _ in h.replies] == [
+            ("m2m/cmd/dev/level/set/result", False,
+             "point 'level' is read-only (writable is not set)"),
+            ("m2m/cmd/nosuch/x/set/result", False, "unknown device 'nosuch'"),
+            ("m2m/cmd/dev/nosuch/set/result", False, "device 'dev' has no point 'nosuch'"),
+            ("m2m/cmd/dev/alarm/set/result", False,
+             "point 'alarm' is read-only (writable is not set)"),
         ]
-        assert all(body["ok"] is False for _, body, _ in h.replies)
-        assert "read-only" in h.replies[2][1]["error"]
         assert sim.write_requests("dev") == 0
-        assert h.handler.stats.refused == 4
+        assert h.handler.stats.refused == 5
 
     async def test_response_topic_and_correlation_data_are_honoured(
         self, rig: tuple[Simulator, Harness]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -61,7 +64,8 @@ def points() -> list[dict[str, Any]]:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    with mosquitto(tmp_path) as b:
+    # Subscriptions are logged, so a test can read what the bridge subscribed to.
+    with mosquitto(tmp_path, "log_type subscribe\n") as b:
         yield b
 
 
@@ -87,7 +91,10 @@ async def setup(
         assert "Traceback" not in daemon.output(), daemon.output()
 
 
-async def send(port: int, topic: str, payload: bytes | str, **props: Any) -> None:
+async def send(
+    port: int, topic: str, payload: bytes | str,
+    protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V5, **props: Any,
+) -> None:
     """Publish one command as an MQTT 5 client (properties such as ResponseTopic optional)."""
     properties = None
     if props:
@@ -95,7 +102,7 @@ async def send(port: int, topic: str, payload: bytes | str, **props: Any) -> Non
         for key, value in props.items():
             setattr(properties, key, value)
     async with aiomqtt.Client("127.0.0.1", port, identifier=f"cmd-{uuid.uuid4().hex[:8]}",
-                              protocol=aiomqtt.ProtocolVersion.V5) as client:
+                              protocol=protocol) as client:
         await client.publish(topic, payload, qos=1, properties=properties)
 
 
@@ -159,11 +166,16 @@ async def test_scaled_enum_coil_and_string_points_and_the_payload_forms(
 
 
 
+def audit_lines(log: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.splitlines() if '"bridge.audit"' in line]
+
+
 @pytest.mark.parametrize(
     ("point", "payload", "reason"),
     [
-        ("voltage", "230", "unknown device or point"),  # read-only: published to by hand
-        ("nosuch", "1", "unknown device or point"),
+        ("voltage", "230", "point 'voltage' is read-only (writable is not set)"),
+        ("status_word", "1", "point 'status_word' is read-only"),
+        ("nosuch", "1", "device 'dev' has no point 'nosuch'"),
         ("setpoint", "31", "31 is above max 30"),
         ("setpoint", "21.55", "register step"),
         ("setpoint", "warm", "payload is not JSON or a value: 'warm'"),
@@ -177,23 +189,37 @@ async def test_refusals_are_answered_and_write_nothing(
     setup: tuple[Simulator, Path, Recorder], broker: Broker, point: str, payload: str,
     reason: str,
 ) -> None:
-    """Each refused command gets ok:false with the reason; the device sees no request."""
+    """Each refused command (read-only and unknown points too) gets ok:false with the reason
+    and an audit line; the device sees no request."""
     sim, _, rec = setup
     await send(broker.port, f"{PREFIX}/dev/{point}/set", payload)
-    if point in ("voltage", "nosuch"):
-        # Not subscribed: the broker never delivers it, which is the first line of defence.
-        await asyncio.sleep(0.5)
-        assert not results(rec, point)
-    else:
-        await rec.wait_for(lambda: results(rec, point), 5)
-        result = results(rec, point)[-1]
-        assert result["ok"] is False
-        assert reason in result["error"]
-        audit = [json.loads(line) for line in config_log(setup).splitlines()
-                 if '"bridge.audit"' in line]
-        assert audit[-1]["outcome"] == "refused"
-        assert audit[-1]["topic"] == f"{PREFIX}/dev/{point}/set"
-        assert audit[-1]["value"] == payload
+    await rec.wait_for(lambda: results(rec, point), 15)
+    result = results(rec, point)[-1]
+    assert result["ok"] is False
+    assert reason in result["error"]
+    audit = audit_lines(config_log(setup))
+    assert audit[-1]["outcome"] == "refused"
+    assert audit[-1]["topic"] == f"{PREFIX}/dev/{point}/set"
+    assert audit[-1]["value"] == payload
+    assert audit[-1]["reason"] == result["error"]
+    assert sim.write_requests("dev") == 0
+
+
+async def test_the_bridge_subscribes_to_one_set_filter_and_answers_an_unknown_device(
+    setup: tuple[Simulator, Path, Recorder], broker: Broker, tmp_path: Path
+) -> None:
+    """`<prefix>/+/+/set` is the only subscription; a command to a device that does not
+    exist is answered on its /result too."""
+    sim, _, rec = setup
+    log = (tmp_path / "mosquitto" / f"{broker.port}.log").read_text()
+    # mosquitto logs "<time>: <client id> <qos> <filter>" for each filter subscribed to.
+    subscribed = set(re.findall(r"^\d+: m2m-bridge-e2e \d (\S+)$", log, re.MULTILINE))
+    assert subscribed == {f"{PREFIX}/+/+/set"}, log
+    await send(broker.port, f"{PREFIX}/ghost/valve/set", "1")
+    topic = f"{PREFIX}/ghost/valve/set/result"
+    await rec.wait_for(lambda: rec.payloads(topic), 15)
+    assert rec.values(topic) == [{"ok": False, "error": "unknown device 'ghost'"}]
+    assert audit_lines(config_log(setup))[-1]["reason"] == "unknown device 'ghost'"
     assert sim.write_requests("dev") == 0
 
 
@@ -278,3 +304,79 @@ async def test_write_cli_config_and_url_forms(
         run_cli, "write", url, "--table", "input", "--address", "0", "5")
     assert wrong_table.returncode == 2
     assert sim.write_requests("dev") == writes
+
+
+def small_points(*, writable: str) -> list[dict[str, Any]]:
+    """Two holding points; only `writable` accepts commands."""
+    return [
+        {"name": "setpoint", "address": 0, "type": "float32", "writable": writable == "setpoint"},
+        {"name": "level", "address": 2, "type": "uint16", "writable": writable == "level"},
+    ]
+
+
+@pytest.fixture
+async def small(tmp_path: Path, broker: Broker, request: pytest.FixtureRequest
+                ) -> AsyncIterator[tuple[Simulator, Path, Daemon, Recorder]]:
+    """The daemon on `small_points`, speaking the MQTT version the test is parametrized with."""
+    protocol = getattr(request, "param", "5")
+    config = write_config(tmp_path / "small.yaml", broker.port, free_port(),
+                          small_points(writable="setpoint"), device={"interval": "1h"},
+                          mqtt={"protocol": protocol})
+    sim = Simulator(load_config(config))
+    await sim.start()
+    daemon = Daemon(config)
+    try:
+        async with recording(broker.port, f"{PREFIX}/#") as rec:
+            daemon.start()
+            await rec.wait_for(lambda: rec.last(f"{PREFIX}/dev/status") == b"online")
+            yield sim, config, daemon, rec
+    finally:
+        daemon.stop()
+        await sim.stop()
+        assert "Traceback" not in daemon.output(), daemon.output()
+
+
+@pytest.mark.parametrize("small", ["3.1.1", "5"], indirect=True)
+async def test_every_command_is_answered_over_either_mqtt_version(
+    small: tuple[Simulator, Path, Daemon, Recorder], broker: Broker
+) -> None:
+    """3.1.1 (aiomqtt) and 5 (wire client): writable, read-only and unknown points all answer."""
+    sim, _, daemon, rec = small
+    v311 = aiomqtt.ProtocolVersion.V311
+    await send(broker.port, f"{PREFIX}/dev/level/set", "5", protocol=v311)
+    await send(broker.port, f"{PREFIX}/dev/pressure/set", "5", protocol=v311)
+    await send(broker.port, f"{PREFIX}/dev/setpoint/set", "2.5", protocol=v311)
+    await rec.wait_for(lambda: all(results(rec, p) for p in ("level", "pressure", "setpoint")))
+    assert results(rec, "level") == [
+        {"ok": False, "error": "point 'level' is read-only (writable is not set)"}]
+    assert results(rec, "pressure") == [
+        {"ok": False, "error": "device 'dev' has no point 'pressure'"}]
+    assert results(rec, "setpoint") == [{"ok": True, "value": 2.5}]
+    assert sim.write_requests("dev") == 1
+    outcomes = sorted(a["outcome"] for a in audit_lines(daemon.output()))
+    assert outcomes == ["ok", "refused", "refused"]
+
+
+async def test_a_reload_changes_which_points_answer_ok(
+    small: tuple[Simulator, Path, Daemon, Recorder], broker: Broker
+) -> None:
+    """SIGHUP making `level` writable and `setpoint` read-only applies to the next commands."""
+    sim, config, daemon, rec = small
+    await send(broker.port, f"{PREFIX}/dev/level/set", "5")
+    await rec.wait_for(lambda: results(rec, "level"))
+    assert results(rec, "level")[-1]["ok"] is False
+
+    doc = yaml.safe_load(config.read_text())
+    doc["devices"][0]["points"] = small_points(writable="level")
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    daemon.signal(signal.SIGHUP)
+    await rec.wait_for(lambda: '"reloaded"' in daemon.output())
+
+    await send(broker.port, f"{PREFIX}/dev/level/set", "7")
+    await send(broker.port, f"{PREFIX}/dev/setpoint/set", "1.5")
+    await rec.wait_for(lambda: len(results(rec, "level")) == 2 and results(rec, "setpoint"))
+    assert results(rec, "level")[-1] == {"ok": True, "value": 7}
+    assert results(rec, "setpoint") == [
+        {"ok": False, "error": "point 'setpoint' is read-only (writable is not set)"}]
+    assert sim.registers("dev", "holding", 2, 1) == [7]
+    assert sim.write_requests("dev") == 1
