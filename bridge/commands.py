@@ -101,10 +101,13 @@ class CommandHandler:
         respond: Respond,
         *,
         emit: Callable[[list[Message]], None],
+        outboxes: Callable[[str], Outbox | None] | None = None,
         min_interval: float = MIN_INTERVAL,
     ) -> None:
         """`link(name)` and `respond` are looked up per command, not kept: a reload may replace
-        the links and the publisher under a running handler."""
+        the links and the publisher under a running handler. `outboxes(device)` is the running
+        poller's Outbox: a read-back published through it counts as that poller's last
+        published value, so `report: on-change` does not publish it again."""
         self.link = link
         self.respond = respond
         self.emit = emit
@@ -128,6 +131,7 @@ class CommandHandler:
                 self._targets[self._topics.command(device.name, point.name)] = _Target(
                     device, point, readback_or_none(point), outbox
                 )
+        self._outboxes = outboxes
         self._last_write: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -229,7 +233,9 @@ class CommandHandler:
             except BridgeError as exc:
                 return _Outcome(False, error=f"write failed: {exc}", kind="failed")
 
-        self.emit(target.outbox.build({target.point.name: read}, time.time_ns() // 1_000_000))
+        outbox = (self._outboxes(target.device.name) if self._outboxes else None) or target.outbox
+        self.emit(outbox.readback({target.point.name: read}, time.time_ns() // 1_000_000,
+                                  time.monotonic()))
         return _Outcome(True, value=read)
 
     def _unknown(self, topic: str) -> str:

@@ -151,6 +151,16 @@ class Outbox:
             for n, v in values.items()
         ]
 
+    def readback(self, values: dict[str, Value], ts: int, now: float) -> list[Message]:
+        """A write's read-back: published whatever `report` says, and, with `on-change`, the
+        value the next poll is compared with (else that poll would publish it a second time)."""
+        if self._changes is not None:
+            for name, value in values.items():
+                # forget + passes records `value` as the last published, with `now` as its time
+                self._changes.forget(name)
+                self._changes.passes(name, value, now, None, None)
+        return self.build(values, ts)
+
     def forget(self) -> None:
         """After the device was offline, publish every point's next reading whatever it is."""
         if self._changes is not None:
@@ -233,6 +243,11 @@ class DevicePoller:
     @property
     def online(self) -> bool:
         return self.status.online
+
+    @property
+    def outbox(self) -> Outbox:
+        """Where this device's readings become messages (commands publish read-backs here)."""
+        return self._outbox
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:

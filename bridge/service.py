@@ -21,7 +21,7 @@ from bridge.errors import BridgeError
 from bridge.instrument import InstrumentPoller
 from bridge.mqtt import Publisher
 from bridge.planner import PollGroup, plan_device
-from bridge.poller import DevicePoller
+from bridge.poller import DevicePoller, Outbox
 from bridge.report import bus_load
 from bridge.scheduler import Link
 from bridge.transports.line import LinePort
@@ -124,9 +124,14 @@ class Service:
         self.commands = CommandHandler(
             config, lambda name: self.links[name],
             lambda *reply: self.publisher.respond(*reply),  # noqa: PLW0108 - late-bound
-            emit=self.buffer.put,
+            emit=self.buffer.put, outboxes=self._outbox,
         )
         return self.commands
+
+    def _outbox(self, device: str) -> Outbox | None:
+        # The running poller's, looked up per command: a reload may have restarted it.
+        poller = self.pollers.get(device)
+        return poller.outbox if isinstance(poller, DevicePoller) else None
 
     def _swap_commands(self, new: Config) -> None:
         """Check commands against `new` from now on: a point made writable or read-only, or a

@@ -380,3 +380,36 @@ async def test_a_reload_changes_which_points_answer_ok(
         {"ok": False, "error": "point 'setpoint' is read-only (writable is not set)"}]
     assert sim.registers("dev", "holding", 2, 1) == [7]
     assert sim.write_requests("dev") == 1
+
+
+async def test_on_change_does_not_publish_a_read_back_value_again(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """With `report: on-change`, the read-back is the last published value: the polls after
+    it, which read the same value, publish nothing for the point."""
+    config = write_config(
+        tmp_path / "onchange.yaml", broker.port, free_port(),
+        [{"name": "setpoint", "address": 0, "writable": True},
+         {"name": "ticker", "address": 1}],  # one block with setpoint: read in the same polls
+        device={"interval": "200ms", "report": "on-change"},
+    )
+    sim = Simulator(load_config(config))
+    await sim.start()
+    daemon = Daemon(config)
+    setpoint, ticker = f"{PREFIX}/dev/setpoint", f"{PREFIX}/dev/ticker"
+    try:
+        async with recording(broker.port, f"{PREFIX}/#") as rec:
+            daemon.start()
+            await rec.wait_for(lambda: rec.payloads(setpoint))
+            await send(broker.port, f"{setpoint}/set", "42")
+            await rec.wait_for(lambda: results(rec, "setpoint"))
+            assert results(rec, "setpoint") == [{"ok": True, "value": 42}]
+            # Polls that start after the write: each ticker change proves one was published.
+            for value in (1, 2, 3):
+                sim.set_value("dev", "ticker", value)
+                await rec.wait_for(lambda v=value: v in [r["value"] for r in rec.values(ticker)])
+            assert [r["value"] for r in rec.values(setpoint)] == [100, 42]
+    finally:
+        daemon.stop()
+        await sim.stop()
+    assert "Traceback" not in daemon.output(), daemon.output()
