@@ -8,7 +8,9 @@ never what it resolved to.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +75,32 @@ def _resolve(source: str, name: str, environ: Mapping[str, str]) -> tuple[str, s
     return "", "has an unknown source: use env, file or credential"
 
 
+# A password, a token or a certificate path: far below this. Anything bigger is a mistake.
+MAX_SECRET_BYTES = 64 * 1024
+
+
 def _read(path: Path) -> tuple[str, str]:
+    """Read a secret file with a bound, never blocking: opening a FIFO for reading waits for
+    a writer and /dev/zero never ends, and either would hang `validate` or the reload."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # O_NONBLOCK makes open() return at once even on a FIFO; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         return "", f"cannot be read: {exc.strerror}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "", "cannot be read: not a regular file (a FIFO or a device?)"
+        data = b""
+        while len(data) <= MAX_SECRET_BYTES and (chunk := os.read(fd, MAX_SECRET_BYTES + 1)):
+            data += chunk
+    except OSError as exc:
+        return "", f"cannot be read: {exc.strerror}"
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_BYTES:
+        return "", f"cannot be read: larger than {MAX_SECRET_BYTES // 1024} KiB"
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         return "", "cannot be read: not UTF-8 text"
     # Files written with `echo` end in a newline that is not part of the password.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -728,6 +730,36 @@ class TestSecrets:
         issue = only_issue(tmp_path, f"version: 1\nmqtt:\n  password: {reference}\n", environ)
         assert (issue.line, issue.path) == (3, "mqtt.password")
         assert issue.message.startswith(f"secret {reference} ")
+
+    @pytest.mark.timeout(20)  # without the bound, a FIFO blocks and /dev/zero reads for ever
+    @pytest.mark.parametrize(
+        ("make", "reason"),
+        [
+            (os.mkfifo, "not a regular file"),
+            (lambda p: p.symlink_to("/dev/zero"), "not a regular file"),
+            (lambda p: p.write_bytes(b"x" * (64 * 1024 + 1)), "larger than 64 KiB"),
+        ],
+        ids=["fifo", "dev-zero", "big"],
+    )
+    def test_secret_file_is_read_with_a_bound_and_never_blocks(
+        self, tmp_path: Path, make: Callable[[Path], object], reason: str
+    ) -> None:
+        """A FIFO, a device or a huge file is refused at once, by reference."""
+        secret = tmp_path / "pw"
+        make(secret)
+        issue = only_issue(tmp_path, f"version: 1\nmqtt:\n  password: ${{file:{secret}}}\n")
+        assert issue.path == "mqtt.password"
+        assert issue.message == f"secret ${{file:{secret}}} cannot be read: {reason}" + (
+            " (a FIFO or a device?)" if reason == "not a regular file" else ""
+        )
+
+    def test_secret_file_of_64_kib_is_read_whole(self, tmp_path: Path) -> None:
+        """The bound is inclusive: a 64 KiB certificate bundle path or token still loads."""
+        (tmp_path / "pw").write_text("k" * (64 * 1024))
+        text = f"version: 1\nmqtt:\n  password: ${{file:{tmp_path / 'pw'}}}\n"
+        password = load(tmp_path, text).mqtt.password
+        assert password is not None
+        assert len(password.get_secret_value()) == 64 * 1024
 
     def test_secret_values_never_appear_in_errors(self, tmp_path: Path) -> None:
         """A resolved secret that fails validation is shown as <secret>."""
