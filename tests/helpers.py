@@ -2,12 +2,17 @@
 
 Everything binds 127.0.0.1 on a free port and is stopped by process id, so tests never touch a
 broker that may already run on 1883.
+
+Timing: a test never sleeps a fixed time and then asserts how much happened; it waits with
+`until` (or `Recorder.wait_for`) for what it asserts, with a generous deadline (WAIT, 30 s), so a
+loaded or slow machine only makes it slower, not red.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -15,8 +20,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,45 @@ from typing import Any
 import aiomqtt
 
 ROOT = Path(__file__).resolve().parent.parent
+WAIT = 30.0  # seconds: the deadline for anything a test waits on; reached only when it fails
+
+
+async def until(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = WAIT,
+    what: str | Callable[[], str] = "the condition",
+    every: float = 0.05,
+) -> None:
+    """Return as soon as `predicate()` (sync or async) is true; after `timeout` seconds raise
+    AssertionError naming `what` was awaited (a callable is asked then, e.g. for a log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            described = what() if callable(what) else what
+            raise AssertionError(f"waited {timeout:g}s for {described}")
+        await asyncio.sleep(every)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """GET /metrics on 127.0.0.1:`port`: every sample by its name with labels (blocking)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    samples = (line.rsplit(" ", 1) for line in text.splitlines()
+               if line and not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
+async def metrics(port: int) -> dict[str, float]:
+    """`scrape(port)` off the event loop; {} while nothing serves there yet."""
+    try:
+        return await asyncio.to_thread(scrape, port)
+    except OSError:
+        return {}
 
 
 def free_port() -> int:
@@ -113,13 +159,11 @@ class Recorder:
         found = self.payloads(topic)
         return found[-1] if found else None
 
-    async def wait_for(self, predicate: Any, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                seen = sorted({t for t, _, _ in self.messages})
-                raise AssertionError(f"condition not met within {timeout}s; topics seen: {seen}")
-            await asyncio.sleep(0.05)
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = WAIT) -> None:
+        def seen() -> str:
+            return f"the condition; topics seen: {sorted({t for t, _, _ in self.messages})}"
+
+        await until(lambda: bool(predicate()), timeout, seen)
 
 
 @contextlib.asynccontextmanager
@@ -151,9 +195,16 @@ async def recording(
                 await task
 
 
+def subprocess_env(state: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a daemon or CLI the tests start: ours, with $STATE_DIRECTORY at
+    `state` (where a config without state_dir keeps its buffer), then `env` on top."""
+    return {**os.environ, "STATE_DIRECTORY": str(state), **(env or {})}
+
+
 @dataclass
 class Daemon:
-    """`m2m-bridge run` as a subprocess."""
+    """`m2m-bridge run` as a subprocess, in the config's directory; a config without state_dir
+    keeps its buffer in state/ beside it ($STATE_DIRECTORY), never in the checkout."""
 
     config: Path
     process: subprocess.Popen[bytes] | None = None
@@ -163,13 +214,37 @@ class Daemon:
     def start(self, env: dict[str, str] | None = None) -> None:
         self.log = self.config.with_suffix(".log")
         level = ["--log-level", self.log_level] if self.log_level else []
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "--log-json", *level, "run", "-c", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("wb"),
-            cwd=self.config.parent,
-            env={**os.environ, **(env or {})},
-        )
+        with self.log.open("wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "--log-json", *level, "run", "-c",
+                 str(self.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                cwd=self.config.parent,
+                env=subprocess_env(self.config.parent / "state", env),
+            )
+
+    async def ready(self, timeout: float = WAIT) -> None:
+        """Wait for the daemon's readiness line ("bridge started", logged as it tells systemd
+        READY=1); fail at once, with its log, if it exits instead."""
+
+        def started() -> bool:
+            assert self.process is not None, "not started"
+            if '"bridge started"' in self.output():
+                return True
+            assert self.process.poll() is None, (
+                f"daemon exited {self.process.returncode}:\n{self.output()}"
+            )
+            return False
+
+        await until(started, timeout, lambda: f"the daemon to start; its log:\n{self.output()}")
+
+    def running(self) -> bool:
+        """True while the process lives; an AssertionError with its log once it has exited."""
+        assert self.process is not None, "not started"
+        code = self.process.poll()
+        assert code is None, f"daemon exited {code}:\n{self.output()}"
+        return True
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.process is not None
@@ -182,6 +257,16 @@ class Daemon:
     def output(self) -> str:
         return self.log.read_text() if self.log and self.log.exists() else ""
 
+    def events(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines (those named `event` only, if given); other lines are skipped."""
+        found = []
+        for line in self.output().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and event in (None, record.get("event")):
+                    found.append(record)
+        return found
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
@@ -189,13 +274,16 @@ class Daemon:
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, timeout: float = 30
+    *args: str, cwd: Path | None = None, timeout: float = 30, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """`m2m-bridge ARGS` as a user would run it."""
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", *args],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, check=False,
-    )
+    """`m2m-bridge ARGS` as a user would run it (from the checkout unless `cwd`), with
+    $STATE_DIRECTORY in a directory removed afterwards, so nothing lands in ./state."""
+    with tempfile.TemporaryDirectory(prefix="m2m-cli-state-") as state:
+        return subprocess.run(
+            [sys.executable, "-m", "bridge", *args],
+            capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, check=False,
+            env=subprocess_env(Path(state), env),
+        )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,89 @@
+"""Session checks: the suite leaves nothing behind.
+
+Nothing new in the checkout (a daemon or Service run with a relative state_dir once left
+./state/buffer.sqlite3 there), and no simulator directory (`m2m-sim-*`, made with mkdtemp) left in
+the temp directory. The session runs with its own TMPDIR, so runs of the suite side by side on
+one machine never see each other's directories; that directory is removed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+
+# What tools and Python write by themselves in the checkout (never a test's leftover).
+CACHES = {".venv", "__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache"}
+# New untracked files of these kinds are someone's work in progress, not a test's output.
+SOURCES = {".py", ".md", ".yaml", ".yml", ".toml", ".json", ".txt", ".sh", ".service", ".cfg"}
+
+
+def _is_cache(path: str) -> bool:
+    parts = Path(path).parts
+    return any(p in CACHES or p.endswith(".egg-info") for p in parts)
+
+
+def checkout_files() -> dict[str, int]:
+    """Every file git does not track in the checkout (ignored ones included), with its mtime;
+    caches and new source files are left out."""
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "-z"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout
+    found: dict[str, int] = {}
+    for entry in filter(None, status.split("\0")):
+        code, path = entry[:2], entry[3:]
+        if code not in ("??", "!!") or _is_cache(path):
+            continue
+        top = ROOT / path
+        files = [top] if not top.is_dir() else [p for p in top.rglob("*") if not p.is_dir()]
+        for file in files:
+            rel = str(file.relative_to(ROOT))
+            if _is_cache(rel) or (code == "??" and file.suffix in SOURCES):
+                continue
+            try:
+                found[rel] = file.lstat().st_mtime_ns
+            except OSError:
+                continue  # gone meanwhile
+    return found
+
+
+def sim_dirs(tmp: Path) -> list[str]:
+    # lexists: a dangling pty symlink left by a killed simulator is a leftover too.
+    return sorted(p.name for p in tmp.glob("m2m-sim-*") if os.path.lexists(p))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    tmp_path_factory.getbasetemp()  # pytest's own tmp_path root stays where it was
+    private = Path(tempfile.mkdtemp(prefix="m2m-tests-"))
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(private)  # the simulators the tests start, in and out of process
+    tempfile.tempdir = str(private)
+    before = checkout_files()
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        tempfile.tempdir = saved_tempdir
+        leftovers = sim_dirs(private)
+        shutil.rmtree(private, ignore_errors=True)
+    after = checkout_files()
+    changed = sorted(p for p, mtime in after.items() if before.get(p) != mtime)
+    problems = []
+    if changed:
+        problems.append(f"the tests left files in the checkout {ROOT}: {changed}")
+    if leftovers:
+        problems.append(f"the tests left simulator directories in the temp dir: {leftovers}")
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
