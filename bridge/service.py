@@ -2,7 +2,8 @@
 
 Start sinks before sources and stop sources before sinks (Telegraf's rule), so nothing in flight
 is dropped: the publisher starts first, pollers after; on stop the pollers are cancelled, then
-the publisher drains the buffer for at most `grace` seconds, publishes `offline` and leaves.
+every device's status is set `offline`, then the publisher drains the buffer for at most `grace`
+seconds, publishes the gateway's `offline` and leaves.
 """
 
 from __future__ import annotations
@@ -180,6 +181,11 @@ class Service:
                 for task in self._tasks.values():
                     task.cancel()
                 await self.commands.drain(min(grace, 5.0))  # writes in flight get their result
+                # Retained statuses describe now: a stopped bridge polls nothing, so no device
+                # may stay `online` under an `offline` gateway. The publisher sends these
+                # before it drains the buffer and says `offline` for the gateway.
+                for name in self.pollers:
+                    self.publisher.set_status(name, False)
                 self.publisher.stop()
                 await self._drain(self._publishing, grace)
                 for link in self.links.values():

@@ -1,0 +1,43 @@
+"""A clean stop (SIGTERM) leaves every retained status `offline`: the daemon as a subprocess,
+a real mosquitto, a pymodbus device."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from bridge.config import load_config
+from bridge.simulator import Simulator
+from tests.helpers import Daemon, free_port, mosquitto, recording
+from tests.test_e2e import write_config
+
+PREFIX = "m2m/e2e"
+
+
+async def test_sigterm_sets_every_device_and_the_gateway_offline(tmp_path: Path) -> None:
+    """Statuses describe now: after a stop no device stays retained `online`."""
+    with mosquitto(tmp_path) as broker:
+        config = write_config(
+            tmp_path / "bridge.yaml", broker.port, free_port(), [{"name": "level", "address": 0}],
+            extra_devices=[{"name": "dev2", "link": "plc", "unit": 2, "interval": "200ms",
+                            "points": [{"name": "level", "address": 0}]}],
+        )
+        sim = Simulator(load_config(config))
+        await sim.start()
+        daemon = Daemon(config)
+        statuses = [f"{PREFIX}/status", f"{PREFIX}/dev/status", f"{PREFIX}/dev2/status"]
+        try:
+            async with recording(broker.port, f"{PREFIX}/#") as live:
+                daemon.start()
+                await live.wait_for(lambda: all(live.last(t) == b"online" for t in statuses))
+                daemon.signal(signal.SIGTERM)
+                assert await asyncio.to_thread(daemon.wait, 30) == 0
+            # A newcomer sees what is retained now.
+            async with recording(broker.port, f"{PREFIX}/#") as later:
+                await later.wait_for(lambda: all(later.last(t) == b"offline" for t in statuses))
+                assert all(retained for t, _, retained in later.messages if t in statuses)
+        finally:
+            daemon.stop()
+            await sim.stop()
+    assert "Traceback" not in daemon.output(), daemon.output()
