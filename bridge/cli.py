@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Literal, NoReturn
 
 from bridge import __version__
+from bridge.codec import BYTE_ORDERS, POINT_TYPES, Value
 from bridge.config import config_json_schema, load_config
 from bridge.daemon import run_daemon
 from bridge.demo import run_demo
@@ -40,18 +42,31 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="m2m-bridge", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--version", action="version", version=f"m2m-bridge {__version__}")
-    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+def _log_args(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--log-level", default=default,
+                        choices=["debug", "info", "warning", "error"],
                         help="default: info for run and simulate, warning for the rest")
-    parser.add_argument("--log-json", action="store_true", default=None,
+    parser.add_argument("--log-json", action="store_true", default=default,
                         help="JSON log lines even on a terminal (default: JSON when not a tty)")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="m2m-bridge", description=__doc__.splitlines()[0] if __doc__ else None,
+                     epilog="example: m2m-bridge --log-level debug validate -c configs/bridge.yaml")
+    parser.add_argument("--version", action="version", version=f"m2m-bridge {__version__}")
+    _log_args(parser, None)
+    # The same options after the command (`m2m-bridge read … --log-level debug`): SUPPRESS keeps
+    # the subparser from overwriting a value given before the command with its own default.
+    log_options = _Parser(add_help=False)
+    _log_args(log_options, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                title="commands", metavar="COMMAND",
+                                help="see 'm2m-bridge COMMAND --help'")
 
     def command(name: str, help_: str, example: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_, description=help_, epilog=f"example: {example}",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              parents=[log_options])
 
     def config_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("-c", "--config", required=True, type=Path, help="bridge YAML file")
@@ -72,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _device_args(read, tables=["holding", "input", "coil", "discrete"])
     read.add_argument("points", nargs="*", help="with -c: point names (default: all)")
-    read.add_argument("--address", type=int, default=0, help="0-based PDU address")
-    read.add_argument("--count", type=int, default=1, help="how many values of --type")
+    read.add_argument("--address", type=int, default=None,
+                      help="0-based PDU address (required with a URL)")
+    read.add_argument("--count", type=int, default=1,
+                      help="how many values of --type (default 1); with --type string, the "
+                           "registers of one string, 2 characters each")
     read.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     write = command(
@@ -86,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("rest", nargs="+", metavar="VALUE",
                        help="with -c: POINT VALUE; with a URL: VALUE (as on a /set topic: "
                             "42.5, true, on, running, '\"text\"')")
-    write.add_argument("--address", type=int, default=None, help="0-based PDU address (URL form)")
+    write.add_argument("--address", type=int, default=None,
+                       help="0-based PDU address (required with a URL)")
 
     sim = command("simulate", "serve the configured devices as Modbus slaves "
                   "(serial links and line instruments on ptys)",
@@ -110,10 +129,16 @@ def _device_args(parser: argparse.ArgumentParser, *, tables: list[str]) -> None:
     parser.add_argument("-c", "--config", type=Path, help="bridge YAML file (config form)")
     parser.add_argument("target", help="device URL (tcp://host[:port]) or, with -c, a device")
     parser.add_argument("--unit", type=int, default=1, help="slave id, 0-247 (default 1)")
-    parser.add_argument("--table", default="holding", choices=tables)
-    parser.add_argument("--type", dest="type_", default=None, help="value type (default uint16)")
-    parser.add_argument("--byte-order", default="ABCD", choices=["ABCD", "CDAB", "BADC", "DCBA"])
-    parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    parser.add_argument("--table", default="holding", choices=tables,
+                        help="register table (default holding)")
+    parser.add_argument("--type", dest="type_", default=None, metavar="TYPE",
+                        help=f"value type: {', '.join(POINT_TYPES)} (default uint16; bool on "
+                             "coils and discrete inputs)")
+    parser.add_argument("--byte-order", default="ABCD", choices=list(BYTE_ORDERS),
+                        help="order of the bytes of a 32/64-bit value as they arrive "
+                             "(default ABCD, big-endian)")
+    parser.add_argument("--timeout", type=_seconds, default=2.0, metavar="S",
+                        help="seconds to wait for each answer (default 2; URL form)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,7 +190,7 @@ def _cmd_read(args: argparse.Namespace) -> int:
             print(json.dumps([{"point": r.name, "value": r.value, "unit": r.unit} for r in rows]))
         else:
             _table([("point", "value", "unit")]
-                   + [(r.name, json.dumps(r.value), r.unit or "") for r in rows])
+                   + [(r.name, _cell(r.value), r.unit or "") for r in rows])
         return EXIT_OK
     if args.points:
         return _fail("point names need -c FILE; with a URL use --address", EXIT_USAGE)
@@ -176,7 +201,7 @@ def _cmd_read(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"address": a, "value": v} for a, v in values]))
     else:
-        _table([("address", "value")] + [(str(a), json.dumps(v)) for a, v in values])
+        _table([("address", "value")] + [(str(a), _cell(v)) for a, v in values])
     return EXIT_OK
 
 
@@ -200,6 +225,11 @@ def _cmd_write(args: argparse.Namespace) -> int:
     ))
     print(json.dumps(value, ensure_ascii=False))
     return EXIT_OK
+
+
+def _cell(value: Value) -> str:
+    """A value as JSON would write it (strings quoted, so trailing spaces and "" show)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _table(rows: Sequence[Sequence[str]]) -> None:
@@ -226,6 +256,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     asyncio.run(run_simulator(config, on_ready=ready, baud=args.baud,
                               turnaround=args.turnaround / 1000, announce=announce))
     return EXIT_OK
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):  # 0 would wait forever in some layers
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, not {text!r}")
+    return value
 
 
 def _baud(text: str) -> int | Literal["config"]:

@@ -153,6 +153,29 @@ class BlockLayout:
         return out
 
 
+def shortest_float32(value: float) -> float:
+    """`value` as the float64 with the shortest repr that still packs to the same float32.
+
+    A float32 widened to float64 prints all its binary digits (229.87391662597656); what the
+    device meant is the shortest decimal that converts back to the same 4 bytes (229.87392).
+    9 significant digits always suffice for float32; NaN and infinities are returned as they are.
+    """
+    if not math.isfinite(value):
+        return value
+    wire = _FLOAT32.pack(value)
+    for digits in range(1, 10):
+        short = float(f"{value:.{digits}g}")
+        try:
+            if _FLOAT32.pack(short) == wire:
+                return short
+        except OverflowError:  # rounded up past float32's largest finite value
+            continue
+    return value
+
+
+_FLOAT32 = struct.Struct(">f")
+
+
 def decode(field: Field, registers: Sequence[int]) -> Value:
     """One field's value from its own registers (offset ignored). For the CLI and tests."""
     placed = Field(0, field.type, field.byte_order, field.bit, field.count)

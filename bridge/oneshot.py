@@ -20,6 +20,7 @@ from bridge.codec import (
     Table,
     Value,
     register_count,
+    shortest_float32,
 )
 from bridge.config import Config, Device, LineLink, Point
 from bridge.errors import DeviceError, UsageError
@@ -106,13 +107,17 @@ async def read_url(
     *,
     unit: int,
     table: Table,
-    address: int,
+    address: int | None,
     count: int,
     type_: str | None,
     byte_order: str,
     timeout: float,  # noqa: ASYNC109 - the link's per-request timeout, passed to pymodbus
 ) -> list[tuple[int, Value]]:
-    """`count` values of `type_` from `address`, as (address, value) pairs."""
+    """`count` values of `type_` from `address`, as (address, value) pairs.
+
+    For `string`, `count` is the registers of one string (2 characters each), as a map point's
+    `count` is: model names and serial numbers are one value spread over several registers.
+    """
     endpoint = parse_url(url, timeout=timeout)
     kind = _point_type(type_, table)
     order = _byte_order(byte_order)
@@ -122,14 +127,17 @@ async def read_url(
         raise UsageError(f"--count {count}: must be 1 or more")
     if table in BIT_TABLES and kind != "bool":
         raise UsageError(f"--type {kind}: {table} tables hold bits; use --type bool")
-    if kind == "string":
-        raise UsageError("--type string: read the registers as uint16, or use -c with a point")
-    size = 1 if table in BIT_TABLES else register_count(kind)
-    total = size * count
-    limit = MAX_READ_BITS if table in BIT_TABLES else MAX_READ_REGISTERS
-    if total > limit:
-        raise UsageError(f"--count {count}: {total} {'bits' if size == 1 else 'registers'} "
-                         f"is more than one request may read ({limit})")
+    fields: list[Field]
+    if table in BIT_TABLES:
+        total, fields = count, []
+    elif kind == "string":
+        total, fields = count, [Field(0, "string", order, count=count)]
+    else:
+        size = register_count(kind)
+        total, fields = size * count, [Field(i * size, kind, order) for i in range(count)]
+    _check_request_size(table, kind, count, total)
+    if address is None:  # checked after the rest, so a wrong URL or type is named first
+        raise UsageError("--address is required with a URL (the 0-based PDU address)")
     if not address >= 0 or address + total > 65536:
         raise UsageError(f"--address {address}: the read must stay within 0-65535")
     client = ModbusClient(endpoint, backoff_cap=0)
@@ -139,9 +147,38 @@ async def read_url(
         client.close()
     if table in BIT_TABLES:
         return [(address + i, bool(w)) for i, w in enumerate(words)]
-    fields = [Field(i * size, kind, order) for i in range(count)]
     values = BlockLayout(total, fields).decode(words)
-    return [(address + i * size, v) for i, v in enumerate(values)]
+    return [(address + f.offset, _shortest(f.type, v)) for f, v in zip(fields, values, strict=True)]
+
+
+# What one request may carry, per table (Modbus Application Protocol v1.1b3, 6.1-6.4).
+_TABLE_NAMES: dict[Table, str] = {
+    "holding": "holding registers", "input": "input registers",
+    "coil": "coils", "discrete": "discrete inputs",
+}
+
+
+def _check_request_size(table: Table, kind: PointType, count: int, total: int) -> None:
+    """A read the device would refuse is a usage error naming the limit in the table's unit."""
+    bits = table in BIT_TABLES
+    limit = MAX_READ_BITS if bits else MAX_READ_REGISTERS
+    if total <= limit:
+        return
+    unit = "bits" if bits else "registers"
+    spans = f" ({count} x {kind} = {total} registers)" if total != count else ""
+    raise UsageError(f"--count {count}{spans}: one read of {_TABLE_NAMES[table]} is limited "
+                     f"to {limit} {unit}")
+
+
+def _shortest(kind: PointType, value: Value) -> Value:
+    """float32 values print as the shortest decimal that is the same float32 (229.87392)."""
+    return shortest_float32(value) if kind == "float32" and isinstance(value, float) else value
+
+
+def _shown(point: Point, value: Value) -> Value:
+    """A point's engineering value as the CLI prints it: `precision`, when set, has rounded it
+    already; without it a float32 (scaled or not) shows no more digits than a float32 holds."""
+    return value if point.precision is not None else _shortest(point.type, value)
 
 
 def _point_type(type_: str | None, table: Table) -> PointType:
@@ -194,7 +231,7 @@ async def read_config_points(
             for request in group.requests:
                 words = await link.read(device.unit, request)
                 for point, value in zip(request.points, request.decode(words), strict=True):
-                    values[point.name] = engineering(point, value)
+                    values[point.name] = _shown(point, engineering(point, value))
     finally:
         link.close()
     return [PointReading(p.name, values[p.name], p.unit) for p in points if p.name in values]
@@ -261,7 +298,7 @@ async def write_url(
     checked = _checked(point, value)
     link = Link(ModbusClient(endpoint, backoff_cap=0))
     try:
-        return await write_point(link, unit, point, checked)
+        return _shown(point, await write_point(link, unit, point, checked))
     finally:
         link.close()
 
@@ -284,7 +321,7 @@ async def write_config_point(
         read = await write_point(link, device.unit, point, checked)
     finally:
         link.close()
-    return PointReading(point.name, read, point.unit)
+    return PointReading(point.name, _shown(point, read), point.unit)
 
 
 def _checked(point: Point, value: str) -> Value:

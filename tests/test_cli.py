@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import errno
 import json
+import math
+import random
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -13,8 +18,12 @@ from typing import Any
 import pytest
 import yaml
 
+from bridge.cli import build_parser
+from bridge.codec import shortest_float32
 from bridge.config import load_config
+from bridge.errors import TransportError
 from bridge.simulator import Simulator
+from bridge.transports.modbus import Endpoint, ModbusClient
 from tests.helpers import ROOT, free_port
 
 POINTS = [
@@ -25,16 +34,25 @@ POINTS = [
     {"name": "state", "address": 11, "values": {0: "stopped", 1: "running"}},
     {"name": "pump_on", "table": "coil", "address": 4},
 ]
+# On the `device` fixture only (validate and plan count the POINTS above): a nameplate string
+# and a float32 whose float64 widening prints 229.87391662597656.
+NAMEPLATE = [
+    {"name": "model", "address": 20, "type": "string", "count": 5},
+    {"name": "power", "table": "input", "address": 4, "type": "float32", "unit": "W"},
+    {"name": "limit", "address": 30, "type": "float32", "writable": True, "unit": "W"},
+]
+POWER = struct.unpack(">f", struct.pack(">f", 229.87392))[0]
 
 
-def config_file(tmp_path: Path, port: int) -> Path:
+def config_file(tmp_path: Path, port: int, extra: list[dict[str, Any]] | None = None) -> Path:
     path = tmp_path / "bridge.yaml"
     path.write_text(yaml.safe_dump({
         "version": 1,
         "gateway": {"id": "cli"},
         "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": port,
                    "timeout": "300ms"}],
-        "devices": [{"name": "meter", "link": "plc", "unit": 3, "points": POINTS}],
+        "devices": [{"name": "meter", "link": "plc", "unit": 3,
+                     "points": POINTS + (extra or [])}],
     }, allow_unicode=True))
     return path
 
@@ -53,11 +71,12 @@ async def cli(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 async def device(tmp_path: Path) -> AsyncIterator[tuple[Path, int]]:
     port = free_port()
-    path = config_file(tmp_path, port)
+    path = config_file(tmp_path, port, NAMEPLATE)
     sim = Simulator(load_config(path))
     await sim.start()
     values: dict[str, Any] = {"voltage": 230.5, "current": 4.25, "temp": 21.5,
-                              "state": "running", "pump_on": True}
+                              "state": "running", "pump_on": True,
+                              "model": "PX-200  ", "power": POWER, "limit": 50.0}
     for name, value in values.items():
         sim.set_value("meter", name, value)
     try:
@@ -97,7 +116,7 @@ class TestRead:
         assert r.returncode == 0, r.stderr
         assert {row["point"]: row["value"] for row in json.loads(r.stdout)} == {
             "voltage": 230.5, "current": 4.25, "temp": 21.5, "state": "running",
-            "pump_on": True,
+            "pump_on": True, "model": "PX-200", "power": 229.87392, "limit": 50.0,
         }
         r = await cli("read", "-c", str(path), "meter", "temp")
         assert r.stdout.split("\n")[1].split() == ["temp", "21.5", "°C"]
@@ -112,22 +131,152 @@ class TestRead:
     async def test_modbus_exception_is_one_line(self, device: tuple[Path, int]) -> None:
         """A unit the gateway does not serve: exit 1 and one line naming the exception."""
         _, port = device
-        r = await cli("read", f"tcp://127.0.0.1:{port}", "--unit", "9", "--timeout", "0.5")
+        r = await cli("read", f"tcp://127.0.0.1:{port}", "--unit", "9", "--address", "0",
+                      "--timeout", "0.5")
         assert r.returncode == 1
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1, lines
         assert "unit 9" in lines[0]
         assert "Modbus exception 04 (server device failure)" in lines[0]
 
+    async def test_url_read_string(self, device: tuple[Path, int]) -> None:
+        """--type string --count N reads N registers as one string, NULs and trailing
+        spaces trimmed, as a map point would."""
+        _, port = device
+        url = f"tcp://127.0.0.1:{port}"
+        r = await cli("read", url, "--unit", "3", "--address", "20", "--type", "string",
+                      "--count", "5", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == [{"address": 20, "value": "PX-200"}]
+        r = await cli("read", url, "--unit", "3", "--address", "20", "--type", "string",
+                      "--count", "5")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split("\n")[1].split() == ["20", '"PX-200"']
+
+    async def test_float32_prints_its_shortest_form(self, device: tuple[Path, int]) -> None:
+        """A float32 prints as the shortest decimal that is the same float32 (229.87392, not
+        229.87391662597656): URL form and config form, table and JSON."""
+        path, port = device
+        url = f"tcp://127.0.0.1:{port}"
+        common = ("--unit", "3", "--table", "input", "--address", "4", "--type", "float32")
+        r = await cli("read", url, *common, "--json")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == '[{"address": 4, "value": 229.87392}]'
+        r = await cli("read", url, *common)
+        assert r.stdout.split("\n")[1].split() == ["4", "229.87392"]
+        r = await cli("read", "-c", str(path), "meter", "power", "--json")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == '[{"point": "power", "value": 229.87392, "unit": "W"}]'
+        r = await cli("read", "-c", str(path), "meter", "power")
+        assert r.stdout.split("\n")[1].split() == ["power", "229.87392", "W"]
+
+    async def test_float32_write_prints_its_shortest_read_back(
+        self, device: tuple[Path, int]
+    ) -> None:
+        """`write` prints the read-back as `read` does: 229.87392, not its float64 widening."""
+        path, port = device
+        r = await cli("write", f"tcp://127.0.0.1:{port}", "--unit", "3", "--address", "30",
+                      "--type", "float32", "229.87392")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "229.87392"
+        r = await cli("write", "-c", str(path), "meter", "limit", "229.87392")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "229.87392"
+
+    async def test_global_options_after_the_command(self, device: tuple[Path, int]) -> None:
+        """--log-level and --log-json are accepted after the command too."""
+        _, port = device
+        r = await cli("read", f"tcp://127.0.0.1:{port}", "--unit", "3", "--address", "10",
+                      "--log-level", "debug", "--log-json")
+        assert r.returncode == 0, r.stderr
+
+
+def test_shortest_float32_round_trips_every_float32() -> None:
+    """The shortest form is never longer than needed and always the same 4 bytes."""
+    rng = random.Random(8)
+    for _ in range(20000):
+        wire = rng.getrandbits(32).to_bytes(4, "big")
+        value = struct.unpack(">f", wire)[0]
+        if math.isnan(value):  # returned as it is
+            continue
+        short = shortest_float32(value)
+        assert struct.pack(">f", short) == wire
+        digits = len(repr(short).replace("-", "").replace(".", "").split("e")[0].strip("0"))
+        assert digits <= 9
+    assert repr(shortest_float32(POWER)) == "229.87392"
+    assert repr(shortest_float32(3.4028234663852886e38)) == "3.4028235e+38"  # rounds up, fits
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-level", "debug", "read", "tcp://h", "--log-json"],
+        ["read", "tcp://h", "--log-level", "debug", "--log-json"],
+        ["--log-json", "--log-level", "debug", "read", "tcp://h"],
+    ],
+)
+def test_global_options_before_or_after_the_command(argv: list[str]) -> None:
+    """Either place sets them; the command's copy does not reset a value given before it."""
+    args = build_parser().parse_args(argv)
+    assert (args.log_level, args.log_json) == ("debug", True)
+    args = build_parser().parse_args(["read", "tcp://h"])
+    assert (args.log_level, args.log_json) == (None, None)
+
+
+def test_every_option_has_help() -> None:
+    """Every argument of every command says what it is for (new options cannot slip in bare)."""
+    def walk(parser: argparse.ArgumentParser, where: str) -> list[str]:
+        bare = []
+        for action in parser._actions:
+            if not action.help or action.help == argparse.SUPPRESS:
+                bare.append(f"{where} {'/'.join(action.option_strings) or action.dest}")
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    bare += walk(sub, f"{where} {name}")
+        return bare
+
+    assert walk(build_parser(), "m2m-bridge") == []
+
 
 async def test_unreachable_device_is_exit_1_one_line() -> None:
-    """Nothing listening: exit 1, one line, no traceback."""
-    r = await cli("read", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.5")
+    """Nothing listening: exit 1, one line saying the connection was refused, no traceback."""
+    port = free_port()
+    r = await cli("read", f"tcp://127.0.0.1:{port}", "--address", "0", "--timeout", "0.5")
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith("m2m-bridge: tcp://127.0.0.1:")
-    assert "connection failed" in lines[0]
+    assert lines == [f"m2m-bridge: tcp://127.0.0.1:{port}: connection failed: refused "
+                     "(nothing listening on that port?)"]
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (None, "timed out after 0.2s"),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), "no route to host"),
+        (OSError(errno.ENETUNREACH, "Network is unreachable"), "network unreachable"),
+        (OSError(errno.EACCES, "Permission denied"), "Permission denied"),
+        (OSError("Multiple exceptions: [Errno 113] Connect call failed ('::1', 502), "
+                 "[Errno 113] Connect call failed ('127.0.0.1', 502)"), "no route to host"),
+    ],
+)
+async def test_connection_failed_says_why(
+    monkeypatch: pytest.MonkeyPatch, error: OSError | None, reason: str
+) -> None:
+    """A failed connect names its cause (pymodbus only logs it): the socket layer is replaced
+    here because a real silent host or missing route cannot be had on every machine."""
+    async def connect(*_args: Any, **_kwargs: Any) -> Any:
+        if error is None:
+            await asyncio.sleep(10)  # a host that never answers the SYN
+        raise error  # type: ignore[misc]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "create_connection", connect)
+    client = ModbusClient(Endpoint("tcp", "192.0.2.1", 502, 0.2), backoff_cap=0)
+    try:
+        with pytest.raises(TransportError) as caught:
+            await client.read(1, "holding", 0, 1)
+    finally:
+        client.close()
+    assert str(caught.value) == f"tcp://192.0.2.1:502: connection failed: {reason}"
 
 
 @pytest.mark.parametrize(
@@ -135,11 +284,27 @@ async def test_unreachable_device_is_exit_1_one_line() -> None:
     [
         (["read", "ftp://x"], "scheme must be one of"),
         (["read", "tcp://127.0.0.1:99999"], "port"),
-        (["read", "tcp://127.0.0.1", "--type", "int33"], "--type 'int33'"),
-        (["read", "tcp://127.0.0.1", "--unit", "300"], "--unit 300"),
-        (["read", "tcp://127.0.0.1", "--count", "200", "--type", "float32"], "more than one"),
-        (["read", "tcp://127.0.0.1", "--table", "coil", "--type", "float32"], "hold bits"),
+        (["read", "tcp://127.0.0.1", "--address", "0", "--type", "int33"], "--type 'int33'"),
+        (["read", "tcp://127.0.0.1", "--address", "0", "--unit", "300"], "--unit 300"),
+        (["read", "tcp://127.0.0.1", "--address", "0", "--count", "200", "--type", "float32"],
+         "--count 200 (200 x float32 = 400 registers): one read of holding registers is "
+         "limited to 125 registers"),
+        (["read", "tcp://127.0.0.1", "--address", "0", "--count", "126"],
+         "--count 126: one read of holding registers is limited to 125 registers"),
+        (["read", "tcp://127.0.0.1", "--address", "0", "--table", "input", "--count", "126",
+          "--type", "string"], "one read of input registers is limited to 125 registers"),
+        (["read", "tcp://127.0.0.1", "--address", "0", "--table", "coil", "--count", "2001"],
+         "--count 2001: one read of coils is limited to 2000 bits"),
+        (["read", "tcp://127.0.0.1", "--address", "0", "--table", "discrete", "--count", "2001"],
+         "one read of discrete inputs is limited to 2000 bits"),
+        (["read", "tcp://127.0.0.1", "--address", "0", "--table", "coil", "--type", "float32"],
+         "hold bits"),
         (["read", "tcp://127.0.0.1", "--bogus"], "unrecognized arguments: --bogus"),
+        (["read", "tcp://127.0.0.1", "--unit", "3"], "--address is required with a URL"),
+        (["read", "tcp://127.0.0.1", "--address", "0", "--timeout", "0"], "argument --timeout"),
+        (["read", "tcp://127.0.0.1", "--address", "0", "--timeout", "-1"], "argument --timeout"),
+        (["write", "tcp://127.0.0.1", "--address", "0", "--timeout", "0", "1"],
+         "argument --timeout"),
         (["frobnicate"], "invalid choice"),
     ],
 )
@@ -149,6 +314,23 @@ async def test_bad_arguments_exit_2(args: list[str], needle: str) -> None:
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--count", "125"],
+        ["--count", "62", "--type", "float32"],
+        ["--count", "125", "--type", "string"],
+        ["--table", "coil", "--count", "2000"],
+        ["--timeout", "0.01"],
+    ],
+)
+async def test_reads_at_the_limits_are_allowed(args: list[str]) -> None:
+    """The largest legal request passes the checks: it fails only at the (closed) port."""
+    r = await cli("read", f"tcp://127.0.0.1:{free_port()}", "--address", "0", *args)
+    assert r.returncode == 1, r.stderr
+    assert "connection failed" in r.stderr
 
 
 async def test_validate_ok_and_errors(tmp_path: Path) -> None:

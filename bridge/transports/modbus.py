@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import random
+import re
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -138,6 +141,56 @@ def char_time(endpoint: Endpoint) -> float:
 
 AnyClient = AsyncModbusTcpClient | AsyncModbusUdpClient | AsyncModbusSerialClient
 
+_CONNECT_ERRNOS = {
+    errno.ECONNREFUSED: "refused (nothing listening on that port?)",
+    errno.ETIMEDOUT: "timed out",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETUNREACH: "network unreachable",
+}
+
+
+class _ConnectAttempt:
+    """Why a pymodbus connect failed: pymodbus logs the OSError and returns False, so the
+    reason is kept by wrapping the coroutine factory it calls (`ctx.call_create`).
+
+    On a pymodbus without that hook the reason is simply not known: `reason` returns "".
+    """
+
+    def __init__(self, client: AnyClient) -> None:
+        self.error: BaseException | None = None
+        ctx: Any = getattr(client, "ctx", None)
+        create = getattr(ctx, "call_create", None)
+        if create is None:
+            return
+
+        async def create_and_keep() -> Any:
+            try:
+                return await create()
+            except BaseException as exc:  # CancelledError too: wait_for's connect timeout
+                self.error = exc
+                raise
+
+        ctx.call_create = create_and_keep
+
+    def reason(self, timeout: float) -> str:
+        exc = self.error
+        if exc is None:
+            return ""
+        if isinstance(exc, asyncio.CancelledError | TimeoutError):
+            return f"timed out after {timeout:g}s"
+        if isinstance(exc, socket.gaierror):
+            return f"unknown host ({exc.strerror})"
+        if not isinstance(exc, OSError):
+            return _short(exc)
+        code = exc.errno
+        if code is None:
+            # asyncio tried several addresses (IPv6 and IPv4): one errno for all, if they agree.
+            codes = set(re.findall(r"\[Errno (\d+)\]", str(exc)))
+            code = int(codes.pop()) if len(codes) == 1 else None
+        if code is None:
+            return _short(exc)
+        return _CONNECT_ERRNOS.get(code) or os.strerror(code)
+
 
 class ModbusClient:
     """One connection to a Modbus endpoint, shared by every unit behind it.
@@ -224,13 +277,16 @@ class ModbusClient:
                 reason = "no such serial port (unplugged?)"  # pyserial would only say errno 2
             else:
                 client = self._new_client()
+                attempt = _ConnectAttempt(client)
                 with map_exceptions(str(self.endpoint)):
                     ok = await client.connect()
                 if ok:
                     self._client = client
                 else:
                     client.close()
-                    reason = "cannot open the serial port" if self.endpoint.is_serial else reason
+                    why = attempt.reason(self.endpoint.timeout)
+                    what = "cannot open the serial port" if self.endpoint.is_serial else reason
+                    reason = f"{what}: {why}" if why else what
             if not ok or self._client is None:
                 self.counters.connect_failures += 1
                 self._failures += 1
