@@ -473,7 +473,8 @@ class SerialLine:
     def stop(self) -> None:
         self._stop = True
         os.write(self._wake_w, b"x")
-        self._thread.join(5)
+        if self._thread.ident is not None:  # a start that failed elsewhere still cleans up
+            self._thread.join(5)
         for fd in (self._master, self._slave, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)

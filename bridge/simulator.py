@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import errno
 import random
+import signal
 import socket
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
@@ -368,18 +369,38 @@ async def run_simulator(
         (lambda link: link.baudrate) if baud == "config" else baud
     )
     serial = SerialSimulator(config, sim, baud=pace, turnaround=turnaround)
-    await sim.start()
-    serial.start()
+    stop = asyncio.Event()
     try:
-        for text in serial.announcements():
-            if announce is not None:
-                announce(text)
-        if on_ready is not None:
-            on_ready()
-        while True:
-            await asyncio.sleep(tick)
-            sim.tick()
-            serial.tick()
+        await sim.start()
+        serial.start()
+        # SIGTERM is how scripts and service managers stop us: a clean return (exit 0) that
+        # removes the ptys' temp directory, where the default action would leave it behind.
+        with _stop_on_sigterm(stop):
+            for text in serial.announcements():
+                if announce is not None:
+                    announce(text)
+            if on_ready is not None:
+                on_ready()
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), tick)
+                    break
+                sim.tick()
+                serial.tick()
     finally:
         serial.stop()
         await sim.stop()
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    except (RuntimeError, NotImplementedError, ValueError):
+        yield  # not the main thread (tests): cancellation still stops us
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
