@@ -250,7 +250,7 @@ class Daemon:
         assert self.process is not None
         self.process.send_signal(sig)
 
-    def wait(self, timeout: float = 20.0) -> int:
+    def wait(self, timeout: float = WAIT) -> int:
         assert self.process is not None
         return self.process.wait(timeout)
 

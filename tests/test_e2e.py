@@ -13,7 +13,7 @@ import yaml
 
 from bridge.config import load_config
 from bridge.simulator import Simulator
-from tests.helpers import Broker, Daemon, free_port, mosquitto, recording
+from tests.helpers import Broker, Daemon, free_port, metrics, mosquitto, recording, until
 
 PREFIX = "m2m/e2e"
 NUMERIC = {
@@ -80,6 +80,8 @@ def write_config(
         "devices": [device, *overrides.pop("extra_devices", [])],
     }
     doc["links"] += overrides.pop("extra_links", [])
+    if "metrics" in overrides:
+        doc["metrics"] = overrides.pop("metrics")
     path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
     return path
 
@@ -193,21 +195,34 @@ async def test_on_change_respects_deadband(
     sim, port, _ = device
     points = [{"name": "voltage", "table": "input", "address": 0, "type": "float32",
                "deadband": 1.0}]
+    metrics_port = free_port()
     config = write_config(tmp_path / "bridge.yaml", broker.port, port, points,
-                          device={"report": "on-change", "heartbeat": "1h"})
+                          device={"report": "on-change", "heartbeat": "1h"},
+                          metrics={"host": "127.0.0.1", "port": metrics_port})
     topic = f"{PREFIX}/dev/voltage"
+
+    async def polls() -> float:
+        return (await metrics(metrics_port)).get('m2m_polls_total{device="dev",link="plc"}', 0)
+
+    async def more_polls(count: int) -> None:
+        """Wait until `count` more polls started: all but the one in flight read what the
+        device holds now, and what they would have published has had a poll's time to come."""
+        target = await polls() + count
+        await until(lambda: polls_reach(target), what=f"{count} more polls")
+
+    async def polls_reach(target: float) -> bool:
+        return await polls() >= target
+
     async with recording(broker.port, f"{PREFIX}/#") as rec:
         start(daemon, config)
         await rec.wait_for(lambda: rec.payloads(topic))
+        await rec.wait_for(lambda: len(rec.messages) >= 3)  # statuses + first value
         sim.set_value("dev", "voltage", 230.25)  # +0.5: under the deadband
-        await rec.wait_for(lambda: len(rec.messages) >= 3, timeout=2)  # statuses + first value
-        import asyncio
-
-        await asyncio.sleep(1.0)  # five polls
+        await more_polls(6)  # five polls of 230.25
         assert [b["value"] for b in rec.values(topic)] == [229.75]
         sim.set_value("dev", "voltage", 231.0)  # +1.25 from the last published
         await rec.wait_for(lambda: len(rec.payloads(topic)) == 2)
-        await asyncio.sleep(0.6)
+        await more_polls(4)  # 231.0 again: not a change
         assert [b["value"] for b in rec.values(topic)] == [229.75, 231.0]
 
 
