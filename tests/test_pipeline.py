@@ -15,14 +15,14 @@ from bridge.errors import DeviceError, TransportError
 from bridge.service import Service
 from bridge.simulator import Simulator
 from bridge.transports.modbus import Endpoint, ModbusClient
-from tests.helpers import free_port, mosquitto, recording
+from tests.helpers import free_port, mosquitto, recording, until
 
 
 def make_config(tmp_path: Path, broker: int, device: int, **mqtt: Any) -> Config:
     path = tmp_path / "bridge.yaml"
     path.write_text(yaml.safe_dump({
         "version": 1,
-        "gateway": {"id": "pipe"},
+        "gateway": {"id": "pipe", "state_dir": str(tmp_path / "state")},
         "mqtt": {"host": "127.0.0.1", "port": broker, **mqtt},
         "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": device,
                    "timeout": "300ms"}],
@@ -47,15 +47,15 @@ async def test_link_reconnects_after_device_restart(tmp_path: Path) -> None:
     sim = Simulator(config)
     await sim.start()
     sim.set_value("dev", "counter", 8)
+
+    async def reads_again() -> bool:
+        try:
+            return await client.read(1, "holding", 0, 2) == [0, 8]
+        except (TransportError, DeviceError):
+            return False
+
     try:
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                assert await client.read(1, "holding", 0, 2) == [0, 8]
-                break
-            except (TransportError, DeviceError):
-                assert time.monotonic() < deadline, "link did not recover in 5 s"
-                await asyncio.sleep(0.1)
+        await until(reads_again, what="the link to recover", every=0.1)
     finally:
         client.close()
         await sim.stop()
@@ -80,7 +80,9 @@ async def test_readings_taken_while_broker_is_down_arrive_later_in_order(
     try:
         for n in range(1, 6):  # five distinct values while the broker is down
             sim.set_value("dev", "counter", n)
-            await asyncio.sleep(0.3)
+            # Two more readings: the second was polled after the value was set.
+            taken = service.buffer.accepted + 2
+            await until(lambda t=taken: service.buffer.accepted >= t, what=f"a poll of {n}")
         down_until = time.time_ns() // 1_000_000
         assert service.buffer.accepted >= 5
         with mosquitto(tmp_path, port=broker_port):
@@ -122,11 +124,7 @@ async def test_replayed_backlog_never_becomes_the_retained_value(tmp_path: Path)
         running = asyncio.create_task(publisher.run())
         await asyncio.wait_for(publisher.connected.wait(), 10)
         buffer.put([Message(topic, b"999", 1, True, now + 1)])  # live, newest
-        for _ in range(200):
-            if not len(buffer):
-                break
-            await asyncio.sleep(0.05)
-        assert len(buffer) == 0
+        await until(lambda: len(buffer) == 0, what="the backlog to be delivered")
         publisher.stop()
         await asyncio.wait_for(running, 10)
         async with recording(broker.port, topic) as rec:
