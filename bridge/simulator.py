@@ -169,10 +169,17 @@ class Simulator:
         self._seed_points(store, device)
 
     def _seed_points(self, store: _DeviceStore, device: Device) -> None:
+        # A bit without a hint of its own reads whatever its register holds once every other
+        # point is seeded (the example pump's status_word 11 sets ready, running and remote):
+        # seeding it False would clear that bit in the shared word.
+        bits: list[Point] = []
         for point in device.points:
             if point.address is None:
                 continue  # serial-line points have no register
             sim = point.simulate
+            if point.bit is not None and (sim is None or sim.value is None):
+                bits.append(point)
+                continue
             counter = _is_counter(point)
             value: Value
             if sim is not None and sim.value is not None:
@@ -196,6 +203,11 @@ class Simulator:
                 center = float(self._raw_number(point, value)) * point.scale + point.offset
             store.points[point.name] = _SimPoint(point, value, center, counter)
             self._put(store, point, value)
+        for point in bits:
+            assert point.address is not None
+            assert point.bit is not None
+            on = (store.tables[point.table][point.address] >> point.bit) & 1
+            store.points[point.name] = _SimPoint(point, bool(on) if point.type == "bool" else on)
 
     async def start(self) -> None:
         try:

@@ -222,3 +222,18 @@ def test_simulate_command_announces_ptys(tmp_path: Path) -> None:
         process.terminate()
         process.wait(10)
     assert not pty.exists()  # cleaned up on the way out
+
+
+def test_rtu_units_seed_bit_points_from_their_register(tmp_path: Path) -> None:
+    """The example pump on an RTU line: status_word reads 11, its hintless bits keep it."""
+    pump_map = ROOT / "configs" / "maps" / "pump-drive.yaml"
+    path = tmp_path / "pump.yaml"
+    path.write_text(
+        "version: 1\nlinks:\n  - {name: bus, type: rtu, port: /dev/null, baudrate: 19200}\n"
+        f"devices:\n  - {{name: pump-1, link: bus, unit: 3, map: {pump_map}}}\n"
+    )
+    for sim in serve(load_config(path), tmp_path / "pump", None):
+        with port(sim, "bus") as line:
+            reply = rtu_read(line, 3, 3, 0, 1)
+        assert reply[:3] == bytes([3, 3, 2])
+        assert struct.unpack(">H", reply[3:5]) == (11,)

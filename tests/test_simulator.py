@@ -290,3 +290,47 @@ class TestDemo:
         rows = [line for line in screen.splitlines() if line.startswith("m2m/gw/plc-1/temperature")]
         assert len(rows) == 1
         assert rows[0].endswith('{"value": 21.6}')
+
+
+PUMP_MAP = Path(__file__).resolve().parent.parent / "configs" / "maps" / "pump-drive.yaml"
+
+
+class TestBitSeeding:
+    """Bit points without a hint of their own keep what their register was seeded with."""
+
+    async def test_the_example_pump_serves_its_status_word(
+        self, tmp_path: Path, port: int
+    ) -> None:
+        """status_word 11 (ready, running, remote): its bit points do not clear it."""
+        path = tmp_path / "pump.yaml"
+        path.write_text(
+            "version: 1\nlinks:\n"
+            f"  - {{name: plc, type: tcp, host: 127.0.0.1, port: {port}}}\n"
+            f"devices:\n  - {{name: pump-1, link: plc, unit: 3, map: {PUMP_MAP}}}\n"
+        )
+        sim = Simulator(load_config(path), seed=1)
+        await sim.start()
+        modbus = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
+        try:
+            assert await modbus.connect()
+            assert await holding(modbus, 0, 1, unit=3) == [11]
+        finally:
+            modbus.close()
+            await sim.stop()
+
+    async def test_a_bit_listed_before_its_word_and_a_hinted_bit(self, tmp_path: Path) -> None:
+        """Bits before or after their word keep the word's bits; a bit's own hint still sets
+        that bit."""
+        path = tmp_path / "bits.yaml"
+        path.write_text(
+            "version: 1\nlinks:\n  - {name: plc, type: tcp, host: 127.0.0.1, port: 1}\n"
+            "devices:\n  - name: d\n    link: plc\n    points:\n"
+            "      - {name: early, address: 0, type: bool, bit: 1}\n"
+            "      - {name: word, address: 0, type: uint16, simulate: {value: 7}}\n"
+            "      - {name: b, address: 0, type: bool, bit: 2, simulate: {value: false}}\n"
+            "      - {name: a, address: 0, type: bool, bit: 0}\n"
+            "      - {name: c, address: 0, type: bool, bit: 4, simulate: {value: true}}\n"
+            "      - {name: lone, address: 1, type: bool, bit: 5}\n"
+        )
+        sim = Simulator(load_config(path))
+        assert sim.registers("d", "holding", 0, 2) == [0b10011, 0]
