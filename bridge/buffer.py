@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import structlog
 
+from bridge.errors import ConfigError, ConfigIssue
 from bridge.messages import Message
 
 T = TypeVar("T")
@@ -107,17 +108,26 @@ class DiskBuffer:
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.clock = clock
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            log.warning("buffer not in WAL mode", path=str(self.path), journal_mode=mode)
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
-        count, size, max_id = self._db.execute(
-            f"SELECT count(*), coalesce(sum({_SIZE}), 0), coalesce(max(id), 0) FROM messages"
-        ).fetchone()
-        seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("buffer not in WAL mode", path=str(self.path), journal_mode=mode)
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+            count, size, max_id = self._db.execute(
+                f"SELECT count(*), coalesce(sum({_SIZE}), 0), coalesce(max(id), 0) FROM messages"
+            ).fetchone()
+            seq = self._db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+            ).fetchone()
+        except (OSError, sqlite3.Error) as exc:
+            # The state_dir check at start-up catches most of this; what is left (a file that
+            # is not a database, a disk that failed since) is still one line, not a traceback.
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            issue = ConfigIssue(str(self.path), 0, "", f"cannot open the buffer: {why}")
+            raise ConfigError([issue]) from None
         self._count: int = count
         self._bytes: int = size
         self._last_id: int = max(max_id, seq[0] if seq else 0)

@@ -165,7 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(args.config, check_state_dir=True)
+    for warning in config.warnings:
+        print(warning, file=sys.stderr)
     points = sum(len(d.points) for d in config.devices)
     print(f"{args.config}: ok ({len(config.links)} links, {len(config.devices)} devices, "
           f"{points} points)")
@@ -239,7 +241,8 @@ def _table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)  # a bad config stops here, before any device is touched
+    # A bad config or an unusable state_dir stops here (exit 78), before any device is touched.
+    config = load_config(args.config, check_state_dir=True)
     asyncio.run(run_daemon(args.config, Service(config)))
     return EXIT_OK
 

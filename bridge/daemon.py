@@ -11,12 +11,15 @@ STOPPING=1 on the way out, and WATCHDOG=1 only while no loop is stuck.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import structlog
 
@@ -28,6 +31,7 @@ from bridge.service import Service
 from bridge.systemd import notify, watchdog, watchdog_interval
 
 log = structlog.get_logger("bridge.daemon")
+T = TypeVar("T")
 
 EXIT_FORCED = 1
 STOP_GRACE = 10.0  # seconds to flush the buffer on stop; systemd's TimeoutStopSec is 20
@@ -50,8 +54,13 @@ async def run_daemon(config_path: Path, service: Service) -> None:
         log.info("stopping", signal="TERM/INT")
         stop.set()
 
+    reloads = asyncio.Lock()  # one at a time, in the order the SIGHUPs came
+    reloading: set[asyncio.Task[None]] = set()
+
     def on_reload() -> None:
-        reload(config_path, service)
+        task = loop.create_task(_serialised(reloads, reload(config_path, service)))
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
@@ -69,6 +78,8 @@ async def run_daemon(config_path: Path, service: Service) -> None:
             raise BridgeError(f"metrics on {where}: {exc.strerror}") from None
         log.info("metrics served", url=f"http://{settings.host}:{settings.port}/metrics")
 
+    for warning in service.config.warnings:
+        log.warning("config warning", issue=str(warning))
     interval = watchdog_interval()
     async with asyncio.TaskGroup() as tg:
         if interval is not None:
@@ -80,11 +91,22 @@ async def run_daemon(config_path: Path, service: Service) -> None:
         metrics.close()
 
 
-def reload(config_path: Path, service: Service) -> None:
-    """Load `config_path` again and apply it; on any error keep what runs and say why."""
+async def _serialised(lock: asyncio.Lock, work: Coroutine[Any, Any, None]) -> None:
+    async with lock:
+        await work
+
+
+async def reload(config_path: Path, service: Service) -> None:
+    """Load `config_path` again and apply it; on any error keep what runs and say why.
+
+    Reading and checking the file happens off the event loop (a slow disk or a 50 MB file
+    must not stop polling, publishing, metrics or watchdog pings); applying it happens on it.
+    """
     notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
-        new = load_config(config_path)
+        new = await _off_loop(lambda: load_config(config_path, check_state_dir=True))
+        for warning in new.warnings:
+            log.warning("config warning", issue=str(warning))
         changes = service.reload(new)
     except ConfigError as exc:
         for issue in exc.issues:
@@ -96,6 +118,32 @@ def reload(config_path: Path, service: Service) -> None:
         log.info("reloaded", changes=changes or ["nothing changed"])
     finally:
         notify("READY=1")
+
+
+async def _off_loop(work: Callable[[], T]) -> T:
+    """Run `work` in a daemon thread: unlike asyncio.to_thread's executor, a load still
+    running when the daemon stops does not hold up its exit."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(cast(T, result))
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="config-reload", daemon=True).start()
+    return await done
 
 
 def _activities(service: Service) -> Iterator[Activity]:
