@@ -19,7 +19,16 @@ from paho.mqtt.properties import Properties
 
 from bridge.errors import BrokerError
 from bridge.wire import Incoming, WindowFull, WireClient, WireError
-from tests.helpers import Broker, Pki, free_port, make_pki, mosquitto, mosquitto_tls, recording
+from tests.helpers import (
+    Broker,
+    Pki,
+    free_port,
+    make_pki,
+    mosquitto,
+    mosquitto_tls,
+    recording,
+    until,
+)
 
 TOPIC = "m2m/wire"
 
@@ -61,12 +70,12 @@ async def test_publishes_qos0_and_qos1_in_order_byte_for_byte(broker: Broker) ->
         assert packet_id is None
         await client.publish_batch(sent[4:])
         await recorder.wait_for(lambda: len(recorder.messages) >= len(sent))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # negative check: a duplicate would have arrived by now
         assert [(t, p) for t, p, _ in recorder.messages] == [(t, p) for t, p, _, _ in sent]
     # The retained ones are kept by the broker, byte for byte.
     async with recording(broker.port, f"{TOPIC}/#") as later:
         await later.wait_for(lambda: len(later.messages) >= 2)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # negative check: a third retained message would be here
         assert sorted(later.messages) == [
             (f"{TOPIC}/c", b'{"value": 230.5}', True), (f"{TOPIC}/e", b"retained qos 0", True)
         ]
@@ -149,6 +158,7 @@ async def test_abort_publishes_the_will_and_disconnect_does_not(broker: Broker) 
         await clean.disconnect()
         await clean.wait_closed()  # None: a clean close
         await recorder.wait_for(lambda: recorder.payloads(f"{TOPIC}/status") == [b"online"])
+        # Negative check: a will sent on the clean close would have arrived within a second.
         await asyncio.sleep(1.0)
         assert recorder.payloads(f"{TOPIC}/status") == [b"online"]
 
@@ -165,7 +175,7 @@ async def test_broker_stopped_mid_batch_raises_without_hanging(broker: Broker) -
     await client.connect()
     messages = [(f"{TOPIC}/x", b"%d" % i, 1, False) for i in range(200_000)]
     batch = asyncio.create_task(client.publish_batch(messages))
-    await asyncio.sleep(0.3)
+    await until(lambda: client.in_flight > 0, what="the batch to be under way")
     assert not batch.done()
     broker.stop()
     async with asyncio.timeout(10):
@@ -396,8 +406,10 @@ async def test_packet_ids_wrap_and_skip_those_in_flight() -> None:
 
 async def test_keepalive_pings_then_gives_up_without_pingresp() -> None:
     client, transport = hand_driven(keepalive=1)
-    await asyncio.sleep(1.3)
-    assert any(isinstance(p, mqtt5.PingReqPacket) for p in transport.packets())
+    # The PINGREQ is due after 1 s idle, the give-up 1 s after it: polled every 50 ms, the
+    # ping is seen while still connected however late this loop runs.
+    await until(lambda: any(isinstance(p, mqtt5.PingReqPacket) for p in transport.packets()),
+                what="a PINGREQ")
     assert client.is_connected
     with pytest.raises(WireError, match="no PINGRESP"):
         await asyncio.wait_for(client.wait_closed(), 3)
@@ -405,12 +417,12 @@ async def test_keepalive_pings_then_gives_up_without_pingresp() -> None:
 
 async def test_keepalive_survives_with_pingresp() -> None:
     client, transport = hand_driven(keepalive=1)
-    for _ in range(3):
-        await asyncio.sleep(0.6)
-        if any(isinstance(p, mqtt5.PingReqPacket) for p in transport.packets()):
-            transport.writes.clear()
-            client.data_received(mqtt5.PingRespPacket().write())
-    assert client.is_connected
+    for _ in range(3):  # three rounds of ping and answer: past three give-up deadlines
+        await until(lambda: any(isinstance(p, mqtt5.PingReqPacket)
+                                for p in transport.packets()), what="a PINGREQ")
+        transport.writes.clear()
+        client.data_received(mqtt5.PingRespPacket().write())
+        assert client.is_connected
     await client.disconnect()
 
 
