@@ -33,8 +33,10 @@ from tests.helpers import (
     Recorder,
     free_port,
     make_pki,
+    metrics,
     mosquitto_tls,
     recording,
+    until,
 )
 
 GATEWAY = "tls"
@@ -97,8 +99,10 @@ def client_tls(pki: Pki, ca: Path | None = None) -> ssl.SSLContext:
     return context
 
 
-def write_config(tmp: Path, broker: int, device: int, pki: Pki, **tls: Any) -> Path:
+def write_config(tmp: Path, broker: int, device: int, pki: Pki, *, metrics_port: int = 0,
+                 **tls: Any) -> Path:
     path = tmp / "bridge.yaml"
+    metrics = {"metrics": {"host": "127.0.0.1", "port": metrics_port}} if metrics_port else {}
     path.write_text(yaml.safe_dump({
         "version": 1,
         "gateway": {"id": GATEWAY, "state_dir": str(tmp / "state")},
@@ -111,6 +115,7 @@ def write_config(tmp: Path, broker: int, device: int, pki: Pki, **tls: Any) -> P
         "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": device,
                    "timeout": "300ms"}],
         "devices": [{"name": "dev", "link": "plc", "interval": "200ms", "points": POINTS}],
+        **metrics,
     }, sort_keys=False))
     return path
 
@@ -152,13 +157,18 @@ def log_events(d: Daemon) -> list[dict[str, Any]]:
     return events
 
 
-async def keeps_running(d: Daemon, seconds: float) -> None:
-    """Wait `seconds`, failing at once if the daemon exits."""
-    assert d.process is not None
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert d.process.poll() is None, f"daemon exited {d.process.returncode}:\n{d.output()}"
-        await asyncio.sleep(0.1)
+async def keeps_trying(d: Daemon, metrics_port: int, attempts: int, *events: str) -> None:
+    """Wait until the daemon has failed to connect `attempts` times (its reconnect counter) and
+    logged each of `events`, failing at once if it exits."""
+
+    async def done() -> bool:
+        d.running()
+        logged = {e.get("event") for e in log_events(d)}
+        if not set(events) <= logged:
+            return False
+        return (await metrics(metrics_port)).get("m2m_mqtt_reconnects_total", 0) >= attempts
+
+    await until(done, what=lambda: f"{attempts} attempts and {events}; log:\n{d.output()}")
 
 
 async def test_bridge_publishes_over_mutual_tls_with_a_credential_password(
@@ -188,7 +198,9 @@ async def test_acl_confines_the_bridge_user_to_its_prefix(broker: Broker, pki: P
         await bridge.publish("plant/valve/set", b"1", qos=1)  # outside its prefix: dropped
         await bridge.publish(f"{PREFIX}/dev/x", b"2", qos=1)  # inside: delivered
         await rec.wait_for(lambda: rec.payloads(f"{PREFIX}/dev/x"))
-        await asyncio.sleep(0.3)
+        # Negative check: published first on the same connection, a delivered valve command
+        # would be here before dev/x; the window only adds margin.
+        await asyncio.sleep(0.5)
         assert not rec.payloads("plant/valve/set")
 
         heard: list[str] = []
@@ -208,8 +220,10 @@ async def test_acl_confines_the_bridge_user_to_its_prefix(broker: Broker, pki: P
             await admin.publish("other/thing", b"x", qos=1)
             await admin.publish(f"{PREFIX}/dev/x/state", b"x", qos=1)
             await admin.publish(f"{PREFIX}/dev/setpoint/set", b"42", qos=1)
-        await asyncio.wait_for(got_set.wait(), 5)
-        await asyncio.sleep(0.2)  # anything the ACL let through would have arrived by now
+        await asyncio.wait_for(got_set.wait(), 30)
+        # Negative check: sent before the /set, anything the ACL let through would be here by
+        # now; the window only adds margin.
+        await asyncio.sleep(0.5)
         listening.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await listening
@@ -221,10 +235,13 @@ async def test_wrong_ca_fails_cleanly_and_publishes_nothing(
 ) -> None:
     """A CA that did not sign the broker's certificate: one line naming certificate
     verification, the daemon keeps running (and polling), nothing reaches the broker."""
-    config = write_config(tmp_path, broker.port, device, pki, ca_file=str(pki.other_ca))
+    metrics_port = free_port()
+    config = write_config(tmp_path, broker.port, device, pki, metrics_port=metrics_port,
+                          ca_file=str(pki.other_ca))
     async with watching(broker, pki) as rec:
         d = start_daemon(daemons, config, BRIDGE_PASSWORD)
-        await keeps_running(d, 4.0)  # several connection attempts (back-off from ~1 s)
+        # Several connection attempts (back-off from ~1 s), one line for all of them.
+        await keeps_trying(d, metrics_port, 3, "broker certificate verification failed")
         assert not [t for t, _, _ in rec.messages if t.startswith(PREFIX)], rec.messages
     events = log_events(d)
     failures = [e for e in events if e.get("level") in ("warning", "error")]
@@ -240,10 +257,11 @@ async def test_wrong_password_fails_cleanly_naming_authorization(
     tmp_path: Path, broker: Broker, device: int, pki: Pki, daemons: list[Daemon]
 ) -> None:
     wrong = "not-the-Password-0b9d"
-    config = write_config(tmp_path, broker.port, device, pki)
+    metrics_port = free_port()
+    config = write_config(tmp_path, broker.port, device, pki, metrics_port=metrics_port)
     async with watching(broker, pki) as rec:
         d = start_daemon(daemons, config, wrong)
-        await keeps_running(d, 4.0)
+        await keeps_trying(d, metrics_port, 3, "broker refused login")
         assert not [t for t, _, _ in rec.messages if t.startswith(PREFIX)], rec.messages
     events = log_events(d)
     failures = [e for e in events if e.get("level") in ("warning", "error")]
@@ -261,9 +279,11 @@ async def test_missing_ca_file_is_one_clear_line_and_the_daemon_keeps_polling(
 ) -> None:
     """A CA file that is not there is a broker problem, not a crash: polling goes on."""
     missing = tmp_path / "no-such-ca.pem"
-    config = write_config(tmp_path, broker.port, device, pki, ca_file=str(missing))
+    metrics_port = free_port()
+    config = write_config(tmp_path, broker.port, device, pki, metrics_port=metrics_port,
+                          ca_file=str(missing))
     d = start_daemon(daemons, config, BRIDGE_PASSWORD)
-    await keeps_running(d, 2.5)
+    await keeps_trying(d, metrics_port, 2, "broker settings unusable", "device online")
     events = log_events(d)
     failures = [e for e in events if e.get("level") in ("warning", "error")]
     assert len(failures) == 1, d.output()
