@@ -334,3 +334,63 @@ class TestBitSeeding:
         )
         sim = Simulator(load_config(path))
         assert sim.registers("d", "holding", 0, 2) == [0b10011, 0]
+
+
+class TestDemoWrites:
+    """The demo moves off a taken device port and shows a command, its result and read-back."""
+
+    async def test_taken_port_and_a_periodic_write(self, tmp_path: Path, port: int) -> None:
+        from bridge.demo import run_demo
+
+        write_config(tmp_path, port, mqtt_port=free_port())
+        out = io.StringIO()
+        stop = asyncio.Event()
+        with socket.socket() as taken:  # as another simulator on 5020 would
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            demo = asyncio.create_task(
+                run_demo(tmp_path / "bridge.yaml", out=out, stop=stop, write_every=1.0))
+            try:
+                deadline = asyncio.get_running_loop().time() + 60
+                while not ('/set/result  {"ok":true' in out.getvalue()
+                           and "plc-1/temperature " in out.getvalue()):
+                    assert not demo.done(), (demo, out.getvalue())
+                    assert asyncio.get_running_loop().time() < deadline, out.getvalue()
+                    await asyncio.sleep(0.1)
+            finally:
+                stop.set()
+                assert await asyncio.wait_for(demo, 30) == 0
+        header = out.getvalue().splitlines()[:3]
+        assert f"127.0.0.1:{port} is taken: link plc uses port" in header[1]
+        assert "the demo writes false, then true, to plc-1/pump" in header[2]
+        lines = out.getvalue().splitlines()
+        assert "m2m/gw-test/plc-1/pump/set  false" in lines or \
+            "m2m/gw-test/plc-1/pump/set  true" in lines
+
+    def test_the_written_point_is_pinned_at_the_top_of_a_short_terminal(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Whatever else there is, the demo's point and its command rows stay on screen."""
+        from bridge.demo import LiveView
+
+        class Terminal(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        monkeypatch.setenv("LINES", "8")
+        monkeypatch.setenv("COLUMNS", "200")
+        view = LiveView(Terminal())
+        view.header = "demo"
+        view.pinned = "m2m/gw/pump-1/speed_setpoint"
+        for n in range(20):
+            view.update(f"m2m/gw/meter-1/p{n:02d}", b"1")
+        view.update("m2m/gw/pump-1/speed_setpoint", b'{"value":900}')
+        view.update("m2m/gw/pump-1/speed_setpoint/set", b"900")
+        view.update("m2m/gw/pump-1/speed_setpoint/set/result", b'{"ok":true,"value":900}')
+        view.draw()
+        assert isinstance(view.out, io.StringIO)
+        rows = view.out.getvalue().splitlines()[3:6]
+        assert [row.split()[0] for row in rows] == [
+            "m2m/gw/pump-1/speed_setpoint", "m2m/gw/pump-1/speed_setpoint/set",
+            "m2m/gw/pump-1/speed_setpoint/set/result",
+        ]
