@@ -16,8 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.helpers import ROOT
+
+# Property tests are judged by their examples, not by how fast a shared machine runs them:
+# no per-example deadline, no "too slow" health check (tests may still set their own).
+settings.register_profile("m2m", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("m2m")
 
 # What tools and Python write by themselves in the checkout (never a test's leftover).
 CACHES = {".venv", "__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache"}

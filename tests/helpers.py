@@ -79,11 +79,17 @@ def free_port() -> int:
         return port
 
 
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
+def wait_for_port(
+    port: int, timeout: float = WAIT, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until something listens on 127.0.0.1:`port` (failing at once if `process`,
+    which is to listen there, exits)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args[0]} exited {process.returncode} before listening")
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
@@ -101,7 +107,7 @@ class Broker:
         self.process = subprocess.Popen(
             [exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        wait_for_port(self.port)
+        wait_for_port(self.port, process=self.process)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -383,7 +389,7 @@ class Socat:
              f"pty,raw,echo=0,link={self.b}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + WAIT
         while not (self.a.exists() and self.b.exists()):
             assert time.monotonic() < deadline, "socat did not create its ptys"
             assert self.process.poll() is None, "socat exited"
