@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from bridge.poller import DevicePoller
 from bridge.scheduler import Link
 from bridge.service import endpoint_for, link_silence
 from bridge.transports.modbus import BadFrame, Endpoint, ModbusClient, NoResponse
-from tests.helpers import Socat
+from tests.helpers import Socat, until
 
 HOLE = range(10, 20)  # holding registers the slave refuses (exception 02)
 
@@ -264,17 +263,15 @@ async def test_line_closing_and_reopening(tmp_path: Path) -> None:
     poller = _poller(config, link, messages, statuses, "m")
     task = asyncio.create_task(poller.run())
 
-    async def until(what: tuple[str, bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while what not in statuses:
-            assert time.monotonic() < deadline, (what, statuses, poller.stats)
-            await asyncio.sleep(0.05)
+    async def status(what: tuple[str, bool]) -> None:
+        await until(lambda: what in statuses,
+                    what=lambda: f"status {what}; saw {statuses}, {poller.stats}")
 
     try:
-        await until(("m", True), 5)
+        await status(("m", True))
         slave.stop()
         line.stop()
-        await until(("m", False), 10)
+        await status(("m", False))
         assert poller.stats.failures.get("link", 0) >= 1, poller.stats
         assert not link.client.connected
         seen = len(messages)
@@ -282,7 +279,7 @@ async def test_line_closing_and_reopening(tmp_path: Path) -> None:
         slave = ScriptedSlave(line.a)
         slave.start()
         statuses.clear()
-        await until(("m", True), 15)
+        await status(("m", True))
         assert len(messages) > seen
         assert link.client.counters.connects >= 2
     finally:
