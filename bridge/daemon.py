@@ -34,6 +34,7 @@ log = structlog.get_logger("bridge.daemon")
 T = TypeVar("T")
 
 EXIT_FORCED = 1
+RELOAD_DEADLINE = 60.0  # seconds to read and check a new config before giving up on it
 STOP_GRACE = 10.0  # seconds to flush the buffer on stop; systemd's TimeoutStopSec is 20
 
 
@@ -104,7 +105,8 @@ async def reload(config_path: Path, service: Service) -> None:
     """
     notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
-        new = await _off_loop(lambda: load_config(config_path, check_state_dir=True))
+        loading = _off_loop(lambda: load_config(config_path, check_state_dir=True))
+        new = await asyncio.wait_for(loading, RELOAD_DEADLINE)
         for warning in new.warnings:
             log.warning("config warning", issue=str(warning))
         changes = service.reload(new)
@@ -114,6 +116,10 @@ async def reload(config_path: Path, service: Service) -> None:
         log.warning("reload refused; the running config stays", errors=len(exc.issues))
     except BridgeError as exc:
         log.error("reload refused; the running config stays", error=str(exc))
+    except TimeoutError:
+        # The thread reads on and its result is dropped; files are bounded, so it ends.
+        why = f"reading the config took longer than {RELOAD_DEADLINE:g} s"
+        log.error("reload refused; the running config stays", error=why)
     else:
         log.info("reloaded", changes=changes or ["nothing changed"])
     finally:

@@ -8,6 +8,7 @@ never what it resolved to.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -79,28 +80,36 @@ def _resolve(source: str, name: str, environ: Mapping[str, str]) -> tuple[str, s
 MAX_SECRET_BYTES = 64 * 1024
 
 
-def _read(path: Path) -> tuple[str, str]:
-    """Read a secret file with a bound, never blocking: opening a FIFO for reading waits for
-    a writer and /dev/zero never ends, and either would hang `validate` or the reload."""
-    try:
-        # O_NONBLOCK makes open() return at once even on a FIFO; fstat then refuses it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as exc:
-        return "", f"cannot be read: {exc.strerror}"
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file `path`, at most `limit` of them; never blocks.
+
+    Opening a FIFO for reading waits for a writer and /dev/zero never ends: either would hang
+    `validate`, start-up or a reload. Raises OSError with a reason a person can act on.
+    """
+    # O_NONBLOCK makes open() return at once even on a FIFO; fstat then refuses it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return "", "cannot be read: not a regular file (a FIFO or a device?)"
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO or a device?)")
         data = b""
-        while len(data) <= MAX_SECRET_BYTES and (chunk := os.read(fd, MAX_SECRET_BYTES + 1)):
+        while len(data) <= limit and (chunk := os.read(fd, limit + 1 - len(data))):
             data += chunk
-    except OSError as exc:
-        return "", f"cannot be read: {exc.strerror}"
     finally:
         os.close(fd)
-    if len(data) > MAX_SECRET_BYTES:
-        return "", f"cannot be read: larger than {MAX_SECRET_BYTES // 1024} KiB"
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {_size(limit)}")
+    return data
+
+
+def _size(limit: int) -> str:
+    return f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit // 1024} KiB"
+
+
+def _read(path: Path) -> tuple[str, str]:
     try:
-        text = data.decode("utf-8")
+        text = read_bounded(path, MAX_SECRET_BYTES).decode("utf-8")
+    except OSError as exc:
+        return "", f"cannot be read: {exc.strerror}"
     except UnicodeDecodeError:
         return "", "cannot be read: not UTF-8 text"
     # Files written with `echo` end in a newline that is not part of the password.

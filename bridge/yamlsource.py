@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from bridge.errors import ConfigError, ConfigIssue
-from bridge.secrets import substitute
+from bridge.secrets import read_bounded, substitute
 
 Loc: TypeAlias = tuple[str | int, ...]
 
@@ -138,6 +138,11 @@ def parse_yaml(text: str, file: str) -> tuple[Document, list[ConfigIssue]]:
     return Document(file, data, lines), issues
 
 
+# Real configs and maps are kilobytes; parsing 16 MiB of YAML already takes minutes on a
+# gateway, so anything larger is refused before it is read.
+MAX_FILE_BYTES = 16 * 2**20
+
+
 class UnreadableFileError(Exception):
     """The file could not be read at all; the message says why."""
 
@@ -151,7 +156,7 @@ def read_document(
     secrets). Raises UnreadableFileError, or ConfigError if the text is not YAML.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, MAX_FILE_BYTES).decode("utf-8")
     except OSError as exc:
         raise UnreadableFileError(exc.strerror or str(exc)) from None
     except UnicodeDecodeError:

@@ -319,6 +319,21 @@ class TestLocatedErrors:
         with pytest.raises(ConfigError, match="cannot read"):
             load_config(tmp_path / "absent.yaml", environ={})
 
+    @pytest.mark.timeout(20)
+    def test_a_config_that_is_a_fifo_or_too_large_is_one_issue(self, tmp_path: Path) -> None:
+        """Refused before reading: a FIFO would block, 16 MiB of YAML would parse for minutes."""
+        fifo = tmp_path / "fifo.yaml"
+        os.mkfifo(fifo)
+        with pytest.raises(ConfigError) as caught:
+            load_config(fifo, environ={})
+        assert str(caught.value) == f"{fifo}: cannot read: not a regular file (a FIFO or a device?)"
+        big = tmp_path / "big.yaml"
+        with big.open("wb") as file:
+            file.truncate(16 * 2**20 + 1)
+        with pytest.raises(ConfigError) as caught:
+            load_config(big, environ={})
+        assert str(caught.value) == f"{big}: cannot read: larger than 16 MiB"
+
     def test_all_errors_are_reported_at_once(self, tmp_path: Path) -> None:
         """Three problems in different places give three issues, in line order."""
         text = HEAD.replace("127.0.0.1}", "127.0.0.1, port: web}") + (
