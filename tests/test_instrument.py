@@ -13,8 +13,7 @@ import json
 import shutil
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from bridge.config import Device, LineLink, MqttSettings, Point
 from bridge.instrument import InstrumentPoller, parse_text
 from bridge.messages import Message
 from bridge.transports.line import LinePort
-from tests.helpers import Daemon, Socat, mosquitto, recording
+from tests.helpers import Daemon, Socat, mosquitto, recording, until
 
 pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat")
 
@@ -131,14 +130,6 @@ def make_poller(dev: Path, sink: Sink, *, request: bool = True, interval: float 
         device, LinePort(link, backoff_cap=0.5), MqttSettings(topic_prefix="m2m/gw"),
         emit=sink.emit, set_status=sink.status,
     )
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager
