@@ -147,7 +147,7 @@ async def test_wait_returns_once_something_is_not_in_flight(buf: DiskBuffer) -> 
     await asyncio.wait_for(buf.wait(), 1)
     taken = buf.take(10)
     waiter = asyncio.create_task(buf.wait())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.01)  # negative check: a waiter that did not block is done by now
     assert not waiter.done()
     buf.requeue(ids(taken))
     await asyncio.wait_for(waiter, 1)
