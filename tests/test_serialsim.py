@@ -5,6 +5,7 @@ A client opens the pty the simulator announces, with pyserial, exactly as the br
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import subprocess
@@ -201,9 +202,12 @@ def test_example_line_fills_groups() -> None:
 def test_simulate_command_announces_ptys(tmp_path: Path) -> None:
     path = tmp_path / "bridge.yaml"
     path.write_text(CONFIG)
+    temp = tmp_path / "tmp"  # its own TMPDIR: the m2m-sim-* directory is ours to look for
+    temp.mkdir()
     process = subprocess.Popen(
         [sys.executable, "-m", "bridge", "simulate", "-c", str(path), "--baud", "config"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(temp)},
     )
     try:
         assert process.stdout is not None
@@ -220,8 +224,11 @@ def test_simulate_command_announces_ptys(tmp_path: Path) -> None:
             assert rtu_read(line, 1, 3, 0, 1)[3:5] == struct.pack(">H", 1234)
     finally:
         process.terminate()
-        process.wait(10)
-    assert not pty.exists()  # cleaned up on the way out
+        code = process.wait(30)
+    assert code == 0
+    # Cleaned up on the way out; lexists, as a dangling link passes `not exists()`.
+    assert not os.path.lexists(pty)
+    assert os.listdir(temp) == []
 
 
 def test_rtu_units_seed_bit_points_from_their_register(tmp_path: Path) -> None:
