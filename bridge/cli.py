@@ -19,11 +19,11 @@ from typing import Literal, NoReturn
 
 from bridge import __version__
 from bridge.codec import BYTE_ORDERS, POINT_TYPES, Value
-from bridge.config import config_json_schema, load_config
+from bridge.config import Config, config_json_schema, load_config
 from bridge.daemon import run_daemon
 from bridge.demo import run_demo
 from bridge.errors import BridgeError, ConfigError, UsageError
-from bridge.logs import configure
+from bridge.logs import configure, redact, redact_secrets
 from bridge.oneshot import read_config_points, read_url, write_config_point, write_url
 from bridge.report import plan_report
 from bridge.service import Service
@@ -37,8 +37,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"m2m-bridge: {message} (see '{self.prog} --help')\n")
 
 
+def _load(path: Path, *, check_state_dir: bool = False) -> Config:
+    """The config at `path`; from here on its secret values never reach output or logs."""
+    config = load_config(path, check_state_dir=check_state_dir)
+    redact_secrets(config.secrets)
+    return config
+
+
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
-    print(f"m2m-bridge: {message}", file=sys.stderr)
+    print(f"m2m-bridge: {redact(message)}", file=sys.stderr)
     return code
 
 
@@ -165,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config, check_state_dir=True)
+    config = _load(args.config, check_state_dir=True)
     for warning in config.warnings:
         print(warning, file=sys.stderr)
     points = sum(len(d.points) for d in config.devices)
@@ -180,13 +187,13 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    print(plan_report(load_config(args.config)))
+    print(plan_report(_load(args.config)))
     return EXIT_OK
 
 
 def _cmd_read(args: argparse.Namespace) -> int:
     if args.config is not None:
-        config = load_config(args.config)
+        config = _load(args.config)
         rows = asyncio.run(read_config_points(config, args.target, args.points))
         if args.json:
             print(json.dumps([{"point": r.name, "value": r.value, "unit": r.unit} for r in rows]))
@@ -212,7 +219,7 @@ def _cmd_write(args: argparse.Namespace) -> int:
     if args.config is not None:
         if len(args.rest) != 2:
             return _fail("with -c: write -c FILE DEVICE POINT VALUE", EXIT_USAGE)
-        config = load_config(args.config)
+        config = _load(args.config)
         reading = asyncio.run(write_config_point(config, args.target, *args.rest))
         print(json.dumps(reading.value, ensure_ascii=False))
         return EXIT_OK
@@ -242,13 +249,13 @@ def _table(rows: Sequence[Sequence[str]]) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     # A bad config or an unusable state_dir stops here (exit 78), before any device is touched.
-    config = load_config(args.config, check_state_dir=True)
+    config = _load(args.config, check_state_dir=True)
     asyncio.run(run_daemon(args.config, Service(config)))
     return EXIT_OK
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = _load(args.config)
 
     def ready() -> None:
         print("simulating; Ctrl-C stops", file=sys.stderr)

@@ -385,11 +385,17 @@ class Config(_Model):
     metrics: MetricsSettings | None = None  # off unless configured
     _source: str = PrivateAttr("")
     _warnings: list[ConfigIssue] = PrivateAttr(default_factory=list)
+    _secrets: frozenset[str] = PrivateAttr(frozenset())
 
     @property
     def source(self) -> str:
         """The path of the main config file, as given to load_config."""
         return self._source
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        """Every value a secret reference resolved to: logs and errors redact these."""
+        return self._secrets
 
     @property
     def warnings(self) -> list[ConfigIssue]:
@@ -480,6 +486,7 @@ def load_config(
     )
     config._source = str(path)
     config._warnings = _ordered([w for _, _, found in merged for w in found], main)
+    config._secrets = main.secret_values.union(*(doc.secret_values for doc in maps.documents()))
     return config
 
 
@@ -534,6 +541,10 @@ class _Maps:
         if file not in self._loaded:
             self._loaded[file] = self._load(file)
         return self._loaded[file]
+
+    def documents(self) -> list[Document]:
+        """The map files that loaded."""
+        return [loaded[1] for loaded in self._loaded.values() if isinstance(loaded, tuple)]
 
     def _load(self, file: Path) -> tuple[DeviceMap, Document] | str | None:
         try:

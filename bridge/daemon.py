@@ -26,6 +26,7 @@ import structlog
 from bridge.config import load_config
 from bridge.errors import BridgeError, ConfigError
 from bridge.health import Activity
+from bridge.logs import redact_secrets
 from bridge.metrics import serve_metrics
 from bridge.service import Service
 from bridge.systemd import notify, watchdog, watchdog_interval
@@ -109,6 +110,8 @@ async def reload(config_path: Path, service: Service) -> None:
         new = await asyncio.wait_for(loading, RELOAD_DEADLINE)
         for warning in new.warnings:
             log.warning("config warning", issue=str(warning))
+        # Connections made with the old values may still fail and say so: keep both.
+        redact_secrets(service.config.secrets | new.secrets)
         changes = service.reload(new)
     except ConfigError as exc:
         for issue in exc.issues:

@@ -3,9 +3,61 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any
 
 import structlog
+
+# Values that came from secret references (${env:…}, ${file:…}, ${credential:…}). A secret
+# may end up inside another setting (`host: ${env:BROKER}`) and from there in any message a
+# library or we print ("broker unreachable: …", a TLS error naming a file), so every line is
+# scrubbed of them on its way out rather than trusting each call site.
+_secrets: re.Pattern[str] | None = None
+_short: frozenset[str] = frozenset()
+REDACTED = "<secret>"
+# Shorter values (a QoS "1" from ${env:…}) would garble every number in the logs if replaced
+# inside text; they are replaced only where they are a whole value.
+_MIN_INSIDE = 4
+
+
+def redact_secrets(values: Iterable[str]) -> None:
+    """From now on, replace each of `values` with <secret> in every log line and in redact()."""
+    global _secrets, _short  # noqa: PLW0603 - one process-wide list, set at start and reload
+    long = sorted((v for v in values if len(v) >= _MIN_INSIDE), key=len, reverse=True)
+    _secrets = re.compile("|".join(map(re.escape, long))) if long else None
+    _short = frozenset(v for v in values if 0 < len(v) < _MIN_INSIDE)
+
+
+def redact(text: str) -> str:
+    """`text` with every known secret value replaced by <secret>."""
+    if text in _short:
+        return REDACTED
+    return _secrets.sub(REDACTED, text) if _secrets is not None else text
+
+
+def _redact_event(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    if _secrets is None and not _short:
+        return event
+    for key, value in event.items():
+        event[key] = _scrub(value)
+    return event
+
+
+def _scrub(value: Any) -> Any:
+    """`value` with secrets redacted, keeping its JSON shape (lists stay lists)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, int | float | bool | None):
+        return value
+    if isinstance(value, list | tuple):
+        return [_scrub(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _scrub(item) for key, item in value.items()}
+    return redact(str(value))  # exceptions, paths: as they would be printed
 
 
 def configure(*, level: str = "info", json: bool | None = None) -> None:
@@ -25,8 +77,10 @@ def configure(*, level: str = "info", json: bool | None = None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            # JSON lines carry the traceback as text in "exception" (else it is lost).
-            *([structlog.processors.format_exc_info] if as_json else []),
+            # Tracebacks become text in "exception" (JSON lines would lose them otherwise),
+            # so the secret scrub sees them too.
+            structlog.processors.format_exc_info,
+            _redact_event,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
@@ -57,7 +111,8 @@ def _route_stdlib_logging(renderer: structlog.typing.Processor, as_json: bool) -
         ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *([structlog.processors.format_exc_info] if as_json else []),
+            structlog.processors.format_exc_info,
+            _redact_event,
             renderer,
         ],
     )

@@ -33,12 +33,14 @@ class Substituted:
     data: Any
     secret_paths: frozenset[Loc]
     problems: list[tuple[Loc, str]]
+    values: frozenset[str] = frozenset()  # what the references resolved to, for redaction
 
 
 def substitute(data: Any, environ: Mapping[str, str]) -> Substituted:
     """Replace every secret reference in the string values of `data` (not in keys)."""
     paths: set[Loc] = set()
     problems: list[tuple[Loc, str]] = []
+    values: set[str] = set()
 
     def walk(value: Any, at: Loc) -> Any:
         if isinstance(value, dict):
@@ -52,12 +54,14 @@ def substitute(data: Any, environ: Mapping[str, str]) -> Substituted:
                 resolved, problem = _resolve(match["source"], match["name"], environ)
                 if problem:
                     problems.append((at, f"secret {match[0]} {problem}"))
+                elif resolved:
+                    values.add(resolved)
                 return resolved
 
             return _REFERENCE.sub(replace, value)
         return value
 
-    return Substituted(walk(data, ()), frozenset(paths), problems)
+    return Substituted(walk(data, ()), frozenset(paths), problems, frozenset(values))
 
 
 def _resolve(source: str, name: str, environ: Mapping[str, str]) -> tuple[str, str]:

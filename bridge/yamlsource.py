@@ -46,6 +46,7 @@ class Document:
     data: Any
     lines: Mapping[Loc, int]
     secret_paths: frozenset[Loc] = frozenset()
+    secret_values: frozenset[str] = frozenset()
 
     def line(self, path: Loc) -> int:
         """Line of the deepest recorded prefix of `path` (a missing key: its parent's line)."""
@@ -163,7 +164,7 @@ def read_document(
         raise UnreadableFileError("not UTF-8 text") from None
     parsed, issues = parse_yaml(text, file)
     secrets = substitute(parsed.data, environ)
-    doc = Document(file, secrets.data, parsed.lines, secrets.secret_paths)
+    doc = Document(file, secrets.data, parsed.lines, secrets.secret_paths, secrets.values)
     return doc, issues + [doc.issue(at, message) for at, message in secrets.problems]
 
 
