@@ -122,9 +122,13 @@ def test_validate_warns_of_modicon_addresses_and_passes(tmp_path: Path) -> None:
         "usually address 14" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["validate", "run"])
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
-def test_validate_refuses_a_secret_that_would_block(tmp_path: Path, kind: str) -> None:
-    """A FIFO would wait for a writer and /dev/zero never ends: refused at once, by name."""
+def test_a_secret_that_would_block_is_refused_at_once(
+    tmp_path: Path, kind: str, command: str
+) -> None:
+    """A FIFO would wait for a writer and /dev/zero never ends: refused in one line, exit 78,
+    well inside the 30 s the test allows (it hung for ever, or read 3 GB, before)."""
     secret = tmp_path / "pw"
     if kind == "fifo":
         os.mkfifo(secret)
@@ -132,7 +136,7 @@ def test_validate_refuses_a_secret_that_would_block(tmp_path: Path, kind: str) -
         secret.symlink_to("/dev/zero")
     doc = config_doc(state_dir=str(tmp_path / "state"))
     doc["mqtt"]["password"] = f"${{file:{secret}}}"
-    result = run_cli("validate", "-c", str(write_config(tmp_path, doc)), timeout=30)
+    result = run_cli(command, "-c", str(write_config(tmp_path, doc)), timeout=30)
     line = one_line_refusal(result, names="mqtt.password")
     assert "not a regular file" in line
 
