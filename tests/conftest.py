@@ -1,9 +1,10 @@
 """Session checks: the suite leaves nothing behind.
 
-Nothing new in the checkout (a daemon or Service run with a relative state_dir once left
-./state/buffer.sqlite3 there), and no simulator directory (`m2m-sim-*`, made with mkdtemp) left in
-the temp directory. The session runs with its own TMPDIR, so runs of the suite side by side on
-one machine never see each other's directories; that directory is removed at the end.
+Nothing new in the checkout (a Service run with a relative state_dir once left
+./state/buffer.sqlite3 there), and no simulator directory (`m2m-sim-*`, made with mkdtemp) left
+in the temp directory. The session runs with its own TMPDIR (for the tests and every process
+they start), so runs of the suite side by side on one machine never see each other's
+directories; that directory is removed at the end.
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ def sim_dirs(tmp: Path) -> list[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    tmp_path_factory.getbasetemp()  # pytest's own tmp_path root stays where it was
-    private = Path(tempfile.mkdtemp(prefix="m2m-tests-"))
+    # Inside pytest's own (numbered, pruned) base directory, so even a killed run leaves
+    # nothing in /tmp itself; tmp_path stays where it was.
+    private = tmp_path_factory.getbasetemp() / "tmpdir"
+    private.mkdir()
     saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"] = str(private)  # the simulators the tests start, in and out of process
     tempfile.tempdir = str(private)
