@@ -20,6 +20,7 @@ from paho.mqtt.properties import Properties
 from bridge.errors import BrokerError
 from bridge.wire import Incoming, WindowFull, WireClient, WireError
 from tests.helpers import (
+    WAIT,
     Broker,
     Pki,
     free_port,
@@ -125,7 +126,7 @@ async def test_commands_arrive_with_response_topic_and_correlation_data(broker: 
         await commander.publish(f"{TOPIC}/not-subscribed", b"no", qos=1)
 
         received: list[Incoming] = []
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(WAIT):
             async for message in bridge.incoming():
                 received.append(message)
                 if len(received) == 2:
@@ -140,7 +141,7 @@ async def test_commands_arrive_with_response_topic_and_correlation_data(broker: 
         bridge.publish_nowait(command.response_topic, b'{"ok": true}', 1, False,
                               correlation_data=command.correlation_data)
         await bridge.wait_acked()
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(WAIT):
             async for reply in commander.messages:
                 assert str(reply.topic) == f"{TOPIC}/replies/1"
                 assert reply.payload == b'{"ok": true}'
@@ -178,7 +179,7 @@ async def test_broker_stopped_mid_batch_raises_without_hanging(broker: Broker) -
     await until(lambda: client.in_flight > 0, what="the batch to be under way")
     assert not batch.done()
     broker.stop()
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(WAIT):
         with pytest.raises(WireError, match="connection"):
             await batch
         with pytest.raises(WireError):
