@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -96,3 +98,29 @@ def leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         problems.append(f"the tests left simulator directories in the temp dir: {leftovers}")
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
+
+
+class UnmarkedIntegrationError(RuntimeError):
+    """A test outside the integration mark started a process or a server."""
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_nothing(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keep `pytest -m "not integration"` honest: a test without the mark that starts a
+    process, listens on a socket or opens a pty fails, saying to mark it."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+
+    def refuse(what: str) -> Any:
+        def refused(*_args: object, **_kwargs: object) -> None:
+            raise UnmarkedIntegrationError(
+                f"{request.node.nodeid} {what}: mark it @pytest.mark.integration"
+            )
+
+        return refused
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("starts a process"))
+    monkeypatch.setattr(socket.socket, "listen", refuse("listens on a socket"))
+    monkeypatch.setattr(os, "openpty", refuse("opens a pty"))

@@ -200,6 +200,7 @@ CRASH_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.integration
 def test_rows_survive_kill_9_right_after_put(tmp_path: Path) -> None:
     """SIGKILLed right after put() returns, a process loses nothing: unacked rows are all there."""
     path = tmp_path / "state" / "buffer.db"

@@ -7,10 +7,14 @@ import asyncio
 import signal
 from pathlib import Path
 
+import pytest
+
 from bridge.config import load_config
 from bridge.simulator import Simulator
 from tests.helpers import Daemon, free_port, mosquitto, recording
 from tests.test_e2e import write_config
+
+pytestmark = pytest.mark.integration  # starts processes or socket servers
 
 PREFIX = "m2m/e2e"
 

@@ -88,6 +88,7 @@ async def device(tmp_path: Path) -> AsyncIterator[tuple[Path, int]]:
 class TestRead:
     """`read` from a URL or a configured device."""
 
+    @pytest.mark.integration
     async def test_url_read_json(self, device: tuple[Path, int]) -> None:
         """--json prints [{"address", "value"}] decoded with --type and --byte-order."""
         _, port = device
@@ -99,6 +100,7 @@ class TestRead:
                       "--address", "2", "--type", "float32", "--byte-order", "CDAB", "--json")
         assert json.loads(r.stdout) == [{"address": 2, "value": 4.25}]
 
+    @pytest.mark.integration
     async def test_url_read_table(self, device: tuple[Path, int]) -> None:
         """Without --json the output is a readable table of address and value."""
         _, port = device
@@ -109,6 +111,7 @@ class TestRead:
         assert r.stdout.split("\n")[1].split() == ["10", "215"]
         assert r.stdout.split("\n")[2].split() == ["11", "1"]
 
+    @pytest.mark.integration
     async def test_config_read_scales_and_names(self, device: tuple[Path, int]) -> None:
         """`read -c FILE DEVICE` reads points as the daemon publishes them."""
         path, _ = device
@@ -121,6 +124,7 @@ class TestRead:
         r = await cli("read", "-c", str(path), "meter", "temp")
         assert r.stdout.split("\n")[1].split() == ["temp", "21.5", "°C"]
 
+    @pytest.mark.integration
     async def test_unknown_point_is_a_usage_error(self, device: tuple[Path, int]) -> None:
         """A point the device does not have: exit 2 and a line naming it."""
         path, _ = device
@@ -128,6 +132,7 @@ class TestRead:
         assert r.returncode == 2
         assert r.stderr.strip() == "m2m-bridge: device 'meter' has no point 'nope'"
 
+    @pytest.mark.integration
     async def test_modbus_exception_is_one_line(self, device: tuple[Path, int]) -> None:
         """A unit the gateway does not serve: exit 1 and one line naming the exception."""
         _, port = device
@@ -139,6 +144,7 @@ class TestRead:
         assert "unit 9" in lines[0]
         assert "Modbus exception 04 (server device failure)" in lines[0]
 
+    @pytest.mark.integration
     async def test_url_read_string(self, device: tuple[Path, int]) -> None:
         """--type string --count N reads N registers as one string, NULs and trailing
         spaces trimmed, as a map point would."""
@@ -153,6 +159,7 @@ class TestRead:
         assert r.returncode == 0, r.stderr
         assert r.stdout.split("\n")[1].split() == ["20", '"PX-200"']
 
+    @pytest.mark.integration
     async def test_float32_prints_its_shortest_form(self, device: tuple[Path, int]) -> None:
         """A float32 prints as the shortest decimal that is the same float32 (229.87392, not
         229.87391662597656): URL form and config form, table and JSON."""
@@ -170,6 +177,7 @@ class TestRead:
         r = await cli("read", "-c", str(path), "meter", "power")
         assert r.stdout.split("\n")[1].split() == ["power", "229.87392", "W"]
 
+    @pytest.mark.integration
     async def test_float32_write_prints_its_shortest_read_back(
         self, device: tuple[Path, int]
     ) -> None:
@@ -183,6 +191,7 @@ class TestRead:
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == "229.87392"
 
+    @pytest.mark.integration
     async def test_global_options_after_the_command(self, device: tuple[Path, int]) -> None:
         """--log-level and --log-json are accepted after the command too."""
         _, port = device
@@ -238,6 +247,7 @@ def test_every_option_has_help() -> None:
     assert walk(build_parser(), "m2m-bridge") == []
 
 
+@pytest.mark.integration
 async def test_unreachable_device_is_exit_1_one_line() -> None:
     """Nothing listening: exit 1, one line saying the connection was refused, no traceback."""
     port = free_port()
@@ -308,6 +318,7 @@ async def test_connection_failed_says_why(
         (["frobnicate"], "invalid choice"),
     ],
 )
+@pytest.mark.integration
 async def test_bad_arguments_exit_2(args: list[str], needle: str) -> None:
     """Bad arguments: exit 2 and a message naming the argument."""
     r = await cli(*args)
@@ -326,6 +337,7 @@ async def test_bad_arguments_exit_2(args: list[str], needle: str) -> None:
         ["--timeout", "0.01"],
     ],
 )
+@pytest.mark.integration
 async def test_reads_at_the_limits_are_allowed(args: list[str]) -> None:
     """The largest legal request passes the checks: it fails only at the (closed) port."""
     r = await cli("read", f"tcp://127.0.0.1:{free_port()}", "--address", "0", *args)
@@ -333,6 +345,7 @@ async def test_reads_at_the_limits_are_allowed(args: list[str]) -> None:
     assert "connection failed" in r.stderr
 
 
+@pytest.mark.integration
 async def test_validate_ok_and_errors(tmp_path: Path) -> None:
     """validate: 0 with a summary, or 78 listing every error with file:line: path."""
     good = config_file(tmp_path, 502)
@@ -351,6 +364,7 @@ async def test_validate_ok_and_errors(tmp_path: Path) -> None:
     assert any("devices[0].unit" in line for line in lines)
 
 
+@pytest.mark.integration
 async def test_schema_is_json_schema() -> None:
     """schema prints a JSON Schema naming the top-level sections."""
     r = await cli("schema")
@@ -359,6 +373,7 @@ async def test_schema_is_json_schema() -> None:
     assert {"version", "mqtt", "links", "devices"} <= set(schema["properties"])
 
 
+@pytest.mark.integration
 async def test_plan_shows_coalesced_requests(tmp_path: Path) -> None:
     """plan lists each request with its registers and counts requests against points."""
     r = await cli("plan", "-c", str(config_file(tmp_path, 502)))
@@ -368,6 +383,7 @@ async def test_plan_shows_coalesced_requests(tmp_path: Path) -> None:
     assert "total: 3 requests per cycle instead of 5 (one per point)" in r.stdout
 
 
+@pytest.mark.integration
 async def test_every_command_has_help_with_an_example() -> None:
     """--help of each command shows an example."""
     for command in ("run", "validate", "schema", "plan", "read", "write", "simulate", "demo"):
@@ -376,6 +392,7 @@ async def test_every_command_has_help_with_an_example() -> None:
         assert "example: m2m-bridge" in r.stdout, command
 
 
+@pytest.mark.integration
 async def test_plan_shows_bus_time_per_serial_link(tmp_path: Path) -> None:
     """plan prices each request on a serial link and sums the load per link."""
     path = tmp_path / "serial.yaml"

@@ -271,6 +271,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[Simulator, Harness]]:
 class TestHandler:
     """Routing, results, read-back, refusal without I/O."""
 
+    @pytest.mark.integration
     async def test_subscribes_to_every_command_topic_with_one_filter(
         self, rig: tuple[Simulator, Harness]
     ) -> None:
@@ -278,6 +279,7 @@ class TestHandler:
         _, h = rig
         assert h.handler.topics() == ["m2m/cmd/+/+/set"]
 
+    @pytest.mark.integration
     async def test_write_reads_back_publishes_and_answers(
         self, rig: tuple[Simulator, Harness]
     ) -> None:
@@ -291,6 +293,7 @@ class TestHandler:
         assert json.loads(reading.payload) | {"ts": 0} == {"value": 12.25, "ts": 0, "unit": "V"}
         assert h.handler.stats.accepted == 1
 
+    @pytest.mark.integration
     async def test_read_only_and_unknown_targets_are_refused_naming_why_without_a_write(
         self, rig: tuple[Simulator, Harness]
     ) -> None:
@@ -311,6 +314,7 @@ class TestHandler:
         assert sim.write_requests("dev") == 0
         assert h.handler.stats.refused == 5
 
+    @pytest.mark.integration
     async def test_response_topic_and_correlation_data_are_honoured(
         self, rig: tuple[Simulator, Harness]
     ) -> None:
@@ -318,6 +322,7 @@ class TestHandler:
         await h.send("m2m/cmd/dev/setpoint/set", b"1", "app/replies", b"\x01\x02")
         assert h.replies[0] == ("app/replies", {"ok": True, "value": 1}, b"\x01\x02")
 
+    @pytest.mark.integration
     async def test_a_response_topic_that_is_a_command_topic_is_not_used(
         self, rig: tuple[Simulator, Harness]
     ) -> None:
@@ -326,6 +331,7 @@ class TestHandler:
         await h.send("m2m/cmd/dev/alarm/set", b"1", "m2m/cmd/dev/setpoint/set")
         assert h.replies[0][0] == "m2m/cmd/dev/alarm/set/result"
 
+    @pytest.mark.integration
     async def test_a_retained_command_is_ignored_without_a_write(
         self, rig: tuple[Simulator, Harness]
     ) -> None:
@@ -360,6 +366,7 @@ class TestHandler:
             ("messages: per-device", "m2m/cmd/dev", None),
         ],
     )
+    @pytest.mark.integration
     async def test_read_back_uses_the_configured_message_form(
         self, rig: tuple[Simulator, Harness], tmp_path: Path, mqtt: str, topic: str,
         payload: bytes | None,

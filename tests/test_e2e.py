@@ -15,6 +15,8 @@ from bridge.config import load_config
 from bridge.simulator import Simulator
 from tests.helpers import Broker, Daemon, free_port, metrics, mosquitto, recording, until
 
+pytestmark = pytest.mark.integration  # starts processes or socket servers
+
 PREFIX = "m2m/e2e"
 NUMERIC = {
     "int16": -12345,

@@ -377,6 +377,7 @@ TIMEOUT = 0.15
     count=st.integers(1, 125),
     unit=st.integers(0, 247),
 )
+@pytest.mark.integration
 def test_modbus_client_read_against_a_hostile_slave(
     reply: tuple[str, Reply], table: str, address: int, count: int, unit: int
 ) -> None:
@@ -411,6 +412,7 @@ def test_modbus_client_read_against_a_hostile_slave(
     asyncio.run(scenario())
 
 
+@pytest.mark.integration
 async def test_reply_with_another_read_function_code_is_refused() -> None:
     """A reply for another read function (FC4 to an FC3 request) is a bad frame, not data."""
     from bridge.transports.modbus import BadFrame, Endpoint, ModbusClient
@@ -471,6 +473,7 @@ async def healthy(tmp_path: Path) -> AsyncIterator[int]:
         await sim.stop()
 
 
+@pytest.mark.integration
 async def test_daemon_keeps_polling_beside_a_hostile_slave_and_never_writes(
     tmp_path: Path, broker: Broker, healthy: int
 ) -> None:

@@ -155,6 +155,7 @@ def test_parse_text_types() -> None:
         parse_text(Point(name="a", type="uint16"), "1.5")
 
 
+@pytest.mark.integration
 async def test_request_mode_publishes_typed_values_and_counts_junk(line: Socat) -> None:
     sink = Sink()
     poller = make_poller(line.a, sink)
@@ -176,6 +177,7 @@ async def test_request_mode_publishes_typed_values_and_counts_junk(line: Socat) 
     assert stats.bad_values == 0
 
 
+@pytest.mark.integration
 async def test_streaming_mode_publishes_latest_line_per_interval(line: Socat) -> None:
     sink = Sink()
     poller = make_poller(line.a, sink, request=False, interval=0.3)
@@ -192,6 +194,7 @@ async def test_streaming_mode_publishes_latest_line_per_interval(line: Socat) ->
     assert sink.statuses == [True]
 
 
+@pytest.mark.integration
 async def test_no_answer_goes_offline_and_back(line: Socat) -> None:
     sink = Sink()
     poller = make_poller(line.a, sink, interval=0.1, timeout=0.1, offline_after=2)
@@ -205,6 +208,7 @@ async def test_no_answer_goes_offline_and_back(line: Socat) -> None:
     assert sink.payloads("weight")
 
 
+@pytest.mark.integration
 async def test_streaming_silence_goes_offline(line: Socat) -> None:
     sink = Sink()
     poller = make_poller(line.a, sink, request=False, interval=0.1, timeout=0.1,
@@ -215,6 +219,7 @@ async def test_streaming_silence_goes_offline(line: Socat) -> None:
             await until(lambda: sink.statuses == [False, True])
 
 
+@pytest.mark.integration
 async def test_port_closed_and_reopened_recovers(line: Socat) -> None:
     sink = Sink()
     poller = make_poller(line.a, sink, interval=0.1, timeout=0.2, offline_after=2)
@@ -232,6 +237,7 @@ async def test_port_closed_and_reopened_recovers(line: Socat) -> None:
     assert poller.port.opens >= 2
 
 
+@pytest.mark.integration
 async def test_daemon_publishes_instrument_readings(line: Socat, tmp_path: Path) -> None:
     with mosquitto(tmp_path) as broker:
         config = tmp_path / "bridge.yaml"
@@ -305,6 +311,7 @@ def _scale_config(tmp_path: Path, dev: Path, *, request: bool) -> Path:
     return path
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("request_mode", [True, False])
 async def test_cli_reads_an_instrument_once(
     tmp_path: Path, line: Socat, request_mode: bool
@@ -321,6 +328,7 @@ async def test_cli_reads_an_instrument_once(
     assert isinstance(rows["weight"], float)
 
 
+@pytest.mark.integration
 async def test_cli_read_of_a_silent_instrument_is_one_line(tmp_path: Path, line: Socat) -> None:
     """No answer within the link timeout: exit 1 and one line naming the device."""
     config = _scale_config(tmp_path, line.a, request=True)

@@ -67,6 +67,7 @@ def gaps(stamps: list[int]) -> list[int]:
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
+@pytest.mark.integration
 async def test_sighup_restarts_only_the_changed_device(
     setup: tuple[Path, Daemon], broker: Broker
 ) -> None:
@@ -98,6 +99,7 @@ async def test_sighup_restarts_only_the_changed_device(
     assert "device a" not in daemon.output().split('"reloaded"')[-1]
 
 
+@pytest.mark.integration
 async def test_bad_config_on_sighup_keeps_the_old_one(
     setup: tuple[Path, Daemon], broker: Broker
 ) -> None:
@@ -141,6 +143,7 @@ def drain(sock: socket.socket) -> list[str]:
     return out
 
 
+@pytest.mark.integration
 async def test_watchdog_pings_stop_when_a_loop_is_stuck(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -170,6 +173,7 @@ async def test_watchdog_pings_stop_when_a_loop_is_stuck(
         task.cancel()
 
 
+@pytest.mark.integration
 async def test_daemon_tells_systemd_ready_watchdog_and_stopping(
     tmp_path: Path, setup: tuple[Path, Daemon]
 ) -> None:

@@ -17,6 +17,8 @@ from bridge.simulator import Simulator
 from bridge.transports.modbus import Endpoint, ModbusClient
 from tests.helpers import WAIT, free_port, mosquitto, recording, until
 
+pytestmark = pytest.mark.integration  # starts processes or socket servers
+
 
 def make_config(tmp_path: Path, broker: int, device: int, **mqtt: Any) -> Config:
     path = tmp_path / "bridge.yaml"

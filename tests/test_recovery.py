@@ -171,6 +171,7 @@ def _values(messages: list[Message], device: str) -> dict[str, list[int]]:
     return out
 
 
+@pytest.mark.integration
 async def test_hole_in_a_coalesced_block_is_learned(tmp_path: Path) -> None:
     """Exception 02 for a block spanning HOLE: the points around it are published in the same
     poll, the hole is remembered, and the next poll sends nothing that covers it. A point
@@ -205,6 +206,7 @@ async def test_hole_in_a_coalesced_block_is_learned(tmp_path: Path) -> None:
     assert ("inside", False) not in statuses
 
 
+@pytest.mark.integration
 async def test_bad_crc_truncated_and_late_replies(tmp_path: Path) -> None:
     """Garbled replies are counted as bad frames and the next request is answered correctly;
     a reply that comes after the timeout is not taken for the answer to the next request."""
@@ -229,6 +231,7 @@ async def test_bad_crc_truncated_and_late_replies(tmp_path: Path) -> None:
             client.close()
 
 
+@pytest.mark.integration
 async def test_poller_counts_garbage_and_goes_on(tmp_path: Path) -> None:
     async with line_with_slave(tmp_path) as (line, slave):
         config = _config(tmp_path, line.b, [_device("m", 1, [0, 1], offline_after=3)])
@@ -249,6 +252,7 @@ async def test_poller_counts_garbage_and_goes_on(tmp_path: Path) -> None:
     assert statuses == [("m", True)]  # two failures < offline_after: never offline
 
 
+@pytest.mark.integration
 async def test_line_closing_and_reopening(tmp_path: Path) -> None:
     """socat stops (the tty vanishes, as when a USB converter is unplugged) and a new one
     takes the same paths: the link reopens by itself, the device goes offline and back."""

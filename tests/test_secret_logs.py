@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from bridge.logs import redact, redact_secrets
@@ -28,6 +29,7 @@ def config_doc(tmp_path: Path) -> dict[str, Any]:
     }
 
 
+@pytest.mark.integration
 async def test_secrets_inside_hosts_ports_and_tls_files_never_reach_the_log(
     tmp_path: Path,
 ) -> None:
@@ -57,6 +59,7 @@ async def test_secrets_inside_hosts_ports_and_tls_files_never_reach_the_log(
     assert "<secret>" in output
 
 
+@pytest.mark.integration
 def test_one_off_read_errors_never_show_secrets(tmp_path: Path) -> None:
     """`read -c` against a device whose port is a secret: the one-line error redacts it."""
     device_port = str(free_port())

@@ -196,6 +196,7 @@ def env_for(tmp_path: Path) -> dict[str, str]:
             "CREDENTIALS_DIRECTORY": str(tmp_path / "credentials")}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("source", ["env", "file", "credential"])
 def test_validate_never_prints_secrets(
     tmp_path: Path, secret_sources: dict[str, str], source: str
@@ -211,6 +212,7 @@ def test_validate_never_prints_secrets(
     assert MARK not in result.stdout + result.stderr
 
 
+@pytest.mark.integration
 def test_validate_errors_next_to_secrets_show_none(
     tmp_path: Path, secret_sources: dict[str, str]
 ) -> None:
@@ -237,6 +239,7 @@ def test_validate_errors_next_to_secrets_show_none(
     assert MARK not in result.stdout + result.stderr
 
 
+@pytest.mark.integration
 def test_missing_secret_error_names_the_reference_only(tmp_path: Path) -> None:
     config = secret_config(tmp_path, 1883, "${credential:mqtt_password}")
     env = full_env(tmp_path) | {"CREDENTIALS_DIRECTORY": str(tmp_path / "nowhere")}
@@ -260,6 +263,7 @@ def password_broker(tmp_path: Path) -> Iterator[Broker]:
         yield broker
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("source", ["env", "file", "credential"])
 async def test_daemon_debug_log_never_holds_secrets(
     tmp_path: Path, password_broker: Broker, secret_sources: dict[str, str], source: str

@@ -93,6 +93,7 @@ EXPECTED_UNIT_1 = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["rtu", "ascii"])
 async def test_serial_reads_every_table(tmp_path: Path, kind: LinkKind) -> None:
     framer = FramerType.RTU if kind == "rtu" else FramerType.ASCII
@@ -106,6 +107,7 @@ async def test_serial_reads_every_table(tmp_path: Path, kind: LinkKind) -> None:
                 client.close()
 
 
+@pytest.mark.integration
 async def test_rtu_over_tcp(tmp_path: Path) -> None:
     """A transparent serial server: RTU frames, no MBAP header, over a TCP socket."""
     port = free_port()
@@ -119,6 +121,7 @@ async def test_rtu_over_tcp(tmp_path: Path) -> None:
         await server.shutdown()  # type: ignore[no-untyped-call]
 
 
+@pytest.mark.integration
 async def test_udp(tmp_path: Path) -> None:
     port = free_port()
     server = ModbusUdpServer([sim_device(1)], address=("127.0.0.1", port))
@@ -142,6 +145,7 @@ async def _cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.integration
 async def test_read_cli_with_rtu_and_udp_urls(tmp_path: Path) -> None:
     with pty_pair(tmp_path) as line:
         async with serial_server(line.a):
@@ -165,6 +169,7 @@ async def test_read_cli_with_rtu_and_udp_urls(tmp_path: Path) -> None:
     assert json.loads(out) == [{"address": 0, "value": 7}]
 
 
+@pytest.mark.integration
 async def test_read_cli_names_bad_serial_settings() -> None:
     code, _, err = await _cli("read", "rtu:///dev/ttyUSB0?baudrate=fast&parity=E",
                               "--unit", "1", "--table", "holding", "--address", "0")
@@ -225,6 +230,7 @@ def _pollers(config: Config, link: Link, sink: list[Message],
     ]
 
 
+@pytest.mark.integration
 async def test_dead_unit_does_not_starve_the_line(tmp_path: Path) -> None:
     """Three units on one line, unit 3 dead: 1 and 2 keep most of their rate, 3 goes offline,
     and each attempt at 3 costs the bus no more than its timeout (plus the settle wait that

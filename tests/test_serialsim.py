@@ -106,6 +106,7 @@ def test_crc_and_lrc_known_values() -> None:
     assert lrc(bytes.fromhex("01030000000A")) == 0xF2
 
 
+@pytest.mark.integration
 def test_paced_rtu_read_of_125_registers_takes_line_time(paced: SerialSimulator) -> None:
     with port(paced, "rs485-1", parity="E") as line:
         rtu_read(line, 1, 3, 0, 1)  # warm up: the pty and the thread are live
@@ -124,6 +125,7 @@ def test_paced_rtu_read_of_125_registers_takes_line_time(paced: SerialSimulator)
     assert 0.8 * 0.310 < elapsed < 3 * 0.310, elapsed
 
 
+@pytest.mark.integration
 def test_paced_line_time_matches_the_bus_model(paced: SerialSimulator) -> None:
     """Back to back reads take at least what report.rtu_seconds says, and not far more."""
     points = [Point(name=f"p{i}", address=a, type="float32") for i, a in enumerate((0, 60, 100))]
@@ -141,6 +143,7 @@ def test_paced_line_time_matches_the_bus_model(paced: SerialSimulator) -> None:
     assert theory * 0.97 < elapsed < theory * 2, (elapsed, theory)
 
 
+@pytest.mark.integration
 def test_unpaced_pty_is_instant(instant: SerialSimulator) -> None:
     with port(instant, "rs485-1", parity="E") as line:
         start = time.monotonic()
@@ -149,6 +152,7 @@ def test_unpaced_pty_is_instant(instant: SerialSimulator) -> None:
     assert len(reply) == 255
 
 
+@pytest.mark.integration
 def test_bad_crc_unknown_unit_and_exceptions(instant: SerialSimulator) -> None:
     with port(instant, "rs485-1", parity="E", timeout=0.3) as line:
         frame = bytearray(with_crc(struct.pack(">BBHH", 1, 3, 0, 1)))
@@ -164,6 +168,7 @@ def test_bad_crc_unknown_unit_and_exceptions(instant: SerialSimulator) -> None:
         assert rtu_read(line, 1, 3, 124, 1)[3:5] == struct.pack(">H", 99)
 
 
+@pytest.mark.integration
 def test_ascii_unit_answers(instant: SerialSimulator) -> None:
     with port(instant, "ascii-1", bytesize=7, parity="E") as line:
         request = bytes([2, 4, 0, 3, 0, 1])
@@ -175,6 +180,7 @@ def test_ascii_unit_answers(instant: SerialSimulator) -> None:
     assert lrc(raw[:-1]) == raw[-1]
 
 
+@pytest.mark.integration
 def test_line_instrument_answers_requests(paced: SerialSimulator) -> None:
     with port(paced, "scale-port") as line:
         line.write(b"HELLO\r\n")  # not its request: ignored
@@ -190,6 +196,7 @@ def test_line_instrument_answers_requests(paced: SerialSimulator) -> None:
     assert elapsed > len(reply) * 10 / 9600 * 0.9  # 8N1: 10 bits a character
 
 
+@pytest.mark.integration
 def test_streaming_instrument_talks_on_its_own(instant: SerialSimulator) -> None:
     with port(instant, "stream-port") as line:
         line.reset_input_buffer()
@@ -203,6 +210,7 @@ def test_example_line_fills_groups() -> None:
     assert re.search(RESPONSE, example_line(RESPONSE, {}))
 
 
+@pytest.mark.integration
 def test_simulate_command_announces_ptys(tmp_path: Path) -> None:
     path = tmp_path / "bridge.yaml"
     path.write_text(CONFIG)
@@ -235,6 +243,7 @@ def test_simulate_command_announces_ptys(tmp_path: Path) -> None:
     assert os.listdir(temp) == []
 
 
+@pytest.mark.integration
 def test_rtu_units_seed_bit_points_from_their_register(tmp_path: Path) -> None:
     """The example pump on an RTU line: status_word reads 11, its hintless bits keep it."""
     pump_map = ROOT / "configs" / "maps" / "pump-drive.yaml"

@@ -6,7 +6,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT
+
+pytestmark = pytest.mark.integration  # starts processes or socket servers
 
 
 def test_setup_refuses_a_python_older_than_3_11(tmp_path: Path) -> None:

@@ -11,7 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, free_port
+
+pytestmark = pytest.mark.integration  # starts processes or socket servers
 
 CONFIG = """\
 version: 1

@@ -103,28 +103,34 @@ async def holding(
 
 
 class TestRegisterValues:
+    @pytest.mark.integration
     async def test_scaled_int16_holds_the_raw_value(self, client: AsyncModbusTcpClient) -> None:
         """21.5 with scale 0.1 is served as raw 215."""
         assert await holding(client, 2, 1) == [215]
 
+    @pytest.mark.integration
     async def test_float32_in_cdab_order_decodes(self, client: AsyncModbusTcpClient) -> None:
         """A word-swapped float reads back as its configured value."""
         words = await holding(client, 0, 2)
         assert decode(Field(0, "float32", "CDAB"), words) == pytest.approx(1234.5)
 
+    @pytest.mark.integration
     async def test_string_defaults_to_sim_and_unit(self, client: AsyncModbusTcpClient) -> None:
         """A string point without a hint reads `SIM-<unit>`."""
         words = await holding(client, 10, 4)
         assert decode(Field(0, "string", count=4), words) == "SIM-1"
 
+    @pytest.mark.integration
     async def test_enum_name_is_served_as_its_code(self, client: AsyncModbusTcpClient) -> None:
         """`running` in a values map is register value 1."""
         assert await holding(client, 20, 1) == [1]
 
+    @pytest.mark.integration
     async def test_bits_share_one_register(self, client: AsyncModbusTcpClient) -> None:
         """Two bit points set in one word do not clobber each other."""
         assert await holding(client, 30, 1) == [0b1001]
 
+    @pytest.mark.integration
     async def test_set_value_changes_one_bit_only(
         self, simulator: Simulator, client: AsyncModbusTcpClient
     ) -> None:
@@ -132,16 +138,19 @@ class TestRegisterValues:
         simulator.set_value("plc-1", "alarm", False)
         assert await holding(client, 30, 1) == [0b1000]
 
+    @pytest.mark.integration
     async def test_coil_is_a_bit(self, client: AsyncModbusTcpClient) -> None:
         """A coil point reads back as a set coil, its neighbours clear."""
         reply = await client.read_coils(4, count=3, device_id=1)
         assert list(reply.bits[:3]) == [False, True, False]
 
+    @pytest.mark.integration
     async def test_input_register(self, client: AsyncModbusTcpClient) -> None:
         """Input-table points are served by FC4."""
         reply = await client.read_input_registers(3, count=1, device_id=1)
         assert reply.registers == [7]
 
+    @pytest.mark.integration
     async def test_read_across_unmapped_addresses_is_zero(
         self, client: AsyncModbusTcpClient
     ) -> None:
@@ -150,6 +159,7 @@ class TestRegisterValues:
         assert words[4:10] == [0] * 6
         assert await holding(client, 60000, 100) == [0] * 100
 
+    @pytest.mark.integration
     async def test_units_on_one_port_answer_independently(
         self, client: AsyncModbusTcpClient
     ) -> None:
@@ -158,6 +168,7 @@ class TestRegisterValues:
         (raw,) = await holding(client, 2, 1, unit=2)
         assert decode(Field(0, "int16"), [raw]) == -32
 
+    @pytest.mark.integration
     async def test_set_value_enum_name(
         self, simulator: Simulator, client: AsyncModbusTcpClient
     ) -> None:
@@ -167,6 +178,7 @@ class TestRegisterValues:
 
 
 class TestEvolution:
+    @pytest.mark.integration
     async def test_drift_stays_within_its_band(self, simulator: Simulator) -> None:
         """A drifting point wanders but never leaves value ± drift."""
         seen = set()
@@ -177,6 +189,7 @@ class TestEvolution:
             assert 210 <= raw <= 220
         assert len(seen) > 1
 
+    @pytest.mark.integration
     async def test_counter_increases(self, simulator: Simulator) -> None:
         """An energy counter only goes up."""
         field = Field(0, "uint32")
@@ -187,6 +200,7 @@ class TestEvolution:
         assert isinstance(after, int)
         assert after > before
 
+    @pytest.mark.integration
     async def test_client_write_is_kept_across_ticks(
         self, simulator: Simulator, client: AsyncModbusTcpClient
     ) -> None:
@@ -198,6 +212,7 @@ class TestEvolution:
         assert await holding(client, 2, 1) == [999]
         assert await holding(client, 40, 1) == [77]
 
+    @pytest.mark.integration
     async def test_client_coil_write_is_kept(
         self, simulator: Simulator, client: AsyncModbusTcpClient
     ) -> None:
@@ -210,6 +225,7 @@ class TestEvolution:
 
 
 class TestStartup:
+    @pytest.mark.integration
     async def test_port_in_use_is_a_clear_error(self, tmp_path: Path, port: int) -> None:
         """A taken port is a TransportError naming the address and the reason."""
         with socket.socket() as taken:
@@ -220,12 +236,14 @@ class TestStartup:
                 await sim.start()
             assert sim.endpoints == []
 
+    @pytest.mark.integration
     async def test_endpoints_after_start(self, simulator: Simulator, port: int) -> None:
         """Both devices share one server on the link's address."""
         assert simulator.endpoints == [("127.0.0.1", port)]
 
 
 class TestEmbeddedBroker:
+    @pytest.mark.integration
     async def test_publish_and_subscribe_through_it(self) -> None:
         """A message published through the embedded broker reaches a subscriber."""
         port = free_port()
@@ -248,6 +266,7 @@ class TestEmbeddedBroker:
 
 
 class TestDemo:
+    @pytest.mark.integration
     async def test_readings_reach_the_live_view(self, tmp_path: Path, port: int) -> None:
         """With no broker at the configured address, the demo embeds one and shows readings."""
         from bridge.demo import run_demo
@@ -298,6 +317,7 @@ PUMP_MAP = Path(__file__).resolve().parent.parent / "configs" / "maps" / "pump-d
 class TestBitSeeding:
     """Bit points without a hint of their own keep what their register was seeded with."""
 
+    @pytest.mark.integration
     async def test_the_example_pump_serves_its_status_word(
         self, tmp_path: Path, port: int
     ) -> None:
@@ -339,6 +359,7 @@ class TestBitSeeding:
 class TestDemoWrites:
     """The demo moves off a taken device port and shows a command, its result and read-back."""
 
+    @pytest.mark.integration
     async def test_taken_port_and_a_periodic_write(self, tmp_path: Path, port: int) -> None:
         from bridge.demo import run_demo
 

@@ -22,6 +22,8 @@ from bridge.config import load_config
 from bridge.simulator import Simulator
 from tests.helpers import Broker, Daemon, free_port, mosquitto, recording, run_cli, until
 
+pytestmark = pytest.mark.integration  # starts processes or socket servers
+
 EXIT_CONFIG = 78
 
 

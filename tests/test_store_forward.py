@@ -19,6 +19,8 @@ from bridge.config import load_config
 from bridge.simulator import Simulator
 from tests.helpers import Daemon, Recorder, free_port, metrics, mosquitto, recording, until
 
+pytestmark = pytest.mark.integration  # starts processes or socket servers
+
 PREFIX = "m2m/sf"
 QUEUE = "max_queued_messages 100000\n"  # the recorder's offline session keeps everything
 

@@ -51,6 +51,7 @@ def local_unit(tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.integration
 @needs_analyze
 def test_systemd_analyze_verify_passes_without_warnings(local_unit: Path) -> None:
     assert ANALYZE is not None
@@ -66,6 +67,7 @@ def test_systemd_analyze_verify_passes_without_warnings(local_unit: Path) -> Non
     assert not re.search(r"Unknown (key|section)|ignoring|Invalid|Failed to parse", output), output
 
 
+@pytest.mark.integration
 @needs_analyze
 def test_security_exposure_is_low(local_unit: Path) -> None:
     """`systemd-analyze security` (offline) rates the sandbox; keep it at 2.0 or better."""

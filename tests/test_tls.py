@@ -39,6 +39,8 @@ from tests.helpers import (
     until,
 )
 
+pytestmark = pytest.mark.integration  # starts processes or socket servers
+
 GATEWAY = "tls"
 PREFIX = f"m2m/{GATEWAY}"
 BRIDGE_PASSWORD = "tls-Bridge-pw-7c1e93d0"

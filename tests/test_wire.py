@@ -55,6 +55,7 @@ async def connected(port: int, **options: Any) -> AsyncIterator[WireClient]:
 # --- against mosquitto ---------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_publishes_qos0_and_qos1_in_order_byte_for_byte(broker: Broker) -> None:
     sent = [
         (f"{TOPIC}/a", b"first", 0, False),
@@ -82,6 +83,7 @@ async def test_publishes_qos0_and_qos1_in_order_byte_for_byte(broker: Broker) ->
         ]
 
 
+@pytest.mark.integration
 async def test_ten_thousand_qos1_messages_arrive_in_order(broker: Broker) -> None:
     sent = [(f"{TOPIC}/meter-{i % 7}/p", f"{i}".encode(), 1, False) for i in range(10_000)]
     async with recording(broker.port, f"{TOPIC}/#") as recorder, connected(broker.port) as client:
@@ -92,6 +94,7 @@ async def test_ten_thousand_qos1_messages_arrive_in_order(broker: Broker) -> Non
         assert [(t, p) for t, p, _ in recorder.messages] == [(t, p) for t, p, _, _ in sent]
 
 
+@pytest.mark.integration
 async def test_publish_nowait_reports_pubacks_and_packet_ids(broker: Broker) -> None:
     acked: list[tuple[int, int]] = []
     async with connected(broker.port, on_puback=lambda i, c: acked.append((i, c))) as client:
@@ -110,6 +113,7 @@ async def test_publish_nowait_reports_pubacks_and_packet_ids(broker: Broker) -> 
         assert all(code < 0x80 for _, code in acked)
 
 
+@pytest.mark.integration
 async def test_commands_arrive_with_response_topic_and_correlation_data(broker: Broker) -> None:
     async with (
         connected(broker.port) as bridge,
@@ -150,6 +154,7 @@ async def test_commands_arrive_with_response_topic_and_correlation_data(broker: 
                 break
 
 
+@pytest.mark.integration
 async def test_abort_publishes_the_will_and_disconnect_does_not(broker: Broker) -> None:
     will = (f"{TOPIC}/status", b"offline", 1, True)
     async with recording(broker.port, f"{TOPIC}/status") as recorder:
@@ -171,6 +176,7 @@ async def test_abort_publishes_the_will_and_disconnect_does_not(broker: Broker) 
             await dying.wait_closed()
 
 
+@pytest.mark.integration
 async def test_broker_stopped_mid_batch_raises_without_hanging(broker: Broker) -> None:
     client = WireClient(host="127.0.0.1", port=broker.port, client_id="stopped", keepalive=5)
     await client.connect()
@@ -203,6 +209,7 @@ def secured(tmp_path: Path) -> Iterator[Broker]:
         yield running
 
 
+@pytest.mark.integration
 async def test_refused_login_names_not_authorized(secured: Broker) -> None:
     refused = WireClient(host="127.0.0.1", port=secured.port, client_id="a",
                          username="bridge", password="wrong")
@@ -231,6 +238,7 @@ def tls_context(pki: Pki, ca: Path) -> ssl.SSLContext:
     return context
 
 
+@pytest.mark.integration
 async def test_tls_connects_and_a_wrong_ca_is_one_line(
     tls_broker: tuple[Broker, Pki],
 ) -> None:

@@ -27,6 +27,8 @@ from bridge.simulator import Simulator
 from tests.helpers import Broker, Daemon, Recorder, free_port, mosquitto, recording, run_cli
 from tests.test_e2e import NUMERIC, ORDERS, write_config
 
+pytestmark = pytest.mark.integration  # starts processes or socket servers
+
 PREFIX = "m2m/e2e"
 # Values to write: in range for each type, different from anything the device starts with.
 WRITES: dict[str, int | float] = {
