@@ -89,7 +89,7 @@ def wait_for_port(
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited {process.returncode} before listening")
+            raise RuntimeError(f"{process.args!r} exited {process.returncode} before listening")
         time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 

@@ -503,7 +503,9 @@ class TestDefaults:
         assert isinstance(config.link("net"), TcpLink)
         assert isinstance(config.link("line"), LineLink)
         assert config.device("s").link == "line"
-        assert config.link("net").max_registers == 125
+        net = config.link("net")
+        assert isinstance(net, TcpLink)
+        assert net.max_registers == 125
         with pytest.raises(KeyError):
             config.device("nope")
 

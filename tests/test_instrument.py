@@ -184,7 +184,7 @@ async def test_streaming_mode_publishes_latest_line_per_interval(line: Socat) ->
     async with instrument(line.b, stream_every=0.05) as inst, running(poller):
         await until(lambda: len(sink.payloads("weight")) >= 4)
         sent = inst.sent
-    values = [p["value"] for p in sink.payloads("weight")]
+    values = [float(str(p["value"])) for p in sink.payloads("weight")]
     assert values == sorted(values)
     assert len(set(values)) == len(values)  # a fresh line each time
     assert len(values) < sent  # ~6 lines an interval, one publication

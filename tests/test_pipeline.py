@@ -84,7 +84,11 @@ async def test_readings_taken_while_broker_is_down_arrive_later_in_order(
             sim.set_value("dev", "counter", n)
             # Two more readings: the second was polled after the value was set.
             taken = service.buffer.accepted + 2
-            await until(lambda t=taken: service.buffer.accepted >= t, what=f"a poll of {n}")
+
+            def polled(target: int = taken) -> bool:
+                return service.buffer.accepted >= target
+
+            await until(polled, what=f"a poll of {n}")
         down_until = time.time_ns() // 1_000_000
         assert service.buffer.accepted >= 5
         with mosquitto(tmp_path, port=broker_port):

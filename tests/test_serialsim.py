@@ -88,9 +88,11 @@ def instant(config: Config, tmp_path: Path) -> Iterator[SerialSimulator]:
     yield from serve(config, tmp_path / "instant", None)
 
 
-def port(sim: SerialSimulator, link: str, **settings: object) -> serial.Serial:
-    settings.setdefault("timeout", 2)
-    return serial.Serial(str(sim.lines[link].path), baudrate=9600, **settings)
+def port(
+    sim: SerialSimulator, link: str, parity: str = "N", timeout: float = 2, bytesize: int = 8
+) -> serial.Serial:
+    return serial.Serial(str(sim.lines[link].path), baudrate=9600, parity=parity,
+                         timeout=timeout, bytesize=bytesize)
 
 
 def rtu_read(line: serial.Serial, unit: int, fc: int, address: int, count: int) -> bytes:

@@ -266,7 +266,7 @@ async def test_mqtt5_response_topic_gets_the_result_with_correlation_data(
         async with asyncio.timeout(5):
             async for message in client.messages:
                 assert message.properties is not None
-                correlation = message.properties.CorrelationData
+                correlation = message.properties.CorrelationData  # type: ignore[attr-defined]
                 assert isinstance(message.payload, bytes)
                 answers[correlation] = json.loads(message.payload)
                 if len(answers) == 2:
@@ -412,7 +412,11 @@ async def test_on_change_does_not_publish_a_read_back_value_again(
             # Polls that start after the write: each ticker change proves one was published.
             for value in (1, 2, 3):
                 sim.set_value("dev", "ticker", value)
-                await rec.wait_for(lambda v=value: v in [r["value"] for r in rec.values(ticker)])
+
+                def seen(wanted: int = value) -> bool:
+                    return wanted in [r["value"] for r in rec.values(ticker)]
+
+                await rec.wait_for(seen)
             assert [r["value"] for r in rec.values(setpoint)] == [100, 42]
     finally:
         daemon.stop()
