@@ -7,6 +7,12 @@ first and are counted, because for telemetry the newest reading is the one worth
 
 `DiskBuffer` is that buffer, stored in SQLite so it survives restarts and power loss; it keeps
 rows by id until they are acknowledged.
+
+A full disk must never wedge it. SQLite needs free space even to delete (a WAL frame per
+changed page, then the checkpoint), so the buffer stops storing while the disk has less than
+`headroom` free, keeps a preallocated `.reserve` file it gives up when a delete or checkpoint
+still finds the disk full, and returns freed pages to the file system (incremental vacuum).
+What it cannot store goes to the publisher directly while one is connected, else is lost.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import asyncio
 import bisect
 import contextlib
 import json
+import os
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +42,13 @@ log = structlog.get_logger("bridge.buffer")
 SYNC_EVERY = 5.0  # seconds between fsyncs of the WAL: the most a power cut can lose
 _RECOVERED = 0.9  # "no longer dropping" once below 90% of every bound, so the log won't flap
 MAX_SPANS = 256  # in-flight id ranges remembered before the hint is dropped
+DIRECT_MAX = 10_000  # readings held in memory for the publisher while the disk refuses them
+# The WAL is checkpointed every `_WAL_SHARE`th of the file system (16 pages at least, SQLite's
+# 1000 at most): on a small disk a WAL of SQLite's default size would be most of the disk.
+_WAL_SHARE = 64
+_MIN_WAL_PAGES = 16
+_MAX_WAL_PAGES = 1000
+_SLACK = 64 * 1024  # a poll's rows and SQLite's bookkeeping beyond the WAL
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -89,9 +104,12 @@ class DiskBuffer:
     it: a power cut loses at most the readings of about the last `SYNC_EVERY` seconds, plus
     acks of that time (those messages are sent again: at-least-once).
 
-    A failing disk (full, read-only, I/O error) never raises from put(): the batch is counted in
-    `lost` and logged once per change of state, and polling goes on. Not thread-safe: one event
-    loop thread owns it.
+    A failing disk (full, read-only, I/O error) never raises from put(): the batch goes to the
+    publisher directly while one is connected (`direct_to`, taken with `take_direct()`), else
+    is counted in `lost`; logged once per change of state, and polling goes on. A full disk is
+    judged before SQLite finds it: put() stores nothing while less than `headroom` bytes are
+    free (plus the reserve, while it is given up), so deletes, checkpoints and vacuum always
+    have room. Not thread-safe: one event loop thread owns it.
     """
 
     def __init__(
@@ -111,6 +129,9 @@ class DiskBuffer:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions
+            # Freed pages go back to the file system (a new file; an old one is converted when
+            # empty, below): a drained backlog must give the disk back.
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 log.warning("buffer not in WAL mode", path=str(self.path), journal_mode=mode)
@@ -122,6 +143,7 @@ class DiskBuffer:
             seq = self._db.execute(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
             ).fetchone()
+            wal = self._size_wal(empty=not count)
         except (OSError, sqlite3.Error) as exc:
             # The state_dir check at start-up catches most of this; what is left (a file that
             # is not a database, a disk that failed since) is still one line, not a traceback.
@@ -144,24 +166,54 @@ class DiskBuffer:
         self._last_sync = time.monotonic()
         self._dropping = False
         self._failing = False
+        # Free bytes put() leaves alone: the WAL can grow by `wal` before a checkpoint, which
+        # can then grow the database by as much. The reserve lets deletes through if the disk
+        # fills anyway (another writer, a misjudged size): a WAL's worth of frames.
+        self.headroom = 2 * wal + _SLACK
+        self.reserve_bytes = wal + _SLACK
+        self._reserve = self.path.with_name(self.path.name + ".reserve")
+        self._reserved = self._make_reserve()
+        self._full = False  # put() refuses for lack of space (one log line per change)
+        self._deleting_failed = False
+        self._freed = 0  # bytes deleted since the last look at the free pages
+        self._direct: deque[Message] = deque()
+        # The connected publisher, which takes what put() cannot store (None: nobody, lost).
+        self.direct_to: object | None = None
         self.dropped = 0
         self.accepted = 0
-        self.lost = 0  # messages put() could not store (disk full or failing)
+        self.lost = 0  # messages neither stored nor handed to a connected publisher
         if count:
             log.info("buffer opened with backlog", path=str(self.path), messages=count,
                      bytes=size)
+
+    def _size_wal(self, *, empty: bool) -> int:
+        """Size the WAL to the file system; convert an empty old file to auto_vacuum. Bytes."""
+        if empty and self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            self._db.execute("VACUUM")  # cheap while empty; applies auto_vacuum
+        self._page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        total = self._disk()[0] or 2**63
+        self._wal_pages = min(_MAX_WAL_PAGES,
+                              max(_MIN_WAL_PAGES, total // _WAL_SHARE // self._page))
+        wal = self._wal_pages * self._page
+        self._db.execute(f"PRAGMA wal_autocheckpoint={self._wal_pages}")
+        self._db.execute(f"PRAGMA journal_size_limit={wal}")  # a reset WAL shrinks to this
+        return wal
 
     # --- polling side -----------------------------------------------------------------------
 
     def put(self, messages: Iterable[Message]) -> None:
         """Store a poll's messages in one transaction, then apply the bounds. Never raises."""
+        batch = list(messages)
+        if not batch:
+            return
+        if not self._room():
+            self._refuse(batch)
+            return
         first = self._last_id + 1
         rows = [
             (first + i, m.topic, m.payload, m.qos, int(m.retain), m.ts)
-            for i, m in enumerate(messages)
+            for i, m in enumerate(batch)
         ]
-        if not rows:
-            return
         size = sum(_encoded_size(r[1], r[2]) for r in rows)
         oldest = min(r[5] for r in rows)
         sync = time.monotonic() - self._last_sync >= SYNC_EVERY
@@ -183,11 +235,12 @@ class DiskBuffer:
                 if sync:
                     self._db.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
-            self.lost += len(rows)
+            self._refuse(batch)
             if not self._failing:
                 self._failing = True
                 log.error("buffer write failed, readings are lost until it recovers",
-                          path=str(self.path), error=str(exc), lost=self.lost)
+                          path=str(self.path), error=str(exc), lost=self.lost,
+                          published_directly=self.direct_to is not None)
             return
         if sync:
             self._last_sync = time.monotonic()
@@ -198,6 +251,102 @@ class DiskBuffer:
         self._log_dropping(reasons)
         if self._available():
             self._ready.set()
+
+    def _refuse(self, batch: list[Message]) -> None:
+        """Not stored: to the connected publisher (the oldest beyond DIRECT_MAX lost), or lost."""
+        if self.direct_to is None:
+            self.lost += len(batch)
+            return
+        self._direct.extend(batch)
+        for _ in range(len(self._direct) - DIRECT_MAX):
+            self._direct.popleft()
+            self.lost += 1
+        self._ready.set()
+
+    def _room(self) -> bool:
+        """Whether put() may write: `headroom` free, plus a margin to resume (so the log does
+        not flap), plus the reserve while it is given up (it is made again first)."""
+        free = self._disk()[1]
+        if free is None:
+            return True  # cannot tell: SQLite will say
+        need = self.headroom + (self.reserve_bytes if self._full else 0)
+        if not self._reserved:
+            need += self.reserve_bytes
+        if free < need and self._reserved:
+            free += self._free_pages() * self._page  # reused by inserts without growing
+        room = free >= need and (self._reserved or self._make_reserve())
+        if room == self._full:  # a change of state
+            self._full = not room
+            if self._full:
+                log.warning("buffer disk full, storing nothing until space comes back: readings"
+                            " go straight to the broker while it is up, else are lost",
+                            path=str(self.path), free_bytes=free, needed_bytes=need,
+                            messages=self._count)
+            else:
+                log.info("buffer disk has room again", path=str(self.path), free_bytes=free,
+                         lost=self.lost)
+        return room
+
+    def _disk(self) -> tuple[int | None, int | None]:
+        """(size, bytes free to us) of the state directory's file system; None if unknown."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return None, None
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def _free_pages(self) -> int:
+        try:
+            return int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+
+    def _make_reserve(self) -> bool:
+        """Preallocate the reserve file (kept across restarts); False if there is no room."""
+        try:
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size > self.reserve_bytes:
+                    os.ftruncate(fd, self.reserve_bytes)
+                os.posix_fallocate(fd, 0, self.reserve_bytes)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._reserve.unlink()
+            return False
+        return True
+
+    def _freeing(self, work: Callable[[], T]) -> T:
+        """Run `work`, which frees space; if the disk is too full even for that, give up the
+        reserve and run it once more."""
+        try:
+            return work()
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_FULL:
+                raise
+            if not self._reserved:
+                raise
+        with contextlib.suppress(OSError):
+            self._reserve.unlink()
+        self._reserved = False
+        log.warning("buffer reserve released: the disk filled up anyway", path=str(self.path),
+                    bytes=self.reserve_bytes)
+        return work()
+
+    def _shrink(self) -> None:
+        """Give free pages back to the file system, a WAL's worth at a time (moving pages costs
+        WAL frames); the next checkpoint truncates the file."""
+        if self._freed < self._wal_pages * self._page // 2:
+            return
+        self._freed = 0
+        try:
+            if self._free_pages() >= self._wal_pages:
+                # executescript steps the pragma to its end; execute() frees one page.
+                self._freeing(lambda: self._db.executescript(
+                    f"PRAGMA incremental_vacuum({self._wal_pages})"))
+        except sqlite3.Error as exc:  # the space comes back with a later ack
+            log.debug("buffer vacuum failed", path=str(self.path), error=str(exc))
 
     def _transaction(self, work: Callable[[], T]) -> T:
         """Run `work` in one write transaction; on failure undo it and its bookkeeping too."""
@@ -232,7 +381,7 @@ class DiskBuffer:
             try:
                 cut = self._expired_through()
                 if cut:
-                    self._transaction(lambda: self._drop_through(cut))
+                    self._freeing(lambda: self._transaction(lambda: self._drop_through(cut)))
                     self._log_dropping(["max_age"])
             except sqlite3.Error as exc:  # sending a stale row beats not sending at all
                 log.warning("buffer expiry failed", path=str(self.path), error=str(exc))
@@ -262,28 +411,58 @@ class DiskBuffer:
             pos = covered
         return out
 
+    def take_direct(self, limit: int) -> list[Message]:
+        """Up to `limit` readings put() could not store, oldest first: the caller's now."""
+        return [self._direct.popleft() for _ in range(min(limit, len(self._direct)))]
+
+    def requeue_direct(self, messages: Sequence[Message]) -> None:
+        """Not delivered after take_direct(): back at the front (within DIRECT_MAX)."""
+        self._direct.extendleft(reversed(messages))
+        for _ in range(len(self._direct) - DIRECT_MAX):
+            self._direct.pop()
+            self.lost += 1
+        if self._direct:
+            self._ready.set()
+
     def ack(self, ids: Sequence[int]) -> None:
         """Delivered: delete these rows in one transaction. Unknown or dropped ids are ignored."""
         todo = set(ids) | self._unacked
         if not todo:
             return
         try:
-            sizes = self._db.execute(_DELETE_IDS, (json.dumps(sorted(todo)),)).fetchall()
+            sizes = self._freeing(
+                lambda: self._db.execute(_DELETE_IDS, (json.dumps(sorted(todo)),)).fetchall())
         except sqlite3.Error as exc:
             # They stay in flight (not sent again by this process); the next ack retries.
             self._unacked = todo & self._inflight
-            log.error("buffer delete failed, will retry", path=str(self.path), error=str(exc),
-                      pending=len(self._unacked))
+            if not self._deleting_failed:
+                self._deleting_failed = True
+                log.error("buffer delete failed, will retry", path=str(self.path),
+                          error=str(exc), pending=len(self._unacked))
             return
-        if self._unacked:
+        if self._deleting_failed:
+            self._deleting_failed = False
             log.info("buffer deletes recovered", path=str(self.path))
-            self._unacked = set()
+        self._unacked = set()
         self._count -= len(sizes)
-        self._bytes -= sum(s for (s,) in sizes)
+        freed = sum(s for (s,) in sizes)
+        self._bytes -= freed
+        self._freed += freed
         self._inflight -= todo
         if not self._inflight:
             self._starts.clear()
             self._ends.clear()
+        self._shrink()
+
+    @property
+    def deletes_pending(self) -> int:
+        """Rows delivered whose delete failed (retried with the next ack, or `ack(())`)."""
+        return len(self._unacked)
+
+    @property
+    def disk_full(self) -> bool:
+        """True while put() stores nothing for lack of disk space."""
+        return self._full
 
     def requeue(self, ids: Sequence[int]) -> None:
         """Not delivered: no longer in flight; taken again in id order, ahead of newer rows."""
@@ -322,8 +501,10 @@ class DiskBuffer:
 
     def close(self) -> None:
         """Checkpoint the WAL into the database file and close."""
+        self.lost += len(self._direct)  # nobody is left to publish them
+        self._direct.clear()
         try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._freeing(lambda: self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
         except sqlite3.Error as exc:
             log.warning("buffer checkpoint failed", path=str(self.path), error=str(exc))
         finally:
@@ -413,7 +594,7 @@ class DiskBuffer:
     # --- in-flight bookkeeping --------------------------------------------------------------
 
     def _available(self) -> bool:
-        return self._count > len(self._inflight)
+        return bool(self._direct) or self._count > len(self._inflight)
 
     def _add_span(self, start: int, end: int) -> None:
         """Remember that every stored row in [start, end] is in flight; merge with neighbours."""

@@ -68,6 +68,10 @@ class ServiceCollector(Collector):
                                 "Age of the oldest waiting reading", value=age)
         yield CounterMetricFamily("m2m_buffer_dropped", "Readings dropped by the buffer bounds",
                                   value=buffer.dropped)
+        yield CounterMetricFamily("m2m_buffer_lost", "Readings neither stored nor delivered",
+                                  value=buffer.lost)
+        yield GaugeMetricFamily("m2m_buffer_disk_full", "1 while the disk is too full to store",
+                                value=1.0 if buffer.disk_full else 0.0)
 
         publisher = service.publisher
         yield CounterMetricFamily("m2m_published", "Messages delivered to the broker",

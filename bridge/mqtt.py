@@ -9,6 +9,7 @@ The connection itself is a `bridge.session.Session` (MQTT 5 or 3.1.1).
 Delivery: batches are taken from the buffer and published concurrently, so many QoS 1 messages
 are in flight at once; a batch is only dropped from the buffer's custody once every message in
 it was handed over (QoS 0) or acknowledged (QoS 1). A failed batch goes back to the front.
+Readings the buffer could not store (a full disk) are taken from it directly and go first.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from bridge.buffer import DiskBuffer, Stored
 from bridge.config import MqttSettings
 from bridge.errors import BrokerError
 from bridge.health import Activity
-from bridge.messages import Topics
+from bridge.messages import Message, Topics
 from bridge.session import PUBLISH_TIMEOUT, Session, describe_connect_failure, open_session
 from bridge.wire import Incoming
 
@@ -34,6 +35,7 @@ log = structlog.get_logger("bridge.mqtt")
 
 RECONNECT_BASE = 1.0
 RECONNECT_CAP = 60.0
+DELETE_RETRY = 1.0  # seconds between retries of failed buffer deletes while the backlog waits
 
 
 class Publisher:
@@ -135,6 +137,7 @@ class Publisher:
         await session.subscribe(self.subscriptions)
         self._session = session
         self.connected.set()
+        self.buffer.direct_to = self  # what the buffer cannot store now comes to us
         try:
             async with asyncio.TaskGroup() as tg:
                 receiving = tg.create_task(self._receive(session))
@@ -146,6 +149,8 @@ class Publisher:
             raise _first_error(group) from None
         finally:
             self._session = None
+            if self.buffer.direct_to is self:
+                self.buffer.direct_to = None
 
     async def _receive(self, session: Session) -> None:
         if self.on_message is None:
@@ -171,6 +176,8 @@ class Publisher:
         per point, with their original ts) at `buffer.replay_rate` messages a second, so a day
         of readings does not flood the broker; readings taken from now on go out at once.
         On stop, live readings are flushed and the backlog stays on disk for the next run.
+        Readings the buffer could not store go before anything else. While deletes fail (a
+        full disk) the backlog waits: replaying it would only make what a restart sends again.
         """
         backlog_end = self.buffer.last_id()
         batch_size = session.batch
@@ -178,9 +185,17 @@ class Publisher:
         while True:
             if self._dirty:
                 await self._publish_statuses(session)
+            direct = self.buffer.take_direct(batch_size)
+            if direct:
+                await self._deliver_direct(session, direct)
+                continue
             batch = self.buffer.take(batch_size, after=backlog_end)
             pause: float | None = None
-            if not batch and backlog_end and not self._stopping:
+            if not batch and backlog_end and not self._stopping and self.buffer.deletes_pending:
+                self.buffer.ack(())  # retry them
+                if self.buffer.deletes_pending:
+                    pause = DELETE_RETRY
+            if pause is None and not batch and backlog_end and not self._stopping:
                 allowed = replay.available()
                 if allowed >= min(batch_size, 16):  # replay in batches, not a trickle of ones
                     batch = self.buffer.take(allowed, upto=backlog_end)
@@ -214,10 +229,22 @@ class Publisher:
             self.buffer.requeue([s.id for s in batch])
             raise
         self.buffer.ack([s.id for s in batch])
-        self.published += len(batch)
+        self._delivered(messages)
+
+    async def _deliver_direct(self, session: Session, messages: list[Message]) -> None:
+        try:
+            with self.activity.running():
+                await session.publish_batch(messages)
+        except BaseException:
+            self.buffer.requeue_direct(messages)
+            raise
+        self._delivered(messages)
+
+    def _delivered(self, messages: Sequence[Message]) -> None:
+        self.published += len(messages)
         now_ms = time.time_ns() // 1_000_000
-        self.latency_count += len(batch)
-        self.latency_sum_ms += sum(now_ms - s.message.ts for s in batch)
+        self.latency_count += len(messages)
+        self.latency_sum_ms += sum(now_ms - m.ts for m in messages)
 
     async def _publish_statuses(self, session: Session) -> None:
         dirty, self._dirty = self._dirty, set()
