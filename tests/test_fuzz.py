@@ -109,7 +109,7 @@ def test_config_loader_on_arbitrary_text(example_dir: Path, text: str) -> None:
 def test_hostile_yaml_is_a_config_error(
     example_dir: Path, text: str, message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("bridge.yamlsource.MAX_VALUES", 10_000)  # the bomb fails fast
+    monkeypatch.setattr("bridge.config.yamlsource.MAX_VALUES", 10_000)  # the bomb fails fast
     path = example_dir / "hostile.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as caught:

@@ -15,10 +15,10 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeAlias
 
-if TYPE_CHECKING:  # yamlsource imports this module
-    from bridge.yamlsource import Loc
+# A path into parsed YAML data, e.g. ("devices", 0, "points", 3, "type").
+Loc: TypeAlias = tuple[str | int, ...]
 
 _REFERENCE = re.compile(r"\$\{(?P<source>[A-Za-z_]+):(?P<name>[^}]*)\}")
 # systemd credential names are file names in $CREDENTIALS_DIRECTORY: refuse anything that

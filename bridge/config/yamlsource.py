@@ -15,16 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from bridge.config.secrets import Loc, read_bounded, substitute
 from bridge.errors import ConfigError, ConfigIssue
-from bridge.secrets import read_bounded, substitute
-
-Loc: TypeAlias = tuple[str | int, ...]
 
 
 def render_path(path: Loc) -> str:
