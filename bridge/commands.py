@@ -30,15 +30,9 @@ from bridge.messages import Message, Topics
 from bridge.planner import ReadRequest
 from bridge.poller import Outbox
 from bridge.scheduler import Link
+from bridge.transports.writestep import ReadBackFailed, write_point
 from bridge.wire import Incoming
-from bridge.writes import (
-    CommandRefused,
-    ReadBackFailed,
-    clip,
-    parse_command,
-    readback_or_none,
-    write_point,
-)
+from bridge.writes import CommandRefused, clip, parse_command, readback_or_none
 
 log = structlog.get_logger("bridge.commands")
 audit = structlog.get_logger("bridge.audit")

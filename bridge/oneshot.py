@@ -32,7 +32,8 @@ from bridge.scheduler import Link
 from bridge.service import build_links, plan_for
 from bridge.transports.line import LinePort
 from bridge.transports.modbus import LINK_KINDS, SERIAL_KINDS, Endpoint, LinkKind, ModbusClient
-from bridge.writes import CommandRefused, parse_command, write_point
+from bridge.transports.writestep import write_point
+from bridge.writes import CommandRefused, parse_command
 
 DEFAULT_PORTS = {"tcp": 502, "udp": 502}  # rtu-over-tcp servers use all sorts: ask for it
 SERIAL_SETTINGS = ("baudrate", "parity", "stopbits", "bytesize")

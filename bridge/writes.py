@@ -1,10 +1,10 @@
 """Writes: a command payload -> a checked value -> one Modbus request -> the read-back.
 
-Pure, but for `write_point`: `parse_command` turns a payload into a checked engineering value
-and `plan_write` turns that value into the one request that writes it (FC5 for a coil, FC6 for
-one register, FC16 for more, in the point's byte order). Every check runs before anything
-reaches the wire; every refusal is a `CommandRefused` with a one-line reason. `write_point` is
-the write + read-back step shared by MQTT commands (bridge.commands) and the `write` CLI.
+Pure: `parse_command` turns a payload into a checked engineering value and `plan_write` turns
+that value into the one request that writes it (FC5 for a coil, FC6 for one register, FC16 for
+more, in the point's byte order). Every check runs before anything reaches the wire; every
+refusal is a `CommandRefused` with a one-line reason. The write itself, with its read-back, is
+bridge.transports.writestep, shared by MQTT commands and the `write` CLI.
 
 Payloads (DESIGN.md "MQTT contract"): a JSON value (`42.5`, `true`, `"running"`), an object
 `{"value": …}` (no other keys: a reading or a result echoed back to a `/set` topic must not
@@ -29,9 +29,7 @@ from typing import Any, Literal
 from bridge.codec import BIT_TABLES, Field, Value, encode
 from bridge.config import Point
 from bridge.errors import BridgeError, CodecError
-from bridge.normalize import BadValue, engineering
 from bridge.planner import ReadRequest, plan_device
-from bridge.scheduler import Link, Priority
 
 _WHOLE_TOLERANCE = 1e-6
 _SHOWN_PAYLOAD = 60  # characters of a payload quoted in reasons and the audit log
@@ -253,38 +251,13 @@ def clip(text: str) -> str:
     return text if len(text) <= _SHOWN_PAYLOAD else text[: _SHOWN_PAYLOAD - 1] + "…"
 
 
-# --- edge: the write itself -------------------------------------------------------------------
+# --- the read-back request --------------------------------------------------------------------
 
 
 def readback_request(point: Point) -> ReadRequest:
     """The one read that fetches `point` alone (no coalescing: only this point matters)."""
     groups = plan_device([point], interval=1.0)
     return groups[0].requests[0]
-
-
-async def write_point(
-    link: Link, unit: int, point: Point, value: Value, readback: ReadRequest | None = None
-) -> Value:
-    """Write checked `value` to `point` (once, never retried), read it back, return that.
-
-    DeviceError / TransportError from the write propagate as they are; a failure of the
-    read-back is raised as ReadBackFailed, so callers know the write itself went through.
-    """
-    op = plan_write(point, value)
-    if isinstance(op.value, bool):
-        await link.write_coil(unit, op.address, op.value)
-    else:
-        await link.write_registers(unit, op.address, op.value)
-    request = readback if readback is not None else readback_request(point)
-    try:
-        words = await link.read(unit, request, priority=Priority.READ_BACK)
-        return engineering(point, request.decode(words)[0])
-    except (BridgeError, BadValue) as exc:
-        raise ReadBackFailed(f"written, but the read-back failed: {exc}") from None
-
-
-class ReadBackFailed(BridgeError):
-    """The write was acknowledged by the device, but reading the point back failed."""
 
 
 def readback_or_none(point: Point) -> ReadRequest | None:
