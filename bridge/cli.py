@@ -27,7 +27,7 @@ from bridge.logs import configure, redact, redact_secrets
 from bridge.oneshot import read_config_points, read_url, write_config_point, write_url
 from bridge.report import plan_report
 from bridge.service import Service
-from bridge.simulator import run_simulator
+from bridge.simulate import run_simulator
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 

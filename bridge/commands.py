@@ -29,7 +29,7 @@ from bridge.errors import BridgeError
 from bridge.messages import Message, Topics
 from bridge.planner import ReadRequest
 from bridge.poller import Outbox
-from bridge.scheduler import Link
+from bridge.transports.link import Link
 from bridge.transports.writestep import ReadBackFailed, write_point
 from bridge.wire import Incoming
 from bridge.writes import CommandRefused, clip, parse_command, readback_or_none

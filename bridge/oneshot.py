@@ -28,9 +28,9 @@ from bridge.instrument import InstrumentPoller
 from bridge.messages import Message
 from bridge.normalize import engineering
 from bridge.planner import MAX_READ_BITS, MAX_READ_REGISTERS, plan_device
-from bridge.scheduler import Link
 from bridge.service import build_links, plan_for
 from bridge.transports.line import LinePort
+from bridge.transports.link import Link
 from bridge.transports.modbus import LINK_KINDS, SERIAL_KINDS, Endpoint, LinkKind, ModbusClient
 from bridge.transports.writestep import write_point
 from bridge.writes import CommandRefused, parse_command

@@ -38,7 +38,7 @@ from bridge.health import Activity
 from bridge.messages import Message, PointPayload, Topics, device_payload
 from bridge.normalize import BadValue, ChangeFilter, engineering
 from bridge.planner import Barrier, PollGroup, ReadRequest, plan_device, request_for
-from bridge.scheduler import Link
+from bridge.transports.link import Link
 from bridge.transports.modbus import BUSY_CODES, REFUSED_CODES, BadFrame
 
 log = structlog.get_logger("bridge.poller")

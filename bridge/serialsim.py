@@ -53,7 +53,7 @@ import structlog
 from bridge import bustime
 from bridge.codec import Value
 from bridge.config import Config, Device, LineLink, Point, SerialLink
-from bridge.simulator import Simulator, _DeviceStore
+from bridge.simulator import DeviceStore, Simulator
 
 with warnings.catch_warnings():  # sre_parse is the documented-enough parser of re's syntax
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -113,7 +113,7 @@ def _exception(fc: int, code: int) -> bytes:
     return bytes([fc | 0x80, code])
 
 
-def answer_pdu(store: _DeviceStore, pdu: bytes) -> bytes:
+def answer_pdu(store: DeviceStore, pdu: bytes) -> bytes:
     """The response PDU to a request PDU, from and to `store`'s tables."""
     fc = pdu[0]
     try:
@@ -187,7 +187,7 @@ class Protocol:
 class RtuSlaves(Protocol):
     """Modbus RTU units on one line."""
 
-    def __init__(self, units: dict[int, _DeviceStore]) -> None:
+    def __init__(self, units: dict[int, DeviceStore]) -> None:
         self.units = units
         self.bad_frames = 0
 

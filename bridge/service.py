@@ -24,8 +24,8 @@ from bridge.mqtt import Publisher
 from bridge.planner import PollGroup, plan_device
 from bridge.poller import DevicePoller, Outbox
 from bridge.report import bus_load
-from bridge.scheduler import Link
 from bridge.transports.line import LinePort
+from bridge.transports.link import Link
 from bridge.transports.modbus import Endpoint, ModbusClient
 
 log = structlog.get_logger("bridge.service")

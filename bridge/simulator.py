@@ -13,12 +13,10 @@ import asyncio
 import contextlib
 import errno
 import random
-import signal
 import socket
 from array import array
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import cast
 
 import structlog
 from pymodbus.server import ModbusTcpServer
@@ -49,7 +47,7 @@ class _SimPoint:
 
 
 @dataclass
-class _DeviceStore:
+class DeviceStore:
     name: str
     unit: int
     # Compact arrays (2 bytes a register, 1 a bit): pymodbus already holds its own full blocks.
@@ -125,12 +123,12 @@ class Simulator:
 
     def __init__(self, config: Config, *, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
-        self._stores: dict[str, _DeviceStore] = {}
-        self._by_endpoint: dict[tuple[str, int], list[_DeviceStore]] = {}
+        self._stores: dict[str, DeviceStore] = {}
+        self._by_endpoint: dict[tuple[str, int], list[DeviceStore]] = {}
         self._servers: list[ModbusTcpServer] = []
         self.endpoints: list[tuple[str, int]] = []
         # rtu/ascii link -> unit -> registers; bridge.serialsim serves them on a pty.
-        self.serial_units: dict[str, dict[int, _DeviceStore]] = {}
+        self.serial_units: dict[str, dict[int, DeviceStore]] = {}
         for device in config.devices:
             link = config.link(device.link)
             if isinstance(link, SerialLink | LineLink):
@@ -151,7 +149,7 @@ class Simulator:
                         f"devices {peer.name!r} and {device.name!r} both use unit {device.unit}"
                         f" on {endpoint[0]}:{endpoint[1]}"
                     )
-            store = _DeviceStore(device.name, device.unit)
+            store = DeviceStore(device.name, device.unit)
             peers.append(store)
             self._stores[device.name] = store
             self._seed_points(store, device)
@@ -163,12 +161,12 @@ class Simulator:
                 f"devices {units[device.unit].name!r} and {device.name!r} both use unit"
                 f" {device.unit} on {link}"
             )
-        store = _DeviceStore(device.name, device.unit)
+        store = DeviceStore(device.name, device.unit)
         units[device.unit] = store
         self._stores[device.name] = store
         self._seed_points(store, device)
 
-    def _seed_points(self, store: _DeviceStore, device: Device) -> None:
+    def _seed_points(self, store: DeviceStore, device: Device) -> None:
         # A bit without a hint of its own reads whatever its register holds once every other
         # point is seeded (the example pump's status_word 11 sets ready, running and remote):
         # seeding it False would clear that bit in the shared word.
@@ -279,14 +277,14 @@ class Simulator:
                     step = self._rng.randint(1, 5) * point.scale
                     self._put_or_skip(store, sim, float(cast(float, sim.value)) + step)
 
-    def _put_or_skip(self, store: _DeviceStore, sim: _SimPoint, value: float) -> None:
+    def _put_or_skip(self, store: DeviceStore, sim: _SimPoint, value: float) -> None:
         try:
             self._put(store, sim.point, value)
         except CodecError:
             return  # out of the type's range: hold the last value rather than crash the tick
         sim.value = value
 
-    def _lookup(self, device: str, point: str) -> tuple[_DeviceStore, _SimPoint]:
+    def _lookup(self, device: str, point: str) -> tuple[DeviceStore, _SimPoint]:
         store = self._stores.get(device)
         if store is None:
             raise BridgeError(f"no simulated device {device!r}")
@@ -310,7 +308,7 @@ class Simulator:
         raw = (float(value) - point.offset) / (point.scale or 1.0)
         return round(raw) if point.type in _INT_TYPES else raw
 
-    def _put(self, store: _DeviceStore, point: Point, value: Value) -> None:
+    def _put(self, store: DeviceStore, point: Point, value: Value) -> None:
         assert point.address is not None  # only register points are in store.points
         table = store.tables[point.table]
         address = point.address
@@ -358,61 +356,3 @@ def _bound_port(server: ModbusTcpServer, asked: int) -> int:
         if listener is not None and listener.sockets:
             return int(listener.sockets[0].getsockname()[1])
     return asked
-
-
-async def run_simulator(
-    config: Config,
-    *,
-    tick: float = 1.0,
-    on_ready: Callable[[], None] | None = None,
-    baud: int | Literal["config"] | None = None,
-    turnaround: float = 0.0,
-    announce: Callable[[str], None] | None = None,
-) -> None:
-    """Serve `config`'s devices until cancelled, evolving their values every `tick` seconds.
-
-    Serial links (rtu, ascii, serial) are served on ptys (bridge.serialsim), each announced
-    with its path; `baud` paces them at that rate, or at each link's own with "config".
-    """
-    from bridge.serialsim import SerialSimulator  # noqa: PLC0415  (it imports this module)
-
-    sim = Simulator(config)
-    pace: int | Callable[[SerialLink | LineLink], int] | None = (
-        (lambda link: link.baudrate) if baud == "config" else baud
-    )
-    serial = SerialSimulator(config, sim, baud=pace, turnaround=turnaround)
-    stop = asyncio.Event()
-    try:
-        await sim.start()
-        serial.start()
-        # SIGTERM is how scripts and service managers stop us: a clean return (exit 0) that
-        # removes the ptys' temp directory, where the default action would leave it behind.
-        with _stop_on_sigterm(stop):
-            for text in serial.announcements():
-                if announce is not None:
-                    announce(text)
-            if on_ready is not None:
-                on_ready()
-            while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), tick)
-                    break
-                sim.tick()
-                serial.tick()
-    finally:
-        serial.stop()
-        await sim.stop()
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm(stop: asyncio.Event) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    try:
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-    except (RuntimeError, NotImplementedError, ValueError):
-        yield  # not the main thread (tests): cancellation still stops us
-        return
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)

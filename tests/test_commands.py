@@ -16,8 +16,8 @@ from bridge.codec import BYTE_ORDERS, Field, PointType, Value, encode
 from bridge.commands import CommandHandler
 from bridge.config import Config, Point, load_config
 from bridge.messages import Message
-from bridge.scheduler import Link
 from bridge.simulator import Simulator
+from bridge.transports.link import Link
 from bridge.transports.modbus import Endpoint, ModbusClient
 from bridge.wire import Incoming
 from bridge.writes import CommandRefused, WriteOp, check_value, parse_command, plan_write

@@ -24,8 +24,8 @@ from bridge.errors import BridgeError, DeviceError, TransportError
 from bridge.messages import Message
 from bridge.planner import plan_device
 from bridge.poller import DevicePoller
-from bridge.scheduler import Link
 from bridge.service import endpoint_for, link_silence
+from bridge.transports.link import Link
 from bridge.transports.modbus import BadFrame, Endpoint, ModbusClient, NoResponse
 from tests.helpers import Socat, until
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bridge.scheduler import LinkScheduler, Priority
+from bridge.transports.link import LinkScheduler, Priority
 from tests.helpers import until
 
 

@@ -28,8 +28,8 @@ from bridge.config import Config, SerialLink, load_config
 from bridge.messages import Message
 from bridge.planner import ReadRequest, plan_device
 from bridge.poller import DevicePoller
-from bridge.scheduler import Link, Priority
 from bridge.service import build_links, link_silence, warn_overloaded_links
+from bridge.transports.link import Link, Priority
 from bridge.transports.modbus import Endpoint, LinkKind, ModbusClient
 from tests.helpers import ROOT, Socat, free_port
 

@@ -199,7 +199,7 @@ class ModbusClient:
     `uniform(0, base * 2**attempt)`, capped) so a rebooting gateway is not hammered by every
     device at once; requests made during a back-off fail fast with TransportError.
 
-    Callers serialise transactions (bridge.scheduler.Link); this class assumes one at a time.
+    Callers serialise transactions (bridge.transports.link.Link); this class assumes one at a time.
     """
 
     def __init__(self, endpoint: Endpoint, *, backoff_cap: float = 60.0) -> None:

@@ -11,7 +11,7 @@ from bridge.config import Point
 from bridge.errors import BridgeError
 from bridge.normalize import BadValue, engineering
 from bridge.planner import ReadRequest
-from bridge.scheduler import Link, Priority
+from bridge.transports.link import Link, Priority
 from bridge.writes import plan_write, readback_request
 
 

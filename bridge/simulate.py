@@ -1,0 +1,73 @@
+"""`m2m-bridge simulate`: the configured devices served until SIGTERM, values evolving.
+
+Modbus TCP devices by bridge.simulator, serial links (rtu, ascii, line instruments) on ptys by
+bridge.serialsim; this module runs both, so neither needs the other's start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+from bridge.config import Config, LineLink, SerialLink
+from bridge.serialsim import SerialSimulator
+from bridge.simulator import Simulator
+
+
+async def run_simulator(
+    config: Config,
+    *,
+    tick: float = 1.0,
+    on_ready: Callable[[], None] | None = None,
+    baud: int | Literal["config"] | None = None,
+    turnaround: float = 0.0,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Serve `config`'s devices until cancelled, evolving their values every `tick` seconds.
+
+    Serial links (rtu, ascii, serial) are served on ptys (bridge.serialsim), each announced
+    with its path; `baud` paces them at that rate, or at each link's own with "config".
+    """
+    sim = Simulator(config)
+    pace: int | Callable[[SerialLink | LineLink], int] | None = (
+        (lambda link: link.baudrate) if baud == "config" else baud
+    )
+    serial = SerialSimulator(config, sim, baud=pace, turnaround=turnaround)
+    stop = asyncio.Event()
+    try:
+        await sim.start()
+        serial.start()
+        # SIGTERM is how scripts and service managers stop us: a clean return (exit 0) that
+        # removes the ptys' temp directory, where the default action would leave it behind.
+        with _stop_on_sigterm(stop):
+            for text in serial.announcements():
+                if announce is not None:
+                    announce(text)
+            if on_ready is not None:
+                on_ready()
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), tick)
+                    break
+                sim.tick()
+                serial.tick()
+    finally:
+        serial.stop()
+        await sim.stop()
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    except (RuntimeError, NotImplementedError, ValueError):
+        yield  # not the main thread (tests): cancellation still stops us
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
