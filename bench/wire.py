@@ -1,4 +1,4 @@
-"""CPU per QoS 1 message: bridge.wire.WireClient.publish_batch vs aiomqtt 2.5.
+"""CPU per QoS 1 message: bridge.mqtt.wire.WireClient.publish_batch vs aiomqtt 2.5.
 
 Publishes `--messages` (100,000) per-point-sized messages (topic `m2m/bench/meter-N/point-M`,
 a ~50-byte JSON payload), QoS 1, not retained, in batches of `--batch` (500) to a private
@@ -51,7 +51,7 @@ def make_messages(count: int) -> list[Message]:
 
 
 async def run_wire(port: int, messages: list[Message], batch: int, _inflight: int) -> float:
-    from bridge.wire import WireClient
+    from bridge.mqtt.wire import WireClient
 
     client = WireClient(host="127.0.0.1", port=port, client_id="bench-wire")
     await client.connect()

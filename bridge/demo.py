@@ -31,7 +31,7 @@ from bridge.codec import Value
 from bridge.config import Config, Link, MqttSettings, Point, TcpLink, load_config
 from bridge.errors import BridgeError
 from bridge.messages import Topics
-from bridge.session import make_client
+from bridge.mqtt.session import make_client
 from bridge.simulator import Simulator
 from bridge.writes import CommandRefused, check_value
 

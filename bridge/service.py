@@ -16,11 +16,11 @@ import structlog
 
 from bridge.buffer import DiskBuffer
 from bridge.bustime import silence
-from bridge.commands import CommandHandler
 from bridge.config import Config, Device, LineLink, SerialLink, TcpLink
 from bridge.errors import BridgeError
 from bridge.instrument import InstrumentPoller
-from bridge.mqtt import Publisher
+from bridge.mqtt.commands import CommandHandler
+from bridge.mqtt.publisher import Publisher
 from bridge.planner import PollGroup, plan_device
 from bridge.poller import DevicePoller, Outbox
 from bridge.report import bus_load

@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.codec import BYTE_ORDERS, Field, PointType, Value, encode
-from bridge.commands import CommandHandler
 from bridge.config import Config, Point, load_config
 from bridge.messages import Message
+from bridge.mqtt.commands import CommandHandler
+from bridge.mqtt.wire import Incoming
 from bridge.simulator import Simulator
 from bridge.transports.link import Link
 from bridge.transports.modbus import Endpoint, ModbusClient
-from bridge.wire import Incoming
 from bridge.writes import CommandRefused, WriteOp, check_value, parse_command, plan_write
 from tests.helpers import free_port
 

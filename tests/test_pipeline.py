@@ -119,7 +119,7 @@ async def test_replayed_backlog_never_becomes_the_retained_value(tmp_path: Path)
     from bridge.buffer import DiskBuffer
     from bridge.config import BufferSettings, MqttSettings
     from bridge.messages import Message
-    from bridge.mqtt import Publisher
+    from bridge.mqtt.publisher import Publisher
 
     topic = "m2m/ret/dev/v"
     buffer = DiskBuffer(tmp_path / "b.sqlite3", max_messages=10_000, max_bytes=10**8,

@@ -1,4 +1,4 @@
-"""bridge.wire.WireClient: against a real mosquitto, and its parser fed by hand."""
+"""bridge.mqtt.wire.WireClient: against a real mosquitto, and its parser fed by hand."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bridge.errors import BrokerError
-from bridge.wire import Incoming, WindowFull, WireClient, WireError
+from bridge.mqtt.wire import Incoming, WindowFull, WireClient, WireError
 from tests.helpers import (
     WAIT,
     Broker,

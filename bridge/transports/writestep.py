@@ -1,6 +1,6 @@
 """The write step: one checked value onto the wire, never retried, then read back.
 
-Shared by MQTT commands (bridge.commands) and the `write` CLI; everything before it (payload
+Shared by MQTT commands (bridge.mqtt.commands) and the `write` CLI; everything before it (payload
 parsing, limits, the request) is pure and lives in bridge.writes.
 """
 

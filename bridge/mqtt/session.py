@@ -1,6 +1,6 @@
 """Broker sessions: one interface over the two MQTT clients the publisher may use.
 
-MQTT 5 (the default) runs on `bridge.wire.WireClient` (the `mqtt5` codec under a thin asyncio
+MQTT 5 (the default) runs on `bridge.mqtt.wire.WireClient` (the `mqtt5` codec under a thin asyncio
 transport): a batch is one buffered write and one future, about 6 µs of CPU a message.
 MQTT 3.1.1, which `mqtt5` does not speak, runs on aiomqtt: an awaited future per publish,
 about 90 µs a message (DESIGN.md's performance model asks for the faster path where aiomqtt
@@ -23,7 +23,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from bridge.config import MqttSettings
 from bridge.errors import BrokerError
 from bridge.messages import Message
-from bridge.wire import Incoming, WindowFull, WireClient, WireError
+from bridge.mqtt.wire import Incoming, WindowFull, WireClient, WireError
 
 # aiomqtt: messages in flight per gather. aiomqtt and paho scan their pending maps per message,
 # so the cost per message grows with this (profiled: 500 cost twice what 64 does).

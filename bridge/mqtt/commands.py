@@ -27,14 +27,14 @@ from bridge.codec import Value
 from bridge.config import Config, Device, Point, SerialLink, TcpLink
 from bridge.errors import BridgeError
 from bridge.messages import Message, Topics
+from bridge.mqtt.wire import Incoming
 from bridge.planner import ReadRequest
 from bridge.poller import Outbox
 from bridge.transports.link import Link
 from bridge.transports.writestep import ReadBackFailed, write_point
-from bridge.wire import Incoming
 from bridge.writes import CommandRefused, clip, parse_command, readback_or_none
 
-log = structlog.get_logger("bridge.commands")
+log = structlog.get_logger("bridge.mqtt.commands")
 audit = structlog.get_logger("bridge.audit")
 
 # One write per point per second: a PLC setpoint is not a stream, a UI slider can emit dozens

@@ -4,7 +4,7 @@ Connection: a last will sets `<prefix>/status` to `offline` (retained); on every
 bridge publishes `online`, then every device's current status, because retained statuses are
 "now", not history, and are never buffered. Reconnects back off with full jitter
 (`uniform(0, base * 2**attempt)`, capped: aiomqtt's own rule), and are logged once per change.
-The connection itself is a `bridge.session.Session` (MQTT 5 or 3.1.1).
+The connection itself is a `bridge.mqtt.session.Session` (MQTT 5 or 3.1.1).
 
 Delivery: batches are taken from the buffer and published concurrently, so many QoS 1 messages
 are in flight at once; a batch is only dropped from the buffer's custody once every message in
@@ -28,10 +28,10 @@ from bridge.config import MqttSettings
 from bridge.errors import BrokerError
 from bridge.health import Activity
 from bridge.messages import Message, Topics
-from bridge.session import PUBLISH_TIMEOUT, Session, describe_connect_failure, open_session
-from bridge.wire import Incoming
+from bridge.mqtt.session import PUBLISH_TIMEOUT, Session, describe_connect_failure, open_session
+from bridge.mqtt.wire import Incoming
 
-log = structlog.get_logger("bridge.mqtt")
+log = structlog.get_logger("bridge.mqtt.publisher")
 
 RECONNECT_BASE = 1.0
 RECONNECT_CAP = 60.0
