@@ -1,7 +1,7 @@
 """Read requests per poll cycle against one request per point, for every configs/*.yaml.
 
 A poll cycle is one poll of each of a device's poll groups (points with their own `interval`
-form groups of their own), as `m2m-bridge plan` counts it; the planner is bridge.planner's.
+form groups of their own), as `m2m-bridge plan` counts it; the planner is bridge.core.planner's.
 
     .venv/bin/python bench/plan.py                  # every configs/*.yaml
     .venv/bin/python bench/plan.py my/site.yaml     # or the files given
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.config import Config, SerialLink, TcpLink, load_config
+from bridge.core.planner import plan_device, registers_spanned
 from bridge.errors import ConfigError
-from bridge.planner import plan_device, registers_spanned
 
 ROOT = Path(__file__).resolve().parent.parent
 

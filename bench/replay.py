@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))  # bridge, and tests.helpers for the private mosqu
 
 from bridge.buffer import DiskBuffer  # noqa: E402
 from bridge.config import BufferSettings, MqttSettings  # noqa: E402
-from bridge.messages import Message, point_payload  # noqa: E402
+from bridge.core.messages import Message, point_payload  # noqa: E402
 from bridge.mqtt.publisher import Publisher  # noqa: E402
 
 POLL = 100  # messages per put(), as one poll of a device would give

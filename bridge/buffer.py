@@ -32,8 +32,8 @@ from typing import TypeVar
 
 import structlog
 
+from bridge.core.messages import Message
 from bridge.errors import ConfigError, ConfigIssue
-from bridge.messages import Message
 
 T = TypeVar("T")
 

@@ -37,13 +37,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from bridge.codec import Value
 from bridge.config import Device, MqttSettings, Point
+from bridge.core.codec import Value
+from bridge.core.messages import Message
+from bridge.core.normalize import engineering
+from bridge.core.planner import PollGroup
 from bridge.errors import TransportError
 from bridge.health import Activity
-from bridge.messages import Message
-from bridge.normalize import engineering
-from bridge.planner import PollGroup
 from bridge.poller import DeviceStats, DeviceStatus, Outbox, poll_on_grid
 from bridge.transports.line import Line, LinePort, LineReader
 

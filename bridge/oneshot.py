@@ -9,7 +9,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import ValidationError
 
-from bridge.codec import (
+from bridge.config import Config, Device, LineLink, Point
+from bridge.core.codec import (
     BIT_TABLES,
     BYTE_ORDERS,
     POINT_TYPES,
@@ -22,18 +23,17 @@ from bridge.codec import (
     register_count,
     shortest_float32,
 )
-from bridge.config import Config, Device, LineLink, Point
+from bridge.core.messages import Message
+from bridge.core.normalize import engineering
+from bridge.core.planner import MAX_READ_BITS, MAX_READ_REGISTERS, plan_device
+from bridge.core.writes import CommandRefused, parse_command
 from bridge.errors import DeviceError, UsageError
 from bridge.instrument import InstrumentPoller
-from bridge.messages import Message
-from bridge.normalize import engineering
-from bridge.planner import MAX_READ_BITS, MAX_READ_REGISTERS, plan_device
 from bridge.service import build_links, plan_for
 from bridge.transports.line import LinePort
 from bridge.transports.link import Link
 from bridge.transports.modbus import LINK_KINDS, SERIAL_KINDS, Endpoint, LinkKind, ModbusClient
 from bridge.transports.writestep import write_point
-from bridge.writes import CommandRefused, parse_command
 
 DEFAULT_PORTS = {"tcp": 502, "udp": 502}  # rtu-over-tcp servers use all sorts: ask for it
 SERIAL_SETTINGS = ("baudrate", "parity", "stopbits", "bytesize")

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from bridge.codec import Table, Value
 from bridge.config import Device, MqttSettings, Point
+from bridge.core.codec import Table, Value
+from bridge.core.messages import Message, PointPayload, Topics, device_payload
+from bridge.core.normalize import BadValue, ChangeFilter, engineering
+from bridge.core.planner import Barrier, PollGroup, ReadRequest, plan_device, request_for
 from bridge.errors import BridgeError, CodecError, DeviceError, TransportError
 from bridge.health import Activity
-from bridge.messages import Message, PointPayload, Topics, device_payload
-from bridge.normalize import BadValue, ChangeFilter, engineering
-from bridge.planner import Barrier, PollGroup, ReadRequest, plan_device, request_for
 from bridge.transports.link import Link
 from bridge.transports.modbus import BUSY_CODES, REFUSED_CODES, BadFrame
 

@@ -50,9 +50,9 @@ from typing import Any
 
 import structlog
 
-from bridge import bustime
-from bridge.codec import Value
 from bridge.config import Config, Device, LineLink, Point, SerialLink
+from bridge.core import bustime
+from bridge.core.codec import Value
 from bridge.simulator import DeviceStore, Simulator
 
 with warnings.catch_warnings():  # sre_parse is the documented-enough parser of re's syntax

@@ -15,15 +15,15 @@ from pathlib import Path
 import structlog
 
 from bridge.buffer import DiskBuffer
-from bridge.bustime import silence
 from bridge.config import Config, Device, LineLink, SerialLink, TcpLink
+from bridge.core.bustime import silence
+from bridge.core.planner import PollGroup, plan_device
+from bridge.core.report import bus_load
 from bridge.errors import BridgeError
 from bridge.instrument import InstrumentPoller
 from bridge.mqtt.commands import CommandHandler
 from bridge.mqtt.publisher import Publisher
-from bridge.planner import PollGroup, plan_device
 from bridge.poller import DevicePoller, Outbox
-from bridge.report import bus_load
 from bridge.transports.line import LinePort
 from bridge.transports.link import Link
 from bridge.transports.modbus import Endpoint, ModbusClient

@@ -22,8 +22,8 @@ import structlog
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from bridge.codec import Field, Value, encode
 from bridge.config import Config, Device, LineLink, Point, SerialLink, TcpLink
+from bridge.core.codec import Field, Value, encode
 from bridge.errors import BridgeError, CodecError, TransportError
 
 log = structlog.get_logger(__name__)

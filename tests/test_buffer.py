@@ -26,7 +26,7 @@ from hypothesis.stateful import (
 )
 
 from bridge.buffer import DiskBuffer, Stored
-from bridge.messages import Message
+from bridge.core.messages import Message
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_764_000_000.0  # the injected clock's "now", in s
@@ -183,7 +183,7 @@ CRASH_SCRIPT = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from bridge.buffer import DiskBuffer
-    from bridge.messages import Message
+    from bridge.core.messages import Message
 
     b = DiskBuffer(Path(sys.argv[1]), max_messages=10**6, max_bytes=10**9, max_age=10**9)
     for poll in range(20):

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from bridge.cli import build_parser
-from bridge.codec import shortest_float32
 from bridge.config import load_config
+from bridge.core.codec import shortest_float32
 from bridge.errors import TransportError
 from bridge.simulator import Simulator
 from bridge.transports.modbus import Endpoint, ModbusClient

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.codec import BYTE_ORDERS, BlockLayout, ByteOrder, Field, PointType, decode, encode
+from bridge.core.codec import BYTE_ORDERS, BlockLayout, ByteOrder, Field, PointType, decode, encode
 from bridge.errors import CodecError
 
 INT_LIMITS: dict[PointType, tuple[int, int]] = {

@@ -12,15 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.codec import BYTE_ORDERS, Field, PointType, Value, encode
 from bridge.config import Config, Point, load_config
-from bridge.messages import Message
+from bridge.core.codec import BYTE_ORDERS, Field, PointType, Value, encode
+from bridge.core.messages import Message
+from bridge.core.writes import CommandRefused, WriteOp, check_value, parse_command, plan_write
 from bridge.mqtt.commands import CommandHandler
 from bridge.mqtt.wire import Incoming
 from bridge.simulator import Simulator
 from bridge.transports.link import Link
 from bridge.transports.modbus import Endpoint, ModbusClient
-from bridge.writes import CommandRefused, WriteOp, check_value, parse_command, plan_write
 from tests.helpers import free_port
 
 NUMERIC_TYPES: tuple[PointType, ...] = (

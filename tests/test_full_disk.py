@@ -23,7 +23,7 @@ import yaml
 
 from bridge.buffer import DiskBuffer
 from bridge.config import load_config
-from bridge.messages import Message
+from bridge.core.messages import Message
 from bridge.simulator import Simulator
 from tests.helpers import Daemon, Recorder, free_port, metrics, mosquitto, recording, until
 

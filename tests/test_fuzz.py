@@ -29,8 +29,8 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from bridge.codec import BYTE_ORDERS, POINT_TYPES, BlockLayout, Field, decode, encode
 from bridge.config import load_config
+from bridge.core.codec import BYTE_ORDERS, POINT_TYPES, BlockLayout, Field, decode, encode
 from bridge.errors import CodecError, ConfigError, DeviceError, TransportError
 from bridge.simulator import Simulator
 from tests.helpers import ROOT, Broker, Daemon, free_port, mosquitto, recording, until

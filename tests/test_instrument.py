@@ -21,8 +21,8 @@ import pytest
 from serial_asyncio_fast import open_serial_connection
 
 from bridge.config import Device, LineLink, MqttSettings, Point
+from bridge.core.messages import Message
 from bridge.instrument import InstrumentPoller, parse_text
-from bridge.messages import Message
 from bridge.transports.line import LinePort
 from tests.helpers import Daemon, Socat, mosquitto, recording, until
 

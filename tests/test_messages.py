@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.messages import Topics, device_payload, point_payload
+from bridge.core.messages import Topics, device_payload, point_payload
 
 
 def test_json_payload_has_value_ts_unit() -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from bridge.normalize import BadValue, ChangeFilter, engineering
+from bridge.core.normalize import BadValue, ChangeFilter, engineering
 
 
 @dataclass(frozen=True)

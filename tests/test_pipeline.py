@@ -118,7 +118,7 @@ async def test_replayed_backlog_never_becomes_the_retained_value(tmp_path: Path)
     the backlog are replayed after it."""
     from bridge.buffer import DiskBuffer
     from bridge.config import BufferSettings, MqttSettings
-    from bridge.messages import Message
+    from bridge.core.messages import Message
     from bridge.mqtt.publisher import Publisher
 
     topic = "m2m/ret/dev/v"

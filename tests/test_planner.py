@@ -8,9 +8,9 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.codec import Field, encode
 from bridge.config import Point
-from bridge.planner import plan_device
+from bridge.core.codec import Field, encode
+from bridge.core.planner import plan_device
 
 
 def pt(name: str, address: int, **kw: Any) -> Point:

@@ -20,9 +20,9 @@ import yaml
 from pymodbus.framer import FramerRTU
 
 from bridge.config import Config, SerialLink, load_config
+from bridge.core.messages import Message
+from bridge.core.planner import plan_device
 from bridge.errors import BridgeError, DeviceError, TransportError
-from bridge.messages import Message
-from bridge.planner import plan_device
 from bridge.poller import DevicePoller
 from bridge.service import endpoint_for, link_silence
 from bridge.transports.link import Link

@@ -23,10 +23,10 @@ from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer, ModbusUdpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from bridge.codec import Table
 from bridge.config import Config, SerialLink, load_config
-from bridge.messages import Message
-from bridge.planner import ReadRequest, plan_device
+from bridge.core.codec import Table
+from bridge.core.messages import Message
+from bridge.core.planner import ReadRequest, plan_device
 from bridge.poller import DevicePoller
 from bridge.service import build_links, link_silence, warn_overloaded_links
 from bridge.transports.link import Link, Priority

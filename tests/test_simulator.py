@@ -17,8 +17,8 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 from bridge.broker import broker_answers, start_embedded_broker
-from bridge.codec import Field, decode
 from bridge.config import Config, load_config
+from bridge.core.codec import Field, decode
 from bridge.errors import BridgeError, TransportError
 from bridge.simulator import Simulator
 

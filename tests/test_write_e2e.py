@@ -21,8 +21,8 @@ import yaml
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.codec import Field, encode
 from bridge.config import TcpLink, load_config
+from bridge.core.codec import Field, encode
 from bridge.simulator import Simulator
 from tests.helpers import Broker, Daemon, Recorder, free_port, mosquitto, recording, run_cli
 from tests.test_e2e import NUMERIC, ORDERS, write_config

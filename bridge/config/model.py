@@ -24,8 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from bridge.codec import BIT_TABLES, ByteOrder, PointType, Table, register_count
 from bridge.errors import ConfigIssue
+from bridge.registers import BIT_TABLES, ByteOrder, PointType, Table, register_count
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -3,9 +3,9 @@
 The bridge subscribes to `<prefix>/+/+/set` only, so every command reaches the handler and is
 answered: one for an unknown device or point, or a read-only one, is refused naming why.
 `CommandHandler` receives the publisher's messages, runs each command in a task of its own,
-checks and writes it through bridge.writes (the link scheduler puts writes first on the bus),
+checks and writes it through bridge.core.writes (the link scheduler puts writes first on the bus),
 reads the point back, publishes it as a normal reading and answers on `…/set/result` (or the
-MQTT 5 response topic, with its correlation data). Payload rules: bridge.writes.
+MQTT 5 response topic, with its correlation data). Payload rules: bridge.core.writes.
 
 Failure policy: a write that fails is reported, never retried (the device may have acted on
 it); a write that succeeded but whose read-back failed answers `{"ok": false, "written": true,
@@ -23,16 +23,16 @@ from typing import Any, Literal, TypeAlias
 
 import structlog
 
-from bridge.codec import Value
 from bridge.config import Config, Device, Point, SerialLink, TcpLink
+from bridge.core.codec import Value
+from bridge.core.messages import Message, Topics
+from bridge.core.planner import ReadRequest
+from bridge.core.writes import CommandRefused, clip, parse_command, readback_or_none
 from bridge.errors import BridgeError
-from bridge.messages import Message, Topics
 from bridge.mqtt.wire import Incoming
-from bridge.planner import ReadRequest
 from bridge.poller import Outbox
 from bridge.transports.link import Link
 from bridge.transports.writestep import ReadBackFailed, write_point
-from bridge.writes import CommandRefused, clip, parse_command, readback_or_none
 
 log = structlog.get_logger("bridge.mqtt.commands")
 audit = structlog.get_logger("bridge.audit")

@@ -25,9 +25,9 @@ import structlog
 
 from bridge.buffer import DiskBuffer, Stored
 from bridge.config import MqttSettings
+from bridge.core.messages import Message, Topics
 from bridge.errors import BrokerError
 from bridge.health import Activity
-from bridge.messages import Message, Topics
 from bridge.mqtt.session import PUBLISH_TIMEOUT, Session, describe_connect_failure, open_session
 from bridge.mqtt.wire import Incoming
 

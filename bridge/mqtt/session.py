@@ -21,8 +21,8 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.config import MqttSettings
+from bridge.core.messages import Message
 from bridge.errors import BrokerError
-from bridge.messages import Message
 from bridge.mqtt.wire import Incoming, WindowFull, WireClient, WireError
 
 # aiomqtt: messages in flight per gather. aiomqtt and paho scan their pending maps per message,

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from enum import IntEnum
 
-from bridge.planner import ReadRequest
+from bridge.core.planner import ReadRequest
 from bridge.transports.modbus import ModbusClient
 
 

@@ -32,8 +32,8 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, Async
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 
-from bridge import bustime
-from bridge.codec import BIT_TABLES, Table
+from bridge.core import bustime
+from bridge.core.codec import BIT_TABLES, Table
 from bridge.errors import DeviceError, TransportError
 
 # Modbus exception codes (Modbus Application Protocol v1.1b3, section 7).

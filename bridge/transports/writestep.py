@@ -1,18 +1,18 @@
 """The write step: one checked value onto the wire, never retried, then read back.
 
 Shared by MQTT commands (bridge.mqtt.commands) and the `write` CLI; everything before it (payload
-parsing, limits, the request) is pure and lives in bridge.writes.
+parsing, limits, the request) is pure and lives in bridge.core.writes.
 """
 
 from __future__ import annotations
 
-from bridge.codec import Value
 from bridge.config import Point
+from bridge.core.codec import Value
+from bridge.core.normalize import BadValue, engineering
+from bridge.core.planner import ReadRequest
+from bridge.core.writes import plan_write, readback_request
 from bridge.errors import BridgeError
-from bridge.normalize import BadValue, engineering
-from bridge.planner import ReadRequest
 from bridge.transports.link import Link, Priority
-from bridge.writes import plan_write, readback_request
 
 
 async def write_point(

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from bridge.codec import Value
+from bridge.core.codec import Value
 from bridge.errors import CodecError
 
 

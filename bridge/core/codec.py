@@ -21,22 +21,34 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
 
 from bridge.errors import CodecError
-
-PointType: TypeAlias = Literal[
-    "bool", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "string"
-]
-ByteOrder: TypeAlias = Literal["ABCD", "CDAB", "BADC", "DCBA"]
-Table: TypeAlias = Literal["holding", "input", "coil", "discrete"]
-Value: TypeAlias = bool | int | float | str
-
-POINT_TYPES: tuple[PointType, ...] = (
-    "bool", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "string"
+from bridge.registers import (
+    BIT_TABLES,
+    BYTE_ORDERS,
+    POINT_TYPES,
+    ByteOrder,
+    PointType,
+    Table,
+    Value,
+    register_count,
 )
-BYTE_ORDERS: tuple[ByteOrder, ...] = ("ABCD", "CDAB", "BADC", "DCBA")
-BIT_TABLES: frozenset[Table] = frozenset({"coil", "discrete"})
+
+__all__ = [
+    "BIT_TABLES",
+    "BYTE_ORDERS",
+    "POINT_TYPES",
+    "BlockLayout",
+    "ByteOrder",
+    "Field",
+    "PointType",
+    "Table",
+    "Value",
+    "decode",
+    "encode",
+    "register_count",
+    "shortest_float32",
+]
 
 # (struct code, registers) per numeric type; bool on a register table reads one uint16.
 _NUMERIC: Mapping[PointType, tuple[str, int]] = {
@@ -52,15 +64,6 @@ _NUMERIC: Mapping[PointType, tuple[str, int]] = {
 }
 _LE_WORDS: frozenset[ByteOrder] = frozenset({"CDAB", "BADC"})
 _LE_VALUE: frozenset[ByteOrder] = frozenset({"CDAB", "DCBA"})
-
-
-def register_count(type_: PointType, count: int | None = None) -> int:
-    """Registers a value of `type_` spans (`count` for strings: 2 characters a register)."""
-    if type_ == "string":
-        if count is None or count < 1:
-            raise CodecError("string points need a count of registers (1 or more)")
-        return count
-    return _NUMERIC[type_][1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from bridge.bustime import BITS_PER_CHAR, silence
 from bridge.config import Config, SerialLink, TcpLink
-from bridge.planner import PollGroup, ReadRequest, plan_device, registers_spanned
+from bridge.core.bustime import BITS_PER_CHAR, silence
+from bridge.core.planner import PollGroup, ReadRequest, plan_device, registers_spanned
 
 RTU_REQUEST_BYTES = 8  # unit, function, address(2), count(2), CRC(2)
 RTU_REPLY_OVERHEAD = 5  # unit, function, byte count, CRC(2)

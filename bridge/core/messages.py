@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from bridge.codec import Value
+from bridge.core.codec import Value
 
 Format = Literal["json", "value"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from bridge.codec import BIT_TABLES, BlockLayout, Field, Table, Value
 from bridge.config import Point
+from bridge.core.codec import BIT_TABLES, BlockLayout, Field, Table, Value
 from bridge.errors import CodecError
 
 MAX_READ_REGISTERS = 125  # Modbus spec: FC3/FC4 read at most 125 registers
