@@ -8,7 +8,7 @@ one `rtu` link, 8N2 (11 bits a character, as the RTU spec wants; 8E1 cannot be
 set on a Linux pty: pyserial's reconfigure gets EINVAL, so the bench uses the spec's other
 11-bit framing). `m2m-bridge simulate --baud B`
 runs as a separate process and serves them on a pty whose wire is paced like a real line
-(bridge.serialsim). The bench then reads every planned request of every meter back to back,
+(bridge.sim.serial). The bench then reads every planned request of every meter back to back,
 as fast as the bus allows, through the daemon's own path: service.build_links -> Link
 (scheduler, inter-frame silence) -> ModbusClient (pymodbus RTU framer on pyserial).
 

@@ -22,12 +22,12 @@ from bridge.config import Config, config_json_schema, load_config
 from bridge.core.codec import BYTE_ORDERS, POINT_TYPES, Value
 from bridge.core.report import plan_report
 from bridge.daemon import run_daemon
-from bridge.demo import run_demo
 from bridge.errors import BridgeError, ConfigError, UsageError
 from bridge.logs import configure, redact, redact_secrets
-from bridge.oneshot import read_config_points, read_url, write_config_point, write_url
 from bridge.service import Service
-from bridge.simulate import run_simulator
+from bridge.sim.demo import run_demo
+from bridge.sim.run import run_simulator
+from bridge.tools.oneshot import read_config_points, read_url, write_config_point, write_url
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bridge.config import load_config
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from tests.helpers import Daemon, free_port, mosquitto, recording
 from tests.test_e2e import write_config
 

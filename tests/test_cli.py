@@ -22,7 +22,7 @@ from bridge.cli import build_parser
 from bridge.config import load_config
 from bridge.core.codec import shortest_float32
 from bridge.errors import TransportError
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from bridge.transports.modbus import Endpoint, ModbusClient
 from tests.helpers import ROOT, free_port
 

@@ -18,7 +18,7 @@ from bridge.core.messages import Message
 from bridge.core.writes import CommandRefused, WriteOp, check_value, parse_command, plan_write
 from bridge.mqtt.commands import CommandHandler
 from bridge.mqtt.wire import Incoming
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from bridge.transports.link import Link
 from bridge.transports.modbus import Endpoint, ModbusClient
 from tests.helpers import free_port

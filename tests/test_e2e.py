@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from bridge.config import load_config
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from tests.helpers import Broker, Daemon, free_port, metrics, mosquitto, recording, until
 
 pytestmark = pytest.mark.integration  # starts processes or socket servers

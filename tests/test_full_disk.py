@@ -24,7 +24,7 @@ import yaml
 from bridge.buffer import DiskBuffer
 from bridge.config import load_config
 from bridge.core.messages import Message
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from tests.helpers import Daemon, Recorder, free_port, metrics, mosquitto, recording, until
 
 pytestmark = pytest.mark.integration  # mounts a tmpfs, starts a broker and daemons

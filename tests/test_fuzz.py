@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from bridge.config import load_config
 from bridge.core.codec import BYTE_ORDERS, POINT_TYPES, BlockLayout, Field, decode, encode
 from bridge.errors import CodecError, ConfigError, DeviceError, TransportError
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from tests.helpers import ROOT, Broker, Daemon, free_port, mosquitto, recording, until
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

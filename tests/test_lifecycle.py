@@ -20,7 +20,7 @@ import yaml
 
 from bridge.config import load_config
 from bridge.health import Activity
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from bridge.systemd import watchdog
 from tests.helpers import Broker, Daemon, free_port, mosquitto, recording, until
 

@@ -13,7 +13,7 @@ import yaml
 from bridge.config import Config, load_config
 from bridge.errors import DeviceError, TransportError
 from bridge.service import Service
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from bridge.transports.modbus import Endpoint, ModbusClient
 from tests.helpers import WAIT, free_port, mosquitto, recording, until
 

@@ -20,8 +20,8 @@ import serial
 from bridge.config import Config, Point, load_config
 from bridge.core.planner import plan_device
 from bridge.core.report import rtu_seconds
-from bridge.serialsim import SerialSimulator, crc16, example_line, lrc, with_crc
-from bridge.simulator import Simulator
+from bridge.sim.serial import SerialSimulator, crc16, example_line, lrc, with_crc
+from bridge.sim.tcp import Simulator
 from tests.helpers import ROOT
 
 RESPONSE = r"^S[TI],GS,\s*(?P<weight>[-+]?\d+\.\d+)\s*kg(,(?P<stable>[YN]))?"

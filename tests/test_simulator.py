@@ -16,11 +16,11 @@ import aiomqtt
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
-from bridge.broker import broker_answers, start_embedded_broker
 from bridge.config import Config, load_config
 from bridge.core.codec import Field, decode
 from bridge.errors import BridgeError, TransportError
-from bridge.simulator import Simulator
+from bridge.sim.broker import broker_answers, start_embedded_broker
+from bridge.sim.tcp import Simulator
 
 
 def free_port() -> int:
@@ -269,7 +269,7 @@ class TestDemo:
     @pytest.mark.integration
     async def test_readings_reach_the_live_view(self, tmp_path: Path, port: int) -> None:
         """With no broker at the configured address, the demo embeds one and shows readings."""
-        from bridge.demo import run_demo
+        from bridge.sim.demo import run_demo
 
         write_config(tmp_path, port, mqtt_port=free_port())
         out = io.StringIO()
@@ -285,14 +285,14 @@ class TestDemo:
 
     async def test_missing_config_is_an_error(self, tmp_path: Path) -> None:
         """A config path that does not exist is a one-line BridgeError."""
-        from bridge.demo import run_demo
+        from bridge.sim.demo import run_demo
 
         with pytest.raises(BridgeError, match="no config at"):
             await run_demo(tmp_path / "nope.yaml", duration=1, out=io.StringIO())
 
     def test_terminal_view_is_a_table_redrawn_in_place(self) -> None:
         """On a terminal, messages update a table that each draw repaints from the top."""
-        from bridge.demo import LiveView
+        from bridge.sim.demo import LiveView
 
         class Terminal(io.StringIO):
             def isatty(self) -> bool:
@@ -361,7 +361,7 @@ class TestDemoWrites:
 
     @pytest.mark.integration
     async def test_taken_port_and_a_periodic_write(self, tmp_path: Path, port: int) -> None:
-        from bridge.demo import run_demo
+        from bridge.sim.demo import run_demo
 
         write_config(tmp_path, port, mqtt_port=free_port())
         out = io.StringIO()
@@ -392,7 +392,7 @@ class TestDemoWrites:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Whatever else there is, the demo's point and its command rows stay on screen."""
-        from bridge.demo import LiveView
+        from bridge.sim.demo import LiveView
 
         class Terminal(io.StringIO):
             def isatty(self) -> bool:

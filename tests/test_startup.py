@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from bridge.config import load_config
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from tests.helpers import Broker, Daemon, free_port, mosquitto, recording, run_cli, until
 
 pytestmark = pytest.mark.integration  # starts processes or socket servers

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from bridge.config import load_config
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from tests.helpers import Daemon, Recorder, free_port, metrics, mosquitto, recording, until
 
 pytestmark = pytest.mark.integration  # starts processes or socket servers

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from bridge.config import load_config
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from tests.helpers import (
     Broker,
     Daemon,

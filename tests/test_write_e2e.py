@@ -23,7 +23,7 @@ from paho.mqtt.properties import Properties
 
 from bridge.config import TcpLink, load_config
 from bridge.core.codec import Field, encode
-from bridge.simulator import Simulator
+from bridge.sim.tcp import Simulator
 from tests.helpers import Broker, Daemon, Recorder, free_port, mosquitto, recording, run_cli
 from tests.test_e2e import NUMERIC, ORDERS, write_config
 

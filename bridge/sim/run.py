@@ -1,7 +1,7 @@
 """`m2m-bridge simulate`: the configured devices served until SIGTERM, values evolving.
 
-Modbus TCP devices by bridge.simulator, serial links (rtu, ascii, line instruments) on ptys by
-bridge.serialsim; this module runs both, so neither needs the other's start-up.
+Modbus TCP devices by bridge.sim.tcp, serial links (rtu, ascii, line instruments) on ptys by
+bridge.sim.serial; this module runs both, so neither needs the other's start-up.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from typing import Literal
 
 from bridge.config import Config, LineLink, SerialLink
-from bridge.serialsim import SerialSimulator
-from bridge.simulator import Simulator
+from bridge.sim.serial import SerialSimulator
+from bridge.sim.tcp import Simulator
 
 
 async def run_simulator(
@@ -28,7 +28,7 @@ async def run_simulator(
 ) -> None:
     """Serve `config`'s devices until cancelled, evolving their values every `tick` seconds.
 
-    Serial links (rtu, ascii, serial) are served on ptys (bridge.serialsim), each announced
+    Serial links (rtu, ascii, serial) are served on ptys (bridge.sim.serial), each announced
     with its path; `baud` paces them at that rate, or at each link's own with "config".
     """
     sim = Simulator(config)

@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from bridge.broker import EmbeddedBroker, broker_answers, start_embedded_broker
 from bridge.config import Config, Link, MqttSettings, Point, TcpLink, load_config
 from bridge.core.codec import Value
 from bridge.core.messages import Topics
 from bridge.core.writes import CommandRefused, check_value
 from bridge.errors import BridgeError
 from bridge.mqtt.session import make_client
-from bridge.simulator import Simulator
+from bridge.sim.broker import EmbeddedBroker, broker_answers, start_embedded_broker
+from bridge.sim.tcp import Simulator
 
 DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "bridge.yaml"
 _REDRAW = 0.5  # seconds between table redraws: twice a second is live without flicker

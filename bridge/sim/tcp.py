@@ -127,14 +127,14 @@ class Simulator:
         self._by_endpoint: dict[tuple[str, int], list[DeviceStore]] = {}
         self._servers: list[ModbusTcpServer] = []
         self.endpoints: list[tuple[str, int]] = []
-        # rtu/ascii link -> unit -> registers; bridge.serialsim serves them on a pty.
+        # rtu/ascii link -> unit -> registers; bridge.sim.serial serves them on a pty.
         self.serial_units: dict[str, dict[int, DeviceStore]] = {}
         for device in config.devices:
             link = config.link(device.link)
             if isinstance(link, SerialLink | LineLink):
                 if isinstance(link, SerialLink):
                     self._add_serial(link.name, device)
-                continue  # line instruments have no registers: bridge.serialsim answers them
+                continue  # line instruments have no registers: bridge.sim.serial answers them
             if not isinstance(link, TcpLink) or link.type != "tcp":
                 log.warning(
                     "simulate: skipping device, only tcp links are simulated",

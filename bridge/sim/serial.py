@@ -53,7 +53,7 @@ import structlog
 from bridge.config import Config, Device, LineLink, Point, SerialLink
 from bridge.core import bustime
 from bridge.core.codec import Value
-from bridge.simulator import DeviceStore, Simulator
+from bridge.sim.tcp import DeviceStore, Simulator
 
 with warnings.catch_warnings():  # sre_parse is the documented-enough parser of re's syntax
     warnings.simplefilter("ignore", DeprecationWarning)

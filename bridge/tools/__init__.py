@@ -1,0 +1,1 @@
+"""What the CLI does besides running the daemon: oneshot (one-off reads and writes)."""
