@@ -406,10 +406,10 @@ async def test_broker_disconnect_names_its_reason() -> None:
 
 async def test_packet_ids_wrap_and_skip_those_in_flight() -> None:
     client, _ = hand_driven(receive_max=100)
-    client._next_id = 65534
+    client._state.next_id = 65534
     ids = [client.publish_nowait("t", b"", 1, False) for _ in range(3)]
     assert ids == [65534, 65535, 1]
-    client._next_id = 65534  # both still in flight: skipped
+    client._state.next_id = 65534  # both still in flight: skipped
     assert client.publish_nowait("t", b"", 1, False) == 2
 
 
