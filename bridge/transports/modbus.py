@@ -24,9 +24,9 @@ import random
 import re
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, AsyncModbusUdpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -52,6 +52,7 @@ RETRYABLE_CODES = frozenset({5, 6, 10, 11})  # busy or a gateway's own trouble: 
 BUSY_CODES = frozenset({5, 6})  # the device is alive and asks us to come back later
 REFUSED_CODES = frozenset({2, 3})  # the device does not serve (part of) the requested range
 _NEVER_DISCONNECT = 1 << 30
+T = TypeVar("T")
 
 LinkKind = Literal["tcp", "udp", "rtu-over-tcp", "rtu", "ascii"]
 LINK_KINDS: tuple[LinkKind, ...] = ("tcp", "udp", "rtu-over-tcp", "rtu", "ascii")
@@ -127,6 +128,23 @@ def map_exceptions(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: {_short(exc)}") from None
     except ModbusException as exc:
         raise DeviceError(f"{what}: {_short(exc)}", retryable=True) from None
+
+
+async def _honouring_cancel(call: Awaitable[T]) -> T:
+    """Await a pymodbus call, then raise any cancel it swallowed.
+
+    pymodbus awaits replies and connects with asyncio.wait_for, which on Python 3.11 returns
+    the result (or raises the reply's error) and drops a cancel that lands once that result
+    is there (CPython gh-86296). A poller being stopped then never sees its cancel and polls
+    on for ever: with 200 devices on a busy link, SIGTERM hung. Task.cancelling() still
+    counts the unhonoured request, so it is raised here.
+    """
+    try:
+        return await call
+    finally:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError  # the cancel wins over any result or error
 
 
 def _short(exc: BaseException) -> str:
@@ -278,8 +296,12 @@ class ModbusClient:
             else:
                 client = self._new_client()
                 attempt = _ConnectAttempt(client)
-                with map_exceptions(str(self.endpoint)):
-                    ok = await client.connect()
+                try:
+                    with map_exceptions(str(self.endpoint)):
+                        ok = await _honouring_cancel(client.connect())
+                except asyncio.CancelledError:
+                    client.close()  # connected or not, nobody will use it
+                    raise
                 if ok:
                     self._client = client
                 else:
@@ -329,7 +351,7 @@ class ModbusClient:
         label = f"{self.endpoint} unit {unit}"
         try:
             with map_exceptions(label):
-                reply = await op(client)
+                reply = await _honouring_cancel(op(client))
         except NoResponse:
             self._dirty = True
             self._last_rx = time.monotonic()  # the settle wait counts from the timeout
