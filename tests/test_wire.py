@@ -268,7 +268,7 @@ async def test_nothing_listening_is_one_line_wire_error() -> None:
 class FakeTransport(asyncio.Transport):
     """Records what is written; closing tells the protocol on the next loop iteration."""
 
-    def __init__(self, protocol: asyncio.Protocol) -> None:
+    def __init__(self, protocol: asyncio.BaseProtocol) -> None:
         super().__init__()
         self.protocol = protocol
         self.writes: list[bytes] = []
