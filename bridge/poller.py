@@ -12,7 +12,9 @@ Recovery (DESIGN.md "Failure semantics"):
   read and published in the same poll. What was learned is remembered: refused points are
   skipped (logged once) and the group's requests are re-planned so no block covers or
   straddles the refused range. Every `REPROBE_AFTER` seconds it is all forgotten and probed
-  again, since firmware updates and reconfigured devices do change their maps.
+  again, since firmware updates and reconfigured devices do change their maps. A poll's newly
+  refused points are logged in one line; a device that refuses every point fails its polls
+  (it answers but serves nothing), so it goes `offline` with that as the one line said.
 - Exception 05/06 (acknowledge / busy): the device is alive and asks to be asked later. The poll
   backs off like a failed one but does not count towards `offline_after`: the status topic
   says whether the device answers, and a busy device does. Values simply go stale (their `ts`
@@ -237,6 +239,8 @@ class DevicePoller:
         self.barriers: set[Barrier] = set()  # ranges no block may cover or straddle
         self._learned_at = 0.0
         self._told: set[str] = set()  # what was already logged: once, not once per re-probe
+        self._untold: list[str] = []  # points refused in this poll, told in one line at its end
+        self._points = frozenset(p.name for p in device.points)
         # The requests each group (keyed by interval) actually makes, after what was learned.
         self._active: dict[float, tuple[ReadRequest, ...]] = {}
 
@@ -294,6 +298,18 @@ class DevicePoller:
                     values[point.name] = engineering(point, value)
                 except BadValue:
                     self.stats.bad_values += 1
+        if self._points and self.refused >= self._points:
+            # It answers, but serves nothing: `offline` says so on the status topic and in
+            # m2m_device_up, and its offline line is the one line about it.
+            self._untold.clear()
+            if error is None:
+                error, busy_only = DeviceError(
+                    f"unit {self.device.unit} refuses every point (exception 02/03); "
+                    f"asked again in {REPROBE_AFTER:g}s"), False
+        elif self._untold:
+            self._log.warning("device refuses points; skipping them",
+                              points=self._untold, retry_in=f"{REPROBE_AFTER:g}s")
+            self._untold = []
         if values:
             self.emit(self._outbox.messages(values, ts, now))
         if error is None:
@@ -368,8 +384,7 @@ class DevicePoller:
         key = "points " + ",".join(names)
         if key not in self._told:
             self._told.add(key)
-            self._log.warning("device refuses points; skipping them",
-                              points=names, retry_in=f"{REPROBE_AFTER:g}s")
+            self._untold.extend(names)
 
     def _add_barrier(self, barrier: Barrier) -> None:
         self.barriers.add(barrier)
