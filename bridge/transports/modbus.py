@@ -24,7 +24,7 @@ import random
 import re
 import socket
 import time
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -276,7 +276,38 @@ class ModbusClient:
             framer = FramerType.RTU if ep.kind == "rtu-over-tcp" else FramerType.SOCKET
             client = AsyncModbusTcpClient(ep.host, port=ep.port, framer=framer, **common)
         client.set_max_no_responses(_NEVER_DISCONNECT)
+        self._guard_receive(client)
         return client
+
+    def _guard_receive(self, client: AnyClient) -> None:
+        """Make a frame pymodbus cannot decode a bad frame, not a crash of its protocol.
+
+        pymodbus raises out of data_received on some malformed replies (a byte count that
+        does not match its data, a header announcing no PDU). asyncio then logs "Fatal error:
+        protocol.data_received() call failed" with a traceback, once per frame, and drops
+        the connection, which the poller counts as a link failure. Here the bytes are
+        flushed and the waiting request fails at once; `_call` counts it as a bad frame and
+        the connection stays up (DESIGN.md: garbage frames are flushed, counted, and polling
+        goes on). Without the hooks (another pymodbus) nothing is wrapped.
+        """
+        ctx: Any = getattr(client, "ctx", None)
+        for name in ("data_received", "datagram_received"):
+            receive = getattr(ctx, name, None)
+            if callable(receive):
+                setattr(ctx, name, self._guarded(ctx, receive))
+
+    def _guarded(self, ctx: Any, receive: Callable[..., None]) -> Callable[..., None]:
+        def guarded(*args: Any) -> None:
+            try:
+                receive(*args)
+            except Exception as exc:  # undecodable bytes: the reply's fault, not ours
+                self._rx_seen = True
+                ctx.recv_buffer = b""
+                waiting = getattr(ctx, "response_future", None)
+                if isinstance(waiting, asyncio.Future) and not waiting.done():
+                    waiting.set_exception(ModbusIOException(f"undecodable reply: {_short(exc)}"))
+
+        return guarded
 
     async def _ensure(self) -> AnyClient:
         async with self._connect_lock:
@@ -356,6 +387,12 @@ class ModbusClient:
             self._dirty = True
             self._last_rx = time.monotonic()  # the settle wait counts from the timeout
             if not client.connected:
+                if self._rx_seen:  # part of a reply, then a close: a truncated frame
+                    self.counters.bad_frames += 1
+                    raise BadFrame(
+                        f"{label}: {what}: reply cut short (connection closed mid-frame)",
+                        retryable=True,
+                    ) from None
                 # The port vanished or the peer closed while we waited: a link failure.
                 raise TransportError(f"{label}: connection lost") from None
             if self._rx_seen:
