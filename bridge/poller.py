@@ -14,7 +14,7 @@ Recovery (DESIGN.md "Failure semantics"):
   straddles the refused range. Every `REPROBE_AFTER` seconds it is all forgotten and probed
   again, since firmware updates and reconfigured devices do change their maps. A poll's newly
   refused points are logged in one line; a device that refuses every point fails its polls
-  (it answers but serves nothing), so it goes `offline` with that as the one line said.
+  (it answers but serves nothing), so it goes `offline`, and that line is the one about it.
 - Exception 05/06 (acknowledge / busy): the device is alive and asks to be asked later. The poll
   backs off like a failed one but does not count towards `offline_after`: the status topic
   says whether the device answers, and a busy device does. Values simply go stale (their `ts`
