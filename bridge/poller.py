@@ -100,7 +100,9 @@ async def poll_on_grid(
             stats.count_failure("internal")
             ok = False
         if not ok and failures is not None:
-            step = min(BACKOFF_CAP, interval * 2 ** (failures() - 1))
+            # The exponent is bounded: 2**1024 is no float, and a device failing for a day
+            # (or refusing every point) gets there; the cap is reached long before 2**30.
+            step = min(BACKOFF_CAP, interval * 2 ** min(failures() - 1, 30))
             delay = step * random.uniform(0.5, 1.0)
         due = time.monotonic() + delay
         tick = max(tick + 1, math.ceil((due - start) / interval))

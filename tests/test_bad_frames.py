@@ -22,11 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import structlog
 import yaml
 
+from bridge.health import Activity
+from bridge.poller import DeviceStats, poll_on_grid
 from tests.helpers import Daemon, free_port, metrics, mosquitto, recording, until
-
-pytestmark = pytest.mark.integration
 
 PREFIX = "m2m/hostile"
 OCCURRENCES = 6  # bad frames each device must have sent before its log is judged
@@ -99,6 +100,7 @@ def device(name: str, points: int = 1) -> dict[str, object]:
     }
 
 
+@pytest.mark.integration
 async def test_bad_frames_and_refusals_log_one_line_each_and_count_as_bad_frame(
     tmp_path: Path,
 ) -> None:
@@ -161,3 +163,29 @@ async def test_bad_frames_and_refusals_log_one_line_each_and_count_as_bad_frame(
     [refuser] = [e for e in daemon.events("device offline") if e["device"] == "refuser"]
     assert "refuses every point" in refuser["error"], refuser
     assert slaves["refuser"].requests >= 20
+
+
+async def test_back_off_after_a_day_of_failures_still_polls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device refusing everything fails every poll; after ~1024 of them (hours at the 60 s
+    cap) 2**n no longer fits a float: the back-off must still be computed, not raise."""
+    monkeypatch.setattr("bridge.poller.BACKOFF_CAP", 0.001)
+    polls = 0
+
+    async def failing() -> bool:
+        nonlocal polls
+        polls += 1
+        return False
+
+    grid = asyncio.create_task(poll_on_grid(
+        0.001, failing, activity=Activity("t", 10.0), stats=DeviceStats(),
+        log=structlog.get_logger("test"), failures=lambda: 5000,
+    ))
+    try:
+        await until(lambda: polls >= 3 or grid.done(), what="three polls")
+        assert not grid.done(), grid.exception()
+    finally:
+        grid.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await grid
