@@ -99,6 +99,11 @@ async def poll_on_grid(
             log.exception("poll failed unexpectedly")
             stats.count_failure("internal")
             ok = False
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # A cancel that something below swallowed (Python 3.11's wait_for drops one that
+            # lands with its result): stop now, or the poller outlives the daemon's stop.
+            raise asyncio.CancelledError
         if not ok and failures is not None:
             # The exponent is bounded: 2**1024 is no float, and a device failing for a day
             # (or refusing every point) gets there; the cap is reached long before 2**30.
