@@ -174,7 +174,8 @@ class InstrumentPoller:
         if self._latest is None:
             self._fresh.clear()
             try:
-                await asyncio.wait_for(self._fresh.wait(), self.timeout)
+                async with asyncio.timeout(self.timeout):  # never drops a cancel, unlike wait_for
+                    await self._fresh.wait()
             except TimeoutError:
                 kind = "no_response" if self.port.connected else "link"
                 return self._failed(kind, f"no matching line within {self.timeout:g}s")

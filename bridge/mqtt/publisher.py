@@ -166,8 +166,11 @@ class Publisher:
     async def _sleep_unless_stopping(self, delay: float) -> None:
         self._wake.clear()
         if not self._stopping:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancel that lands as the
+            # event is set (gh-86296), and a stop would then wait on this loop for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
     async def _pump(self, session: Session) -> None:
         """Deliver live readings first; replay the backlog at a bounded rate beside them.

@@ -136,7 +136,8 @@ class LinePort:
         or reopening) rather than failing a poll that a moment's patience would save."""
         if self._writer is None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._open.wait(), self.link.timeout)
+                async with asyncio.timeout(self.link.timeout):  # keeps a cancel, unlike wait_for
+                    await self._open.wait()
         writer = self._writer
         if writer is None:
             raise TransportError(f"{self.link.port}: not open")
