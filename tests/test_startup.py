@@ -182,3 +182,33 @@ async def test_a_slow_reload_never_stalls_polling(tmp_path: Path, broker: Broker
     finally:
         daemon.stop()
         await sim.stop()
+
+
+async def test_a_reload_naming_a_fifo_secret_is_refused_and_polling_goes_on(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """SIGHUP with `password: ${file:FIFO}`: refused at once (it blocked the whole daemon until
+    something wrote the FIFO), the old config keeps running, readings keep coming."""
+    port = free_port()
+    doc = config_doc(broker.port, port, state_dir=str(tmp_path / "state"))
+    path = write_config(tmp_path, doc)
+    sim = Simulator(load_config(path))
+    await sim.start()
+    daemon = Daemon(path)
+    fifo = tmp_path / "pw"
+    os.mkfifo(fifo)
+    try:
+        async with recording(broker.port, "m2m/start/a/v") as rec:
+            daemon.start()
+            await daemon.ready()
+            doc["mqtt"]["password"] = f"${{file:{fifo}}}"
+            write_config(tmp_path, doc)
+            daemon.signal(signal.SIGHUP)
+            await until(lambda: daemon.running() and "reload refused" in daemon.output(),
+                        what="the reload to be refused")
+            assert "not a regular file" in daemon.output()
+            seen = len(rec.payloads("m2m/start/a/v"))
+            await rec.wait_for(lambda: len(rec.payloads("m2m/start/a/v")) >= seen + 5)
+    finally:
+        daemon.stop()
+        await sim.stop()
