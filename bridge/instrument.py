@@ -41,10 +41,11 @@ from bridge.config import Device, MqttSettings, Point
 from bridge.core.codec import Value
 from bridge.core.messages import Message
 from bridge.core.normalize import engineering
+from bridge.core.outbox import Outbox
 from bridge.core.planner import PollGroup
+from bridge.device import DeviceStats, DeviceStatus, poll_on_grid
 from bridge.errors import TransportError
 from bridge.health import Activity
-from bridge.poller import DeviceStats, DeviceStatus, Outbox, poll_on_grid
 from bridge.transports.line import Line, LinePort, LineReader
 
 log = structlog.get_logger("bridge.instrument")

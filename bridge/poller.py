@@ -25,19 +25,18 @@ Recovery (DESIGN.md "Failure semantics"):
 from __future__ import annotations
 
 import asyncio
-import math
-import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 
 import structlog
 
 from bridge.config import Device, MqttSettings, Point
 from bridge.core.codec import Table, Value
-from bridge.core.messages import Message, PointPayload, Topics, device_payload
-from bridge.core.normalize import BadValue, ChangeFilter, engineering
+from bridge.core.messages import Message
+from bridge.core.normalize import BadValue, engineering
+from bridge.core.outbox import Outbox
 from bridge.core.planner import Barrier, PollGroup, ReadRequest, plan_device, request_for
+from bridge.device import DeviceStats, DeviceStatus, poll_on_grid
 from bridge.errors import BridgeError, CodecError, DeviceError, TransportError
 from bridge.health import Activity
 from bridge.transports.link import Link
@@ -45,174 +44,7 @@ from bridge.transports.modbus import BUSY_CODES, REFUSED_CODES, BadFrame
 
 log = structlog.get_logger("bridge.poller")
 
-BACKOFF_CAP = 60.0
 REPROBE_AFTER = 3600.0  # seconds before refused points and ranges are tried again
-
-
-@dataclass(slots=True)
-class DeviceStats:
-    """Counters a user or the metrics endpoint may ask about."""
-
-    polls: int = 0
-    failed_polls: int = 0
-    requests: int = 0
-    registers: int = 0  # registers (or bits) read, holes included
-    failures: dict[str, int] = field(default_factory=dict)
-    bad_values: int = 0
-
-    def count_failure(self, kind: str) -> None:
-        self.failures[kind] = self.failures.get(kind, 0) + 1
-
-
-@dataclass(frozen=True, slots=True)
-class _Out:
-    """Per point, everything publishing needs, computed once."""
-
-    point: Point
-    topic: str
-    payload: PointPayload
-
-
-async def poll_on_grid(
-    interval: float,
-    poll: Callable[[], Awaitable[bool]],
-    *,
-    activity: Activity,
-    stats: DeviceStats,
-    log: structlog.typing.FilteringBoundLogger,
-    failures: Callable[[], int] | None,
-) -> None:
-    """Call `poll` forever on a drift-free grid: poll k is due at start + k * interval.
-
-    A slow poll shifts nothing after it; a tick missed while the bus was busy is skipped, not
-    queued. After a failed poll the next one waits min(BACKOFF_CAP, interval * 2^(n-1)) times
-    a random 0.5-1.0 (n = `failures()`, None: no back-off), still on the grid.
-    """
-    start = time.monotonic()
-    tick = 0
-    while True:
-        delay = 0.0
-        try:
-            with activity.running():
-                ok = await poll()
-        except Exception:  # a bug must cost one poll, not the daemon
-            log.exception("poll failed unexpectedly")
-            stats.count_failure("internal")
-            ok = False
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # A cancel that something below swallowed (Python 3.11's wait_for drops one that
-            # lands with its result): stop now, or the poller outlives the daemon's stop.
-            raise asyncio.CancelledError
-        if not ok and failures is not None:
-            # The exponent is bounded: 2**1024 is no float, and a device failing for a day
-            # (or refusing every point) gets there; the cap is reached long before 2**30.
-            step = min(BACKOFF_CAP, interval * 2 ** min(failures() - 1, 30))
-            delay = step * random.uniform(0.5, 1.0)
-        due = time.monotonic() + delay
-        tick = max(tick + 1, math.ceil((due - start) / interval))
-        await asyncio.sleep(max(0.0, start + tick * interval - time.monotonic()))
-
-
-class Outbox:
-    """One device's readings -> MQTT messages: topics, payload format, `report: on-change`.
-
-    Shared by every kind of poller (Modbus devices here, line instruments in bridge.instrument)
-    so the MQTT contract is built in one place.
-    """
-
-    def __init__(self, device: Device, mqtt: MqttSettings) -> None:
-        self._qos = mqtt.qos
-        self._retain = mqtt.retain
-        self._per_device = mqtt.messages == "per-device"
-        self._heartbeat = device.heartbeat
-        topics = Topics(mqtt.topic_prefix)
-        self._device_topic = topics.device(device.name)
-        self._out = {
-            p.name: _Out(p, topics.point(device.name, p.name), PointPayload(p.unit, mqtt.format))
-            for p in device.points
-        }
-        self._changes = ChangeFilter() if device.report == "on-change" else None
-
-    def messages(self, values: dict[str, Value], ts: int, now: float) -> list[Message]:
-        """The messages for one poll's `values` (acquired at `ts` ms, monotonic `now`)."""
-        if self._changes is not None:
-            changes = self._changes
-            values = {
-                name: v
-                for name, v in values.items()
-                if changes.passes(name, v, now, self._out[name].point.deadband, self._heartbeat)
-            }
-        return self.build(values, ts)
-
-    def build(self, values: dict[str, Value], ts: int) -> list[Message]:
-        """The messages for `values` as they are, no change filter (a write's read-back)."""
-        if not values:
-            return []
-        if self._per_device:
-            payload = device_payload(values, ts)
-            return [Message(self._device_topic, payload, self._qos, self._retain, ts)]
-        out = self._out
-        stamp = str(ts).encode()
-        qos, retain = self._qos, self._retain
-        return [
-            Message(out[n].topic, out[n].payload.build(v, stamp), qos, retain, ts)
-            for n, v in values.items()
-        ]
-
-    def readback(self, values: dict[str, Value], ts: int, now: float) -> list[Message]:
-        """A write's read-back: published whatever `report` says, and, with `on-change`, the
-        value the next poll is compared with (else that poll would publish it a second time)."""
-        if self._changes is not None:
-            for name, value in values.items():
-                # forget + passes records `value` as the last published, with `now` as its time
-                self._changes.forget(name)
-                self._changes.passes(name, value, now, None, None)
-        return self.build(values, ts)
-
-    def forget(self) -> None:
-        """After the device was offline, publish every point's next reading whatever it is."""
-        if self._changes is not None:
-            for name in self._out:
-                self._changes.forget(name)
-
-
-class DeviceStatus:
-    """A device's `online`/`offline`: offline after `offline_after` failed polls in a row,
-    online again at the next success; each change is published and logged once."""
-
-    def __init__(
-        self,
-        device: Device,
-        publish: Callable[[str, bool], None],
-        outbox: Outbox,
-        log: structlog.typing.FilteringBoundLogger,
-    ) -> None:
-        self.device = device
-        self.publish = publish
-        self.outbox = outbox
-        self.log = log
-        self.failures = 0  # failed polls in a row, towards offline_after
-        self._online: bool | None = None
-
-    @property
-    def online(self) -> bool:
-        return self._online is True
-
-    def succeeded(self) -> None:
-        self.failures = 0
-        if self._online is not True:
-            self._online = True
-            self.publish(self.device.name, True)
-            self.log.info("device online")
-
-    def failed(self, reason: str) -> None:
-        self.failures += 1
-        if self.failures >= self.device.offline_after and self._online is not False:
-            self._online = False
-            self.publish(self.device.name, False)
-            self.outbox.forget()  # on-change: publish every point again when it comes back
-            self.log.warning("device offline", error=reason)
 
 
 class DevicePoller:

@@ -17,13 +17,14 @@ import structlog
 from bridge.buffer import DiskBuffer
 from bridge.config import Config, Device, LineLink, SerialLink, TcpLink
 from bridge.core.bustime import silence
+from bridge.core.outbox import Outbox
 from bridge.core.planner import PollGroup, plan_device
 from bridge.core.report import bus_load
 from bridge.errors import BridgeError
 from bridge.instrument import InstrumentPoller
 from bridge.mqtt.commands import CommandHandler
 from bridge.mqtt.publisher import Publisher
-from bridge.poller import DevicePoller, Outbox
+from bridge.poller import DevicePoller
 from bridge.transports.line import LinePort
 from bridge.transports.link import Link
 from bridge.transports.modbus import Endpoint, ModbusClient

@@ -25,8 +25,8 @@ import pytest
 import structlog
 import yaml
 
+from bridge.device import DeviceStats, poll_on_grid
 from bridge.health import Activity
-from bridge.poller import DeviceStats, poll_on_grid
 from tests.helpers import Daemon, free_port, metrics, mosquitto, recording, until
 
 PREFIX = "m2m/hostile"
@@ -170,7 +170,7 @@ async def test_back_off_after_a_day_of_failures_still_polls(
 ) -> None:
     """A device refusing everything fails every poll; after ~1024 of them (hours at the 60 s
     cap) 2**n no longer fits a float: the back-off must still be computed, not raise."""
-    monkeypatch.setattr("bridge.poller.BACKOFF_CAP", 0.001)
+    monkeypatch.setattr("bridge.device.BACKOFF_CAP", 0.001)
     polls = 0
 
     async def failing() -> bool:

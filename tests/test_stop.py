@@ -23,8 +23,8 @@ import structlog
 import yaml
 
 from bridge.config import load_config
+from bridge.device import DeviceStats, poll_on_grid
 from bridge.health import Activity
-from bridge.poller import DeviceStats, poll_on_grid
 from bridge.sim.tcp import Simulator
 from bridge.transports.modbus import Endpoint, ModbusClient
 from tests.helpers import Daemon, Recorder, free_port, mosquitto, recording, until

@@ -26,11 +26,11 @@ import structlog
 from bridge.config import Config, Device, Point, SerialLink, TcpLink
 from bridge.core.codec import Value
 from bridge.core.messages import Message, Topics
+from bridge.core.outbox import Outbox
 from bridge.core.planner import ReadRequest
 from bridge.core.writes import CommandRefused, clip, parse_command, readback_or_none
 from bridge.errors import BridgeError
 from bridge.mqtt.wire import Incoming
-from bridge.poller import Outbox
 from bridge.transports.link import Link
 from bridge.transports.writestep import ReadBackFailed, write_point
 

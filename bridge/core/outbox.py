@@ -1,0 +1,86 @@
+"""One device's readings -> MQTT messages: topics, payload format, `report: on-change`.
+
+Pure: every kind of device loop (Modbus pollers, line instruments) and the write read-back
+build their messages here, so the MQTT contract is built in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bridge.config import Device, MqttSettings, Point
+from bridge.core.codec import Value
+from bridge.core.messages import Message, PointPayload, Topics, device_payload
+from bridge.core.normalize import ChangeFilter
+
+
+@dataclass(frozen=True, slots=True)
+class _Out:
+    """Per point, everything publishing needs, computed once."""
+
+    point: Point
+    topic: str
+    payload: PointPayload
+
+
+class Outbox:
+    """One device's readings -> MQTT messages: topics, payload format, `report: on-change`.
+
+    Shared by every kind of poller (Modbus devices here, line instruments in bridge.instrument)
+    so the MQTT contract is built in one place.
+    """
+
+    def __init__(self, device: Device, mqtt: MqttSettings) -> None:
+        self._qos = mqtt.qos
+        self._retain = mqtt.retain
+        self._per_device = mqtt.messages == "per-device"
+        self._heartbeat = device.heartbeat
+        topics = Topics(mqtt.topic_prefix)
+        self._device_topic = topics.device(device.name)
+        self._out = {
+            p.name: _Out(p, topics.point(device.name, p.name), PointPayload(p.unit, mqtt.format))
+            for p in device.points
+        }
+        self._changes = ChangeFilter() if device.report == "on-change" else None
+
+    def messages(self, values: dict[str, Value], ts: int, now: float) -> list[Message]:
+        """The messages for one poll's `values` (acquired at `ts` ms, monotonic `now`)."""
+        if self._changes is not None:
+            changes = self._changes
+            values = {
+                name: v
+                for name, v in values.items()
+                if changes.passes(name, v, now, self._out[name].point.deadband, self._heartbeat)
+            }
+        return self.build(values, ts)
+
+    def build(self, values: dict[str, Value], ts: int) -> list[Message]:
+        """The messages for `values` as they are, no change filter (a write's read-back)."""
+        if not values:
+            return []
+        if self._per_device:
+            payload = device_payload(values, ts)
+            return [Message(self._device_topic, payload, self._qos, self._retain, ts)]
+        out = self._out
+        stamp = str(ts).encode()
+        qos, retain = self._qos, self._retain
+        return [
+            Message(out[n].topic, out[n].payload.build(v, stamp), qos, retain, ts)
+            for n, v in values.items()
+        ]
+
+    def readback(self, values: dict[str, Value], ts: int, now: float) -> list[Message]:
+        """A write's read-back: published whatever `report` says, and, with `on-change`, the
+        value the next poll is compared with (else that poll would publish it a second time)."""
+        if self._changes is not None:
+            for name, value in values.items():
+                # forget + passes records `value` as the last published, with `now` as its time
+                self._changes.forget(name)
+                self._changes.passes(name, value, now, None, None)
+        return self.build(values, ts)
+
+    def forget(self) -> None:
+        """After the device was offline, publish every point's next reading whatever it is."""
+        if self._changes is not None:
+            for name in self._out:
+                self._changes.forget(name)
