@@ -3,11 +3,19 @@
     BridgeError
     ├── ConfigError        the YAML (or a secret it names) is wrong; carries every issue found
     ├── CodecError         a value does not fit a point's type (encode) or registers are short
+    │   └── BadValue           (core.normalize) a reading scale/offset cannot make a number of
     ├── DeviceError        the device answered, but not with data (Modbus exception, bad frame)
-    │                      `retryable` says whether asking again later may help (06 busy: yes)
+    │   │                  `retryable` says whether asking again later may help (06 busy: yes)
+    │   ├── NoResponse         (transports.modbus) nothing came back within the timeout
+    │   └── BadFrame           (transports.modbus) bytes came back, but no valid reply
     ├── TransportError     the link failed: refused, timed out, closed; always retryable
     ├── BrokerError        the MQTT broker refused us or went away
+    │   └── WireError          (mqtt.wireevents) our MQTT 5 client's one-line failures
+    ├── CommandRefused     (core.writes) a command checked and not written, with the reason
+    ├── ReadBackFailed     (transports.writestep) written, but the read-back failed
     └── UsageError         the command line asks for something impossible (exit 2)
+
+The subclasses live beside the code that raises them; this drawing is the whole tree.
 
 Foreign exceptions (pymodbus, paho/aiomqtt, OSError) are turned into these at the edge modules,
 so nothing above the transports ever catches a library's exception type.
