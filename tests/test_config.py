@@ -824,3 +824,11 @@ class TestShippedConfigs:
         assert "Point" in schema["$defs"]
         keepalive = schema["$defs"]["MqttSettings"]["properties"]["keepalive"]
         assert {"type": "string"} in keepalive["anyOf"]
+
+
+def test_the_demo_finds_the_example_config() -> None:
+    """`scripts/demo` runs `m2m-bridge demo` with no -c: its default is configs/bridge.yaml."""
+    from bridge.sim.demo import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG == CONFIGS / "bridge.yaml"
+    assert DEFAULT_CONFIG.is_file()

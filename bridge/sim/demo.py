@@ -35,7 +35,7 @@ from bridge.mqtt.session import make_client
 from bridge.sim.broker import EmbeddedBroker, broker_answers, start_embedded_broker
 from bridge.sim.tcp import Simulator
 
-DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "bridge.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bridge.yaml"  # the checkout's
 _REDRAW = 0.5  # seconds between table redraws: twice a second is live without flicker
 _CLEAR = "\x1b[H\x1b[2J"
 _PAYLOAD_WIDTH = 60
