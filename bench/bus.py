@@ -9,7 +9,7 @@ set on a Linux pty: pyserial's reconfigure gets EINVAL, so the bench uses the sp
 11-bit framing). `m2m-bridge simulate --baud B`
 runs as a separate process and serves them on a pty whose wire is paced like a real line
 (bridge.sim.serial). The bench then reads every planned request of every meter back to back,
-as fast as the bus allows, through the daemon's own path: service.build_links -> Link
+as fast as the bus allows, through the daemon's own path: transports.links.build_links -> Link
 (scheduler, inter-frame silence) -> ModbusClient (pymodbus RTU framer on pyserial).
 
 Theoretical limit for the same requests: each one costs report.rtu_seconds (request and reply
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bridge.config import SerialLink, load_config  # noqa: E402
 from bridge.core.planner import plan_device  # noqa: E402
 from bridge.core.report import rtu_seconds  # noqa: E402
-from bridge.service import build_links  # noqa: E402
+from bridge.transports.links import build_links  # noqa: E402
 
 MAP = ROOT / "configs" / "maps" / "eastron-sdm630.yaml"
 

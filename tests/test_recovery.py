@@ -24,8 +24,8 @@ from bridge.core.messages import Message
 from bridge.core.planner import plan_device
 from bridge.errors import BridgeError, DeviceError, TransportError
 from bridge.poller import DevicePoller
-from bridge.service import endpoint_for, link_silence
 from bridge.transports.link import Link
+from bridge.transports.links import endpoint_for, link_silence
 from bridge.transports.modbus import BadFrame, Endpoint, ModbusClient, NoResponse
 from tests.helpers import Socat, until
 

@@ -28,8 +28,9 @@ from bridge.core.codec import Table
 from bridge.core.messages import Message
 from bridge.core.planner import ReadRequest, plan_device
 from bridge.poller import DevicePoller
-from bridge.service import build_links, link_silence, warn_overloaded_links
+from bridge.service import warn_overloaded_links
 from bridge.transports.link import Link, Priority
+from bridge.transports.links import build_links, link_silence
 from bridge.transports.modbus import Endpoint, LinkKind, ModbusClient
 from tests.helpers import ROOT, Socat, free_port
 

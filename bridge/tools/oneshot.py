@@ -29,9 +29,9 @@ from bridge.core.planner import MAX_READ_BITS, MAX_READ_REGISTERS, plan_device
 from bridge.core.writes import CommandRefused, parse_command
 from bridge.errors import DeviceError, UsageError
 from bridge.instrument import InstrumentPoller
-from bridge.service import build_links, plan_for
 from bridge.transports.line import LinePort
 from bridge.transports.link import Link
+from bridge.transports.links import build_links, plan_for
 from bridge.transports.modbus import LINK_KINDS, SERIAL_KINDS, Endpoint, LinkKind, ModbusClient
 from bridge.transports.writestep import write_point
 
