@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from bridge.config import Device
+from bridge.core.backoff import backoff
 from bridge.core.outbox import Outbox
 from bridge.health import Activity
 
@@ -67,10 +67,7 @@ async def poll_on_grid(
             # lands with its result): stop now, or the poller outlives the daemon's stop.
             raise asyncio.CancelledError
         if not ok and failures is not None:
-            # The exponent is bounded: 2**1024 is no float, and a device failing for a day
-            # (or refusing every point) gets there; the cap is reached long before 2**30.
-            step = min(BACKOFF_CAP, interval * 2 ** min(failures() - 1, 30))
-            delay = step * random.uniform(0.5, 1.0)
+            delay = backoff(failures(), first=interval, cap=BACKOFF_CAP)
         due = time.monotonic() + delay
         tick = max(tick + 1, math.ceil((due - start) / interval))
         await asyncio.sleep(max(0.0, start + tick * interval - time.monotonic()))

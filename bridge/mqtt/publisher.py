@@ -2,8 +2,8 @@
 
 Connection: a last will sets `<prefix>/status` to `offline` (retained); on every connect the
 bridge publishes `online`, then every device's current status, because retained statuses are
-"now", not history, and are never buffered. Reconnects back off with full jitter
-(`uniform(0, base * 2**attempt)`, capped: aiomqtt's own rule), and are logged once per change.
+"now", not history, and are never buffered. Reconnects back off (bridge.core.backoff: 2 s
+doubling, jittered, capped at 60 s), and are logged once per change.
 The connection itself is a `bridge.mqtt.session.Session` (MQTT 5 or 3.1.1).
 
 Delivery: batches are taken from the buffer and published concurrently, so many QoS 1 messages
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -25,6 +24,7 @@ import structlog
 
 from bridge.buffer import DiskBuffer, Stored
 from bridge.config import MqttSettings
+from bridge.core.backoff import backoff
 from bridge.core.messages import Message, Topics
 from bridge.errors import BrokerError
 from bridge.health import Activity
@@ -112,7 +112,7 @@ class Publisher:
                     return  # nothing more can be delivered; the buffer keeps what is left
             attempt += 1
             self.reconnects += 1
-            delay = random.uniform(0, min(RECONNECT_CAP, RECONNECT_BASE * 2**attempt))
+            delay = backoff(attempt, first=2 * RECONNECT_BASE, cap=RECONNECT_CAP)
             await self._sleep_unless_stopping(delay)
 
     async def respond(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import structlog
 from serial_asyncio_fast import open_serial_connection
 
 from bridge.config import LineLink
+from bridge.core.backoff import backoff
 from bridge.errors import TransportError
 
 log = structlog.get_logger("bridge.line")
@@ -199,6 +199,4 @@ class LinePort:
             return got_data
 
     def _backoff(self, failures: int) -> float:
-        # Jittered so several gateways' ports (or several links) do not retry in lockstep.
-        step = min(self.backoff_cap, BACKOFF_BASE * 2.0 ** (failures - 1))
-        return step * random.uniform(0.5, 1.0)
+        return backoff(failures, first=BACKOFF_BASE, cap=self.backoff_cap)

@@ -20,7 +20,6 @@ import contextlib
 import errno
 import logging
 import os
-import random
 import re
 import socket
 import time
@@ -33,6 +32,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 
 from bridge.core import bustime
+from bridge.core.backoff import backoff
 from bridge.core.codec import BIT_TABLES, Table
 from bridge.errors import DeviceError, TransportError
 
@@ -213,9 +213,9 @@ class _ConnectAttempt:
 class ModbusClient:
     """One connection to a Modbus endpoint, shared by every unit behind it.
 
-    Connection attempts back off exponentially with full jitter (aiomqtt's rule:
-    `uniform(0, base * 2**attempt)`, capped) so a rebooting gateway is not hammered by every
-    device at once; requests made during a back-off fail fast with TransportError.
+    Connection attempts back off (bridge.core.backoff: 1 s doubling, jittered, capped) so a
+    rebooting gateway is not hammered by every device at once; requests made during a
+    back-off fail fast with TransportError.
 
     Callers serialise transactions (bridge.transports.link.Link); this class assumes one at a time.
     """
@@ -343,7 +343,7 @@ class ModbusClient:
             if not ok or self._client is None:
                 self.counters.connect_failures += 1
                 self._failures += 1
-                delay = random.uniform(0, min(self._backoff_cap, 0.5 * 2**self._failures))
+                delay = backoff(self._failures, first=1.0, cap=self._backoff_cap)
                 self._retry_at = time.monotonic() + delay
                 raise TransportError(f"{self.endpoint}: {reason}")
             self.counters.connects += 1
