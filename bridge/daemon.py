@@ -40,8 +40,8 @@ STOP_GRACE = 10.0  # seconds to flush the buffer on stop; systemd's TimeoutStopS
 
 
 async def run_daemon(config_path: Path, service: Service) -> None:
-    """Run `service` (built from `config_path`) until a stop signal."""
-    loop = asyncio.get_running_loop()
+    """Run `service` (built from `config_path`) until a stop signal: startup, main loop,
+    shutdown, with the signal handlers in place only while it runs."""
     stop = asyncio.Event()
     signals = 0
 
@@ -60,17 +60,39 @@ async def run_daemon(config_path: Path, service: Service) -> None:
     reloading: set[asyncio.Task[None]] = set()
 
     def on_reload() -> None:
-        task = loop.create_task(_serialised(reloads, reload(config_path, service)))
+        task = asyncio.get_running_loop().create_task(
+            _serialised(reloads, reload(config_path, service))
+        )
         reloading.add(task)
         task.add_done_callback(reloading.discard)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    handlers = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_reload}
+    with _captured(handlers):
+        metrics = await _startup(service)
+        try:
+            await _main_loop(service, stop)
+        finally:
+            if metrics is not None:
+                metrics.close()
 
-    def ready() -> None:
-        notify("READY=1")
 
+@contextlib.contextmanager
+def _captured(handlers: dict[signal.Signals, Callable[[], None]]) -> Iterator[None]:
+    """The loop handles `handlers`' signals inside the block; the defaults come back after."""
+    loop = asyncio.get_running_loop()
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
+    try:
+        yield
+    finally:
+        for sig in handlers:
+            loop.remove_signal_handler(sig)
+
+
+async def _startup(service: Service) -> asyncio.Server | None:
+    """Bind the metrics port (a failure is exit 1, before anything polls) and say what in the
+    config looks suspicious."""
+    metrics = None
     settings = service.config.metrics
     if settings is not None:
         try:
@@ -79,9 +101,17 @@ async def run_daemon(config_path: Path, service: Service) -> None:
             where = f"{settings.host}:{settings.port}"
             raise BridgeError(f"metrics on {where}: {exc.strerror}") from None
         log.info("metrics served", url=f"http://{settings.host}:{settings.port}/metrics")
-
     for warning in service.config.warnings:
         log.warning("config warning", issue=str(warning))
+    return metrics
+
+
+async def _main_loop(service: Service, stop: asyncio.Event) -> None:
+    """The service until `stop`, with watchdog pings beside it when systemd asks for them."""
+
+    def ready() -> None:
+        notify("READY=1")
+
     interval = watchdog_interval()
     async with asyncio.TaskGroup() as tg:
         if interval is not None:
@@ -89,8 +119,6 @@ async def run_daemon(config_path: Path, service: Service) -> None:
         await service.run(stop=stop, ready=ready, grace=STOP_GRACE)
         if interval is not None:
             pinging.cancel()
-    if settings is not None:
-        metrics.close()
 
 
 async def _serialised(lock: asyncio.Lock, work: Coroutine[Any, Any, None]) -> None:

@@ -235,3 +235,16 @@ def test_reload_applies_new_buffer_bounds_in_place(tmp_path: Path) -> None:
         assert service.buffer.max_messages == 50
     finally:
         service.buffer.close()
+
+
+async def test_signal_handlers_are_restored_when_the_daemon_returns() -> None:
+    """The daemon's handlers live only while it runs (uvicorn's shape): a caller that runs it
+    in-process gets its own signal dispositions back."""
+    from bridge.daemon import _captured
+
+    before = signal.getsignal(signal.SIGUSR1)
+    heard = asyncio.Event()
+    with _captured({signal.SIGUSR1: heard.set}):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await until(heard.is_set, what="the handler to run")
+    assert signal.getsignal(signal.SIGUSR1) == before
