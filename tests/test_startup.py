@@ -11,7 +11,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,16 @@ import yaml
 
 from bridge.config import load_config
 from bridge.sim.tcp import Simulator
-from tests.helpers import Broker, Daemon, free_port, mosquitto, recording, run_cli, until
+from tests.helpers import (
+    Broker,
+    Daemon,
+    Recorder,
+    free_port,
+    mosquitto,
+    recording,
+    run_cli,
+    until,
+)
 
 pytestmark = pytest.mark.integration  # starts processes or socket servers
 
@@ -149,11 +159,23 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield b
 
 
-async def test_a_slow_reload_never_stalls_polling(tmp_path: Path, broker: Broker) -> None:
-    """A config that takes seconds to read (here: a large one, refused at the end) is read off
-    the event loop: readings keep their 100 ms pace all through the reload."""
-    port = free_port()
-    doc = config_doc(broker.port, port, state_dir=str(tmp_path / "state"))
+@dataclass
+class Running:
+    """A daemon polling one simulated point every 100 ms, and a recorder of its readings."""
+
+    doc: dict[str, Any]
+    path: Path
+    daemon: Daemon
+    rec: Recorder
+    topic: str = "m2m/start/a/v"
+
+    def readings(self) -> list[bytes]:
+        return self.rec.payloads(self.topic)
+
+
+@pytest.fixture
+async def running(tmp_path: Path, broker: Broker) -> AsyncIterator[Running]:
+    doc = config_doc(broker.port, free_port(), state_dir=str(tmp_path / "state"))
     path = write_config(tmp_path, doc)
     sim = Simulator(load_config(path))
     await sim.start()
@@ -162,53 +184,47 @@ async def test_a_slow_reload_never_stalls_polling(tmp_path: Path, broker: Broker
         async with recording(broker.port, "m2m/start/a/v") as rec:
             daemon.start()
             await rec.wait_for(lambda: len(rec.payloads("m2m/start/a/v")) >= 3)
-            # Seconds of YAML parsing, then an unknown key: the old config keeps running.
-            padding = ", ".join(["0"] * 150_000)
-            path.write_text(path.read_text() + f"padding: [{padding}]\n")
-            started = time.time()
-            daemon.signal(signal.SIGHUP)
-            await until(lambda: daemon.running() and "reload refused" in daemon.output(),
-                        timeout=120, what="the large config to be refused")
-            ended = time.time()
-            assert ended - started > 1.0, "the config read too fast to show a stall; enlarge it"
-            stamps = [json.loads(p)["ts"] / 1000 for p in rec.payloads("m2m/start/a/v")]
-            inside = [t for t in stamps if started <= t <= ended]
-            # A loop stalled by the read polls nothing inside the window; 100 ms polls do.
-            edges = [started, *inside, ended]
-            longest = max(b - a for a, b in itertools.pairwise(edges))
-            took = ended - started
-            assert longest < 1.0, f"no reading for {longest:.1f} s in a {took:.1f} s reload"
-            assert "unknown key 'padding'" in daemon.output()
+            yield Running(doc, path, daemon, rec)
     finally:
         daemon.stop()
         await sim.stop()
+
+
+async def test_a_slow_reload_never_stalls_polling(running: Running) -> None:
+    """A config that takes seconds to read (here: a large one, refused at the end) is read off
+    the event loop: readings keep their 100 ms pace all through the reload."""
+    path, daemon = running.path, running.daemon
+    # Seconds of YAML parsing, then an unknown key: the old config keeps running.
+    padding = ", ".join(["0"] * 150_000)
+    path.write_text(path.read_text() + f"padding: [{padding}]\n")
+    started = time.time()
+    daemon.signal(signal.SIGHUP)
+    await until(lambda: daemon.running() and "reload refused" in daemon.output(),
+                timeout=120, what="the large config to be refused")
+    ended = time.time()
+    assert ended - started > 1.0, "the config read too fast to show a stall; enlarge it"
+    stamps = [json.loads(p)["ts"] / 1000 for p in running.readings()]
+    inside = [t for t in stamps if started <= t <= ended]
+    # A loop stalled by the read polls nothing inside the window; 100 ms polls do.
+    edges = [started, *inside, ended]
+    longest = max(b - a for a, b in itertools.pairwise(edges))
+    took = ended - started
+    assert longest < 1.0, f"no reading for {longest:.1f} s in a {took:.1f} s reload"
+    assert "unknown key 'padding'" in daemon.output()
 
 
 async def test_a_reload_naming_a_fifo_secret_is_refused_and_polling_goes_on(
-    tmp_path: Path, broker: Broker
+    tmp_path: Path, running: Running
 ) -> None:
     """SIGHUP with `password: ${file:FIFO}`: refused at once (it blocked the whole daemon until
     something wrote the FIFO), the old config keeps running, readings keep coming."""
-    port = free_port()
-    doc = config_doc(broker.port, port, state_dir=str(tmp_path / "state"))
-    path = write_config(tmp_path, doc)
-    sim = Simulator(load_config(path))
-    await sim.start()
-    daemon = Daemon(path)
     fifo = tmp_path / "pw"
     os.mkfifo(fifo)
-    try:
-        async with recording(broker.port, "m2m/start/a/v") as rec:
-            daemon.start()
-            await daemon.ready()
-            doc["mqtt"]["password"] = f"${{file:{fifo}}}"
-            write_config(tmp_path, doc)
-            daemon.signal(signal.SIGHUP)
-            await until(lambda: daemon.running() and "reload refused" in daemon.output(),
-                        what="the reload to be refused")
-            assert "not a regular file" in daemon.output()
-            seen = len(rec.payloads("m2m/start/a/v"))
-            await rec.wait_for(lambda: len(rec.payloads("m2m/start/a/v")) >= seen + 5)
-    finally:
-        daemon.stop()
-        await sim.stop()
+    running.doc["mqtt"]["password"] = f"${{file:{fifo}}}"
+    write_config(tmp_path, running.doc)
+    running.daemon.signal(signal.SIGHUP)
+    await until(lambda: running.daemon.running() and "reload refused" in running.daemon.output(),
+                what="the reload to be refused")
+    assert "not a regular file" in running.daemon.output()
+    seen = len(running.readings())
+    await running.rec.wait_for(lambda: len(running.readings()) >= seen + 5)
