@@ -77,8 +77,10 @@ def write_config(
         "version": 1,
         "gateway": {"id": "e2e", "state_dir": str(path.parent / "state")},
         "mqtt": {"host": "127.0.0.1", "port": broker, "qos": 1} | overrides.pop("mqtt", {}),
+        # The simulator answers from the test's own event loop, which a loaded machine can hold
+        # up for a moment: a write is never retried, so a tight timeout would fail it.
         "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": device_port,
-                   "timeout": "300ms"}],
+                   "timeout": "2s"}],
         "devices": [device, *overrides.pop("extra_devices", [])],
     }
     doc["links"] += overrides.pop("extra_links", [])
