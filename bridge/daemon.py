@@ -134,7 +134,9 @@ async def reload(config_path: Path, service: Service) -> None:
     """
     notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
-        loading = _off_loop(lambda: load_config(config_path, check_state_dir=True))
+        # No state_dir check: a new state_dir only applies at a restart, and a full state disk
+        # (which the buffer rides out) must not refuse a reload.
+        loading = _off_loop(lambda: load_config(config_path))
         new = await asyncio.wait_for(loading, RELOAD_DEADLINE)
         for warning in new.warnings:
             log.warning("config warning", issue=str(warning))
