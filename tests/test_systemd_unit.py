@@ -91,6 +91,7 @@ def test_unit_has_every_confinement_design_md_asks_for() -> None:
 
     assert one("Type") == "notify"
     assert one("ExecStart") == f"{INSTALLED_EXEC} run -c /etc/m2m-bridge/bridge.yaml"
+    assert one("ExecReload") == "/bin/sh -c 'kill -HUP $MAINPID'"  # no procps needed
     assert one("User") == "m2m-bridge"
     assert one("SupplementaryGroups") == "dialout"
     assert one("StateDirectory") == "m2m-bridge"
