@@ -5,7 +5,7 @@
     ├── CodecError         a value does not fit a point's type (encode) or registers are short
     │   └── BadValue           (core.normalize) a reading scale/offset cannot make a number of
     ├── DeviceError        the device answered, but not with data (Modbus exception, bad frame)
-    │   │                  `retryable` says whether asking again later may help (06 busy: yes)
+    │   │                  `refused` (02/03: not served), `busy` (05/06: ask later), `code`
     │   ├── NoResponse         (transports.modbus) nothing came back within the timeout
     │   └── BadFrame           (transports.modbus) bytes came back, but no valid reply
     ├── TransportError     the link failed: refused, timed out, closed; always retryable
@@ -16,6 +16,8 @@
     └── UsageError         the command line asks for something impossible (exit 2)
 
 The subclasses live beside the code that raises them; this drawing is the whole tree.
+`failure_kind()` names each for the per-device failure counters and metrics; the poller decides
+from `refused` and `busy`, never from a transport's constants.
 
 Foreign exceptions (pymodbus, paho/aiomqtt, OSError) are turned into these at the edge modules,
 so nothing above the transports ever catches a library's exception type.
@@ -28,6 +30,10 @@ from dataclasses import dataclass
 
 class BridgeError(Exception):
     """Base of every error the bridge raises on purpose."""
+
+    def failure_kind(self) -> str:
+        """The per-device failure counter this error counts under (metrics label `kind`)."""
+        return "link"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,20 +61,38 @@ class ConfigError(BridgeError):
 class CodecError(BridgeError, ValueError):
     """A value cannot be encoded for, or decoded from, a point's registers."""
 
+    def failure_kind(self) -> str:
+        return "bad_reply"
+
+
+# Modbus exception codes that mean "not served here" and "alive, ask me later".
+REFUSED_CODES = frozenset({2, 3})
+BUSY_CODES = frozenset({5, 6})
+
 
 class DeviceError(BridgeError):
     """The device answered with a Modbus exception or an unusable reply."""
 
-    def __init__(self, message: str, *, code: int | None = None, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, code: int | None = None) -> None:
         super().__init__(message)
         self.code = code
-        self.retryable = retryable
+
+    @property
+    def refused(self) -> bool:
+        """Exception 02/03: the device does not serve (part of) the range asked for."""
+        return self.code in REFUSED_CODES
+
+    @property
+    def busy(self) -> bool:
+        """Exception 05/06: the device is alive and asks to be asked later."""
+        return self.code in BUSY_CODES
+
+    def failure_kind(self) -> str:
+        return f"exception_{self.code:02d}" if self.code is not None else "no_response"
 
 
 class TransportError(BridgeError):
     """The link to the device failed (connect refused, timeout, connection lost)."""
-
-    retryable = True
 
 
 class BrokerError(BridgeError):
@@ -77,3 +101,4 @@ class BrokerError(BridgeError):
 
 class UsageError(BridgeError):
     """A CLI argument is wrong: a bad URL, a type that does not exist, a count out of range."""
+

@@ -37,10 +37,9 @@ from bridge.core.normalize import BadValue, engineering
 from bridge.core.outbox import Outbox
 from bridge.core.planner import Barrier, PollGroup, ReadRequest, plan_device, request_for
 from bridge.device import DeviceStats, DeviceStatus, poll_on_grid
-from bridge.errors import BridgeError, CodecError, DeviceError, TransportError
+from bridge.errors import BridgeError, DeviceError, TransportError
 from bridge.health import Activity
 from bridge.transports.link import Link
-from bridge.transports.modbus import BUSY_CODES, REFUSED_CODES, BadFrame
 
 log = structlog.get_logger("bridge.poller")
 
@@ -117,8 +116,8 @@ class DevicePoller:
             try:
                 raw = await self._read(request)
             except DeviceError as exc:
-                if exc.code not in REFUSED_CODES:
-                    error, busy_only = exc, busy_only and exc.code in BUSY_CODES
+                if not exc.refused:
+                    error, busy_only = exc, busy_only and exc.busy
                     continue
                 try:
                     raw = await self._isolate(group, request)
@@ -169,7 +168,7 @@ class DevicePoller:
             words = await self.link.read(self.device.unit, request)
             raw = request.decode(words)
         except BridgeError as exc:
-            self.stats.count_failure(_kind(exc))
+            self.stats.count_failure(exc.failure_kind())
             raise
         self.stats.registers += request.count
         return list(zip(request.points, raw, strict=True))
@@ -190,7 +189,7 @@ class DevicePoller:
                     found.extend(await self._read(request_for(request.table, points)))
                     return True
                 except DeviceError as exc:
-                    if exc.code not in REFUSED_CODES:
+                    if not exc.refused:
                         raise
             clusters = _clusters(points)
             if len(clusters) == 1:
@@ -284,12 +283,3 @@ def _clusters(points: Iterable[Point]) -> list[list[Point]]:
 def _end(point: Point) -> int:
     return (point.address or 0) + point.size
 
-
-def _kind(exc: BridgeError) -> str:
-    if isinstance(exc, BadFrame):
-        return "bad_frame"
-    if isinstance(exc, DeviceError):
-        return f"exception_{exc.code:02d}" if exc.code is not None else "no_response"
-    if isinstance(exc, CodecError):
-        return "bad_reply"
-    return "link"

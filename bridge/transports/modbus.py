@@ -48,9 +48,6 @@ EXCEPTION_NAMES = {
     10: "gateway path unavailable",
     11: "gateway target device failed to respond",
 }
-RETRYABLE_CODES = frozenset({5, 6, 10, 11})  # busy or a gateway's own trouble: ask again later
-BUSY_CODES = frozenset({5, 6})  # the device is alive and asks us to come back later
-REFUSED_CODES = frozenset({2, 3})  # the device does not serve (part of) the requested range
 _NEVER_DISCONNECT = 1 << 30
 T = TypeVar("T")
 
@@ -78,6 +75,9 @@ READ_FUNCTION_CODES: dict[Table, int] = {"coil": 1, "discrete": 2, "holding": 3,
 
 class BadFrame(DeviceError):
     """Bytes came back but no valid reply: CRC/LRC error, truncated frame, garbage."""
+
+    def failure_kind(self) -> str:
+        return "bad_frame"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +123,11 @@ def map_exceptions(what: str) -> Iterator[None]:
     try:
         yield
     except ModbusIOException as exc:
-        raise NoResponse(f"{what}: no valid response ({_short(exc)})", retryable=True) from None
+        raise NoResponse(f"{what}: no valid response ({_short(exc)})") from None
     except (ConnectionException, OSError) as exc:  # serial.SerialException is an OSError
         raise TransportError(f"{what}: {_short(exc)}") from None
     except ModbusException as exc:
-        raise DeviceError(f"{what}: {_short(exc)}", retryable=True) from None
+        raise DeviceError(f"{what}: {_short(exc)}") from None
 
 
 async def _honouring_cancel(call: Awaitable[T]) -> T:
@@ -391,7 +391,6 @@ class ModbusClient:
                     self.counters.bad_frames += 1
                     raise BadFrame(
                         f"{label}: {what}: reply cut short (connection closed mid-frame)",
-                        retryable=True,
                     ) from None
                 # The port vanished or the peer closed while we waited: a link failure.
                 raise TransportError(f"{label}: connection lost") from None
@@ -399,12 +398,10 @@ class ModbusClient:
                 self.counters.bad_frames += 1
                 raise BadFrame(
                     f"{label}: {what}: no valid reply (bad CRC, truncated or garbled frame)",
-                    retryable=True,
                 ) from None
             self.counters.timeouts += 1
             raise NoResponse(
                 f"{label}: {what}: no response within {self.endpoint.timeout:g}s",
-                retryable=True,
             ) from None
         if reply.isError():
             code = int(getattr(reply, "exception_code", 0))
@@ -413,7 +410,6 @@ class ModbusClient:
             raise DeviceError(
                 f"unit {unit}: {what}: Modbus exception {code:02d} ({name})",
                 code=code,
-                retryable=code in RETRYABLE_CODES,
             )
         return reply
 

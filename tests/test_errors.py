@@ -1,0 +1,36 @@
+"""The error tree decides blame and what the poller does next; the poller only reads it."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.errors import BridgeError, CodecError, DeviceError, TransportError
+from bridge.transports.modbus import BadFrame, NoResponse
+
+
+@pytest.mark.parametrize(
+    ("code", "refused", "busy"),
+    [(1, False, False), (2, True, False), (3, True, False), (4, False, False),
+     (5, False, True), (6, False, True), (11, False, False), (None, False, False)],
+)
+def test_modbus_exceptions_say_refused_or_busy(
+    code: int | None, refused: bool, busy: bool
+) -> None:
+    """02/03: not served (split and learn); 05/06: alive, ask later (no offline count)."""
+    exc = DeviceError("x", code=code)
+    assert (exc.refused, exc.busy) == (refused, busy)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (DeviceError("x", code=2), "exception_02"),
+        (NoResponse("x"), "no_response"),
+        (BadFrame("x"), "bad_frame"),
+        (CodecError("x"), "bad_reply"),
+        (TransportError("x"), "link"),
+        (BridgeError("x"), "link"),
+    ],
+)
+def test_each_error_names_its_failure_counter(exc: BridgeError, kind: str) -> None:
+    assert exc.failure_kind() == kind
