@@ -7,6 +7,7 @@ of write requests received are the proof: refusals must leave that count untouch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -78,15 +79,24 @@ async def setup(
     """Device, daemon (polling hourly, so point topics carry read-backs) and a recorder."""
     config = write_config(tmp_path / "bridge.yaml", broker.port, free_port(), points(),
                           device={"interval": "1h"})
+    async with bridged(config, broker) as (sim, _, rec):
+        yield sim, config, rec
+
+
+@contextlib.asynccontextmanager
+async def bridged(
+    config: Path, broker: Broker
+) -> AsyncIterator[tuple[Simulator, Daemon, Recorder]]:
+    """The config's device simulated, the daemon on it, and a recorder of every topic; once
+    the device is online (its status goes out after the /set subscriptions are made)."""
     sim = Simulator(load_config(config))
     await sim.start()
     daemon = Daemon(config)
     try:
         async with recording(broker.port, f"{PREFIX}/#") as rec:
             daemon.start()
-            # Device statuses go out after the /set subscriptions are made.
             await rec.wait_for(lambda: rec.last(f"{PREFIX}/dev/status") == b"online")
-            yield sim, config, rec
+            yield sim, daemon, rec
     finally:
         daemon.stop()
         await sim.stop()
@@ -327,18 +337,8 @@ async def small(tmp_path: Path, broker: Broker, request: pytest.FixtureRequest
     config = write_config(tmp_path / "small.yaml", broker.port, free_port(),
                           small_points(writable="setpoint"), device={"interval": "1h"},
                           mqtt={"protocol": protocol})
-    sim = Simulator(load_config(config))
-    await sim.start()
-    daemon = Daemon(config)
-    try:
-        async with recording(broker.port, f"{PREFIX}/#") as rec:
-            daemon.start()
-            await rec.wait_for(lambda: rec.last(f"{PREFIX}/dev/status") == b"online")
-            yield sim, config, daemon, rec
-    finally:
-        daemon.stop()
-        await sim.stop()
-        assert "Traceback" not in daemon.output(), daemon.output()
+    async with bridged(config, broker) as (sim, daemon, rec):
+        yield sim, config, daemon, rec
 
 
 @pytest.mark.parametrize("small", ["3.1.1", "5"], indirect=True)
