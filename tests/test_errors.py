@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bridge.errors import BridgeError, CodecError, DeviceError, TransportError
-from bridge.transports.modbus import BadFrame, NoResponse
+from bridge.transports.modbus_errors import BadFrame, NoResponse
 
 
 @pytest.mark.parametrize(

@@ -415,7 +415,8 @@ def test_modbus_client_read_against_a_hostile_slave(
 @pytest.mark.integration
 async def test_reply_with_another_read_function_code_is_refused() -> None:
     """A reply for another read function (FC4 to an FC3 request) is a bad frame, not data."""
-    from bridge.transports.modbus import BadFrame, Endpoint, ModbusClient
+    from bridge.transports.modbus import Endpoint, ModbusClient
+    from bridge.transports.modbus_errors import BadFrame
 
     def input_reply(req: Request) -> bytes:
         return mbap(req.tid, req.unit, bytes([4]) + req.good_pdu()[1:])

@@ -26,7 +26,8 @@ from bridge.errors import BridgeError, DeviceError, TransportError
 from bridge.poller import DevicePoller
 from bridge.transports.link import Link
 from bridge.transports.links import endpoint_for, link_silence
-from bridge.transports.modbus import BadFrame, Endpoint, ModbusClient, NoResponse
+from bridge.transports.modbus import Endpoint, ModbusClient
+from bridge.transports.modbus_errors import BadFrame, NoResponse
 from tests.helpers import Socat, until
 
 HOLE = range(10, 20)  # holding registers the slave refuses (exception 02)

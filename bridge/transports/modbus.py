@@ -16,40 +16,32 @@ TCP socket, for transparent serial servers), `rtu` and `ascii` (a serial port vi
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import logging
 import os
-import re
-import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, AsyncModbusUdpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.exceptions import ModbusIOException
 from pymodbus.framer import FramerType
 
 from bridge.core import bustime
 from bridge.core.backoff import backoff
 from bridge.core.codec import BIT_TABLES, Table
 from bridge.errors import DeviceError, TransportError
+from bridge.transports.modbus_errors import (
+    EXCEPTION_NAMES,
+    BadFrame,
+    ConnectAttempt,
+    NoResponse,
+    honouring_cancel,
+    map_exceptions,
+    short_error,
+)
 
-# Modbus exception codes (Modbus Application Protocol v1.1b3, section 7).
-EXCEPTION_NAMES = {
-    1: "illegal function",
-    2: "illegal data address",
-    3: "illegal data value",
-    4: "server device failure",
-    5: "acknowledge",
-    6: "server device busy",
-    8: "memory parity error",
-    10: "gateway path unavailable",
-    11: "gateway target device failed to respond",
-}
 _NEVER_DISCONNECT = 1 << 30
-T = TypeVar("T")
 
 LinkKind = Literal["tcp", "udp", "rtu-over-tcp", "rtu", "ascii"]
 LINK_KINDS: tuple[LinkKind, ...] = ("tcp", "udp", "rtu-over-tcp", "rtu", "ascii")
@@ -63,21 +55,9 @@ UNTAGGED_KINDS = frozenset({"rtu", "ascii", "rtu-over-tcp"})
 SETTLE_MIN = 0.05
 SETTLE_CHARS = 40  # ... or this many character times on a slow line, whichever is longer
 
-logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we log state changes ourselves
-
-
-class NoResponse(DeviceError):
-    """Nothing came back within the timeout: the unit is dead, or not there."""
-
-
 READ_FUNCTION_CODES: dict[Table, int] = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
 
-
-class BadFrame(DeviceError):
-    """Bytes came back but no valid reply: CRC/LRC error, truncated frame, garbage."""
-
-    def failure_kind(self) -> str:
-        return "bad_frame"
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # we log state changes ourselves
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,98 +97,12 @@ class LinkCounters:
     exceptions: dict[int, int] = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def map_exceptions(what: str) -> Iterator[None]:
-    """Turn pymodbus, pyserial and socket errors into TransportError / DeviceError at the edge."""
-    try:
-        yield
-    except ModbusIOException as exc:
-        raise NoResponse(f"{what}: no valid response ({_short(exc)})") from None
-    except (ConnectionException, OSError) as exc:  # serial.SerialException is an OSError
-        raise TransportError(f"{what}: {_short(exc)}") from None
-    except ModbusException as exc:
-        raise DeviceError(f"{what}: {_short(exc)}") from None
-
-
-async def _honouring_cancel(call: Awaitable[T]) -> T:
-    """Await a pymodbus call, then raise any cancel it swallowed.
-
-    pymodbus awaits replies and connects with asyncio.wait_for, which on Python 3.11 returns
-    the result (or raises the reply's error) and drops a cancel that lands once that result
-    is there (CPython gh-86296). A poller being stopped then never sees its cancel and polls
-    on for ever: with 200 devices on a busy link, SIGTERM hung. Task.cancelling() still
-    counts the unhonoured request, so it is raised here.
-    """
-    try:
-        return await call
-    finally:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError  # the cancel wins over any result or error
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.removeprefix("Modbus Error: ").splitlines()[0]
-
-
 def char_time(endpoint: Endpoint) -> float:
     """Seconds one character takes on the line (ASCII is no faster); 0 off serial lines."""
     return bustime.char_time(endpoint.baudrate) if endpoint.is_serial else 0.0
 
 
 AnyClient = AsyncModbusTcpClient | AsyncModbusUdpClient | AsyncModbusSerialClient
-
-_CONNECT_ERRNOS = {
-    errno.ECONNREFUSED: "refused (nothing listening on that port?)",
-    errno.ETIMEDOUT: "timed out",
-    errno.EHOSTUNREACH: "no route to host",
-    errno.ENETUNREACH: "network unreachable",
-}
-
-
-class _ConnectAttempt:
-    """Why a pymodbus connect failed: pymodbus logs the OSError and returns False, so the
-    reason is kept by wrapping the coroutine factory it calls (`ctx.call_create`).
-
-    On a pymodbus without that hook the reason is simply not known: `reason` returns "".
-    """
-
-    def __init__(self, client: AnyClient) -> None:
-        self.error: BaseException | None = None
-        ctx: Any = getattr(client, "ctx", None)
-        create = getattr(ctx, "call_create", None)
-        if create is None:
-            return
-
-        async def create_and_keep() -> Any:
-            try:
-                return await create()
-            except BaseException as exc:  # CancelledError too: wait_for's connect timeout
-                self.error = exc
-                raise
-
-        ctx.call_create = create_and_keep
-
-    def reason(self, timeout: float) -> str:
-        exc = self.error
-        if exc is None:
-            return ""
-        if isinstance(exc, asyncio.CancelledError | TimeoutError):
-            return f"timed out after {timeout:g}s"
-        if isinstance(exc, socket.gaierror):
-            return f"unknown host ({exc.strerror})"
-        if not isinstance(exc, OSError):
-            return _short(exc)
-        code = exc.errno
-        if code is None:
-            # asyncio tried several addresses (IPv6 and IPv4): one errno for all, if they agree.
-            codes = set(re.findall(r"\[Errno (\d+)\]", str(exc)))
-            code = int(codes.pop()) if len(codes) == 1 else None
-        if code is None:
-            return _short(exc)
-        return _CONNECT_ERRNOS.get(code) or os.strerror(code)
-
 
 class ModbusClient:
     """One connection to a Modbus endpoint, shared by every unit behind it.
@@ -305,7 +199,8 @@ class ModbusClient:
                 ctx.recv_buffer = b""
                 waiting = getattr(ctx, "response_future", None)
                 if isinstance(waiting, asyncio.Future) and not waiting.done():
-                    waiting.set_exception(ModbusIOException(f"undecodable reply: {_short(exc)}"))
+                    why = f"undecodable reply: {short_error(exc)}"
+                    waiting.set_exception(ModbusIOException(why))
 
         return guarded
 
@@ -326,10 +221,10 @@ class ModbusClient:
                 reason = "no such serial port (unplugged?)"  # pyserial would only say errno 2
             else:
                 client = self._new_client()
-                attempt = _ConnectAttempt(client)
+                attempt = ConnectAttempt(client)
                 try:
                     with map_exceptions(str(self.endpoint)):
-                        ok = await _honouring_cancel(client.connect())
+                        ok = await honouring_cancel(client.connect())
                 except asyncio.CancelledError:
                     client.close()  # connected or not, nobody will use it
                     raise
@@ -382,7 +277,7 @@ class ModbusClient:
         label = f"{self.endpoint} unit {unit}"
         try:
             with map_exceptions(label):
-                reply = await _honouring_cancel(op(client))
+                reply = await honouring_cancel(op(client))
         except NoResponse:
             self._dirty = True
             self._last_rx = time.monotonic()  # the settle wait counts from the timeout
