@@ -72,7 +72,11 @@ def load_config(
     maps = _Maps(Path(path).parent, environ)
     by_name = {link.name: link for _, link in links}
     merged = [_complete(main, index, device, by_name, maps) for index, device in devices]
-    issues += _duplicate_points(main)
+    issues += [
+        issue
+        for index in range(len(main.items("devices")))
+        for issue in main.duplicate_names(("devices", index, "points"))
+    ]
     issues += maps.issues + [issue for _, found, _ in merged for issue in found]
     state_dir = _state_dir(Path(path), config)
     if check_state_dir and config is not None:
@@ -195,7 +199,7 @@ def _complete(
     for j, point in enumerate(device.points):
         entry = (point, main, (*at, "points", j))
         if point.name in own:
-            continue  # reported by _duplicate_points, from the raw data
+            continue  # reported by Document.duplicate_names, from the raw data
         if point.name in position:
             entries[position[point.name]] = entry
         else:
@@ -262,30 +266,6 @@ def _modicon_warning(point: Point) -> str | None:
         f"warning: Modicon numbering? {point.table} {point.address} is usually address "
         f"{likely} (0-based); if {point.address} is meant, ignore this"
     )
-
-
-def _duplicate_points(doc: Document) -> list[ConfigIssue]:
-    """An issue at each point of a device whose name an earlier point of it has.
-
-    Read from the raw data, so a device that fails validation still has its names checked.
-    """
-    issues = []
-    for index, device in enumerate(doc.items("devices")):
-        points = device.get("points") if isinstance(device, dict) else None
-        if not isinstance(points, list):
-            continue
-        first: dict[str, int] = {}
-        for j, point in enumerate(points):
-            name = point.get("name") if isinstance(point, dict) else None
-            if not isinstance(name, str):
-                continue
-            at: Loc = ("devices", index, "points", j, "name")
-            if name in first:
-                where = doc.line(("devices", index, "points", first[name]))
-                message = f"duplicate name {doc.show(at)} (first at line {where})"
-                issues.append(doc.issue(at, message))
-            first.setdefault(name, j)
-    return issues
 
 
 def _valid_items(doc: Document, key: str, validate: Any) -> list[tuple[int, Any]]:

@@ -66,36 +66,37 @@ class Document:
         if self.is_secret(path):
             return "<secret>"
         if value is None:
-            value = self.data
-            for part in path:
-                value = value[part]
+            value = _node(self.data, path)
         return repr(value)
 
-    def items(self, key: str) -> list[Any]:
-        """The top-level list `key`, or [] if there is none (a wrong type is reported anyway)."""
-        items = self.data.get(key) if isinstance(self.data, dict) else None
-        return items if isinstance(items, list) else []
+    def items(self, at: str | Loc) -> list[Any]:
+        """The list at `at` (a top-level key or a path), or [] if there is none (a wrong type
+        is reported anyway)."""
+        node = _node(self.data, (at,) if isinstance(at, str) else at)
+        return node if isinstance(node, list) else []
 
-    def names(self, key: str) -> list[tuple[int, str]]:
-        """(index, name) of the items of the top-level list `key` that have a string name."""
+    def names(self, at: str | Loc) -> list[tuple[int, str]]:
+        """(index, name) of the items of the list at `at` that have a string name."""
         return [
             (index, item["name"])
-            for index, item in enumerate(self.items(key))
+            for index, item in enumerate(self.items(at))
             if isinstance(item, dict) and isinstance(item.get("name"), str)
         ]
 
-    def duplicate_names(self, key: str) -> list[ConfigIssue]:
-        """An issue at each item of the list `key` whose name an earlier item already has.
+    def duplicate_names(self, at: str | Loc) -> list[ConfigIssue]:
+        """An issue at each item of the list at `at` whose name an earlier item already has.
 
         Read from the raw data, so an item that fails validation still takes part.
         """
+        base: Loc = (at,) if isinstance(at, str) else at
         first: dict[str, int] = {}
         issues = []
-        for index, name in self.names(key):
+        for index, name in self.names(base):
             if name in first:
-                shown = self.show((key, index, "name"))  # a name may come from a secret
-                message = f"duplicate name {shown} (first at line {self.line((key, first[name]))})"
-                issues.append(self.issue((key, index, "name"), message))
+                shown = self.show((*base, index, "name"))  # a name may come from a secret
+                where = self.line((*base, first[name]))
+                message = f"duplicate name {shown} (first at line {where})"
+                issues.append(self.issue((*base, index, "name"), message))
             first.setdefault(name, index)
         return issues
 
@@ -189,9 +190,7 @@ def type_secrets(doc: Document, validate: Callable[[Any], object]) -> None:
             path = _path(doc.data, error)
             if error["type"] not in _SCALAR_ERRORS or path not in doc.secret_paths or not path:
                 continue
-            parent = doc.data
-            for part in path[:-1]:
-                parent = parent[part]
+            parent = _node(doc.data, path[:-1])
             text = parent[path[-1]]
             try:
                 typed = yaml.safe_load(text) if isinstance(text, str) and len(text) < 64 else None
@@ -253,6 +252,16 @@ def _build(
                                 file=file, inside=inner, built=built))
         return items
     return loader.construct_object(node, deep=True)
+
+
+def _node(data: Any, path: Loc) -> Any:
+    """What `path` leads to in the parsed YAML `data`, or None where it leads nowhere."""
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
 
 
 def _path(data: Any, error: ErrorDetails) -> Loc:
