@@ -136,8 +136,8 @@ async def reload(config_path: Path, service: Service) -> None:
     try:
         # No state_dir check: a new state_dir only applies at a restart, and a full state disk
         # (which the buffer rides out) must not refuse a reload.
-        loading = _off_loop(lambda: load_config(config_path))
-        new = await asyncio.wait_for(loading, RELOAD_DEADLINE)
+        async with asyncio.timeout(RELOAD_DEADLINE):  # keeps a stop's cancel, unlike wait_for
+            new = await _off_loop(lambda: load_config(config_path))
         for warning in new.warnings:
             log.warning("config warning", issue=str(warning))
         # Connections made with the old values may still fail and say so: keep both.
