@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bridge.config import SerialLink, load_config  # noqa: E402
+from bridge.core.bustime import rtu_seconds  # noqa: E402
 from bridge.core.planner import plan_device  # noqa: E402
-from bridge.core.report import rtu_seconds  # noqa: E402
 from bridge.transports.links import build_links  # noqa: E402
 
 MAP = ROOT / "configs" / "maps" / "eastron-sdm630.yaml"

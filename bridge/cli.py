@@ -20,7 +20,6 @@ from typing import Literal, NoReturn
 from bridge import __version__
 from bridge.config import Config, config_json_schema, load_config
 from bridge.core.codec import BYTE_ORDERS, POINT_TYPES, Value
-from bridge.core.report import plan_report
 from bridge.daemon import run_daemon
 from bridge.errors import BridgeError, ConfigError, UsageError
 from bridge.logs import configure, redact, redact_secrets
@@ -28,6 +27,7 @@ from bridge.service import Service
 from bridge.sim.demo import run_demo
 from bridge.sim.run import run_simulator
 from bridge.tools.oneshot import read_config_points, read_url, write_config_point, write_url
+from bridge.tools.plan import plan_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 

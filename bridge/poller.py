@@ -37,7 +37,7 @@ from bridge.core.normalize import BadValue, engineering
 from bridge.core.outbox import Outbox
 from bridge.core.planner import Barrier, PollGroup, ReadRequest, plan_device, request_for
 from bridge.device import DeviceStats, DeviceStatus, poll_on_grid
-from bridge.errors import BridgeError, DeviceError, TransportError
+from bridge.errors import BridgeError, DeviceError
 from bridge.health import Activity
 from bridge.transports.link import Link
 
@@ -123,12 +123,12 @@ class DevicePoller:
                     raw = await self._isolate(group, request)
                 except BridgeError as inner:
                     error, busy_only = inner, False
-                    if isinstance(inner, TransportError):
+                    if inner.link_down:
                         break
                     continue
             except BridgeError as exc:
                 error, busy_only = exc, False
-                if isinstance(exc, TransportError):
+                if exc.link_down:
                     break  # the link is down: the rest of the cycle would fail the same way
                 continue
             for point, value in raw:

@@ -16,15 +16,15 @@ import structlog
 
 from bridge.buffer import DiskBuffer
 from bridge.config import Config, Device, LineLink, SerialLink
+from bridge.core.bustime import bus_load
 from bridge.core.outbox import Outbox
 from bridge.core.planner import PollGroup, plan_device
-from bridge.core.report import bus_load
 from bridge.instrument import InstrumentPoller
 from bridge.mqtt.commands import CommandHandler
 from bridge.mqtt.publisher import Publisher
 from bridge.poller import DevicePoller
 from bridge.transports.line import LinePort
-from bridge.transports.links import build_links, plan_for
+from bridge.transports.links import build_links, line_link, plan_for
 
 log = structlog.get_logger("bridge.service")
 
@@ -95,9 +95,9 @@ class Service:
         self.publisher.on_message = self._make_commands(new).on_message
 
     def _make_poller(self, config: Config, device: Device) -> DevicePoller | InstrumentPoller:
-        link = config.link(device.link)
-        if isinstance(link, LineLink):
-            port = self.line_ports.setdefault(link, LinePort(link))
+        line = line_link(config, device)
+        if line is not None:
+            port = self.line_ports.setdefault(line, LinePort(line))
             return InstrumentPoller(
                 device, port, config.mqtt, emit=self.buffer.put, set_status=self._set_status
             )

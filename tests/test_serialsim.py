@@ -18,8 +18,8 @@ import pytest
 import serial
 
 from bridge.config import Config, Point, load_config
+from bridge.core.bustime import rtu_seconds
 from bridge.core.planner import plan_device
-from bridge.core.report import rtu_seconds
 from bridge.sim.serial import SerialSimulator, crc16, example_line, lrc, with_crc
 from bridge.sim.tcp import Simulator
 from tests.helpers import ROOT

@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeAlias
 
 import structlog
 
-from bridge.config import Config, Device, Point, SerialLink, TcpLink
+from bridge.config import Config, Device, Point
 from bridge.core.codec import Value
 from bridge.core.messages import Message, Topics
 from bridge.core.outbox import Outbox
@@ -32,6 +32,7 @@ from bridge.core.writes import CommandRefused, clip, parse_command, readback_or_
 from bridge.errors import BridgeError
 from bridge.mqtt.wire import Incoming
 from bridge.transports.link import Link
+from bridge.transports.links import modbus_link
 from bridge.transports.writestep import ReadBackFailed, write_point
 
 log = structlog.get_logger("bridge.mqtt.commands")
@@ -117,7 +118,7 @@ class CommandHandler:
         self._devices: set[str] = set()
         for device in config.devices:
             self._devices.add(device.name)
-            if not isinstance(config.link(device.link), TcpLink | SerialLink):
+            if modbus_link(config, device) is None:
                 self._lines.add(device.name)
                 continue
             outbox = Outbox(device, config.mqtt)

@@ -50,6 +50,7 @@ from bridge.core import bustime
 from bridge.sim.frames import AsciiSlaves, Protocol, RtuSlaves, crc16, lrc, with_crc
 from bridge.sim.instruments import LineInstrument, LineInstruments, example_line
 from bridge.sim.tcp import Simulator
+from bridge.transports.links import line_link
 
 __all__ = ["SerialSimulator", "crc16", "example_line", "lrc", "with_crc"]
 
@@ -228,9 +229,9 @@ class SerialSimulator:
         rng = random.Random(seed)
         instruments: dict[str, list[LineInstrument]] = {}
         for device in config.devices:
-            link = config.link(device.link)
-            if isinstance(link, LineLink):
-                instruments.setdefault(link.name, []).append(LineInstrument(device, rng))
+            line = line_link(config, device)
+            if line is not None:
+                instruments.setdefault(line.name, []).append(LineInstrument(device, rng))
         for link in config.links:
             protocol: Protocol
             if isinstance(link, SerialLink) and link.name in sim.serial_units:

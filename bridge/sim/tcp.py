@@ -22,9 +22,10 @@ import structlog
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from bridge.config import Config, Device, LineLink, Point, SerialLink, TcpLink
+from bridge.config import Config, Device, Point, SerialLink
 from bridge.core.codec import Field, Value, encode
 from bridge.errors import BridgeError, CodecError, TransportError
+from bridge.transports.links import modbus_link
 
 log = structlog.get_logger(__name__)
 
@@ -130,12 +131,13 @@ class Simulator:
         # rtu/ascii link -> unit -> registers; bridge.sim.serial serves them on a pty.
         self.serial_units: dict[str, dict[int, DeviceStore]] = {}
         for device in config.devices:
-            link = config.link(device.link)
-            if isinstance(link, SerialLink | LineLink):
-                if isinstance(link, SerialLink):
-                    self._add_serial(link.name, device)
+            link = modbus_link(config, device)
+            if link is None:
                 continue  # line instruments have no registers: bridge.sim.serial answers them
-            if not isinstance(link, TcpLink) or link.type != "tcp":
+            if isinstance(link, SerialLink):
+                self._add_serial(link.name, device)
+                continue
+            if link.type != "tcp":
                 log.warning(
                     "simulate: skipping device, only tcp links are simulated",
                     device=device.name, link=link.name, link_type=link.type,

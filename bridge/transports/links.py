@@ -13,8 +13,22 @@ from bridge.errors import BridgeError
 from bridge.transports.link import Link
 from bridge.transports.modbus import Endpoint, ModbusClient
 
+ModbusLink = TcpLink | SerialLink
 
-def endpoint_for(link: TcpLink | SerialLink) -> Endpoint:
+
+def modbus_link(config: Config, device: Device) -> ModbusLink | None:
+    """The device's link if it carries Modbus (registers to read and write), else None."""
+    link = config.link(device.link)
+    return None if isinstance(link, LineLink) else link
+
+
+def line_link(config: Config, device: Device) -> LineLink | None:
+    """The device's link if it is an ASCII line (an instrument that owns its port), else None."""
+    link = config.link(device.link)
+    return link if isinstance(link, LineLink) else None
+
+
+def endpoint_for(link: ModbusLink) -> Endpoint:
     """The transport's view of a configured Modbus link."""
     if isinstance(link, SerialLink):
         return Endpoint(
@@ -25,7 +39,7 @@ def endpoint_for(link: TcpLink | SerialLink) -> Endpoint:
     return Endpoint(link.type, link.host, link.port, link.timeout)
 
 
-def link_silence(link: TcpLink | SerialLink) -> float:
+def link_silence(link: ModbusLink) -> float:
     """Quiet time after each transaction, plus any `request_delay`.
 
     On a serial line it is the serial-line spec's inter-frame gap (3.5 characters, 1.75 ms
@@ -41,17 +55,17 @@ def link_silence(link: TcpLink | SerialLink) -> float:
 def build_links(config: Config) -> dict[str, Link]:
     """One shared client per Modbus link that a device uses."""
     links: dict[str, Link] = {}
-    for name in dict.fromkeys(d.link for d in config.devices):
-        link = config.link(name)
-        if isinstance(link, LineLink):
-            continue  # line instruments own their port: Service.line_ports
-        links[name] = Link(ModbusClient(endpoint_for(link)), silence=link_silence(link))
+    for device in config.devices:
+        link = modbus_link(config, device)
+        # Line instruments own their port (Service.line_ports); a shared link is built once.
+        if link is not None and link.name not in links:
+            links[link.name] = Link(ModbusClient(endpoint_for(link)), silence=link_silence(link))
     return links
 
 
 def plan_for(config: Config, device: Device) -> tuple[int, int]:
     """(max_registers, max_gap) of the device's link."""
-    link = config.link(device.link)
-    if isinstance(link, TcpLink | SerialLink):
-        return link.max_registers, link.max_gap
-    raise BridgeError(f"device {device.name!r}: link {link.name!r} is not a Modbus link")
+    link = modbus_link(config, device)
+    if link is None:
+        raise BridgeError(f"device {device.name!r}: link {device.link!r} is not a Modbus link")
+    return link.max_registers, link.max_gap

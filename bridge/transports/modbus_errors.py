@@ -37,10 +37,18 @@ EXCEPTION_NAMES = {
 }
 
 
-class NoResponse(DeviceError):
-    """Nothing came back within the timeout: the unit is dead, or not there."""
+class NoResponse(TransportError):
+    """Nothing came back within the timeout: the unit is dead, or not there.
 
+    The link is up (other units on it may answer), so a poll cycle goes on after it.
+    """
 
+    @property
+    def link_down(self) -> bool:
+        return False
+
+    def failure_kind(self) -> str:
+        return "no_response"
 
 
 class BadFrame(DeviceError):

@@ -6,12 +6,14 @@ parsing, limits, the request) is pure and lives in bridge.core.writes.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from bridge.config import Point
 from bridge.core.codec import Value
 from bridge.core.normalize import BadValue, engineering
 from bridge.core.planner import ReadRequest
 from bridge.core.writes import plan_write, readback_request
-from bridge.errors import BridgeError
+from bridge.errors import Blame, BridgeError
 from bridge.transports.link import Link, Priority
 
 
@@ -38,3 +40,5 @@ async def write_point(
 
 class ReadBackFailed(BridgeError):
     """The write was acknowledged by the device, but reading the point back failed."""
+
+    blame: ClassVar[Blame] = "device"
