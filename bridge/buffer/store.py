@@ -1,18 +1,9 @@
-"""The buffer between polling and publishing: bounded, ordered, transactional.
+"""`DiskBuffer`: the SQLite queue itself: schema, transactions, put, take, ack and requeue.
 
-Polling puts messages in and never waits; the publisher takes a batch, and either acknowledges
-it (delivered: gone) or returns it (not delivered: back at the front, order kept). This is
-Telegraf's transactional output buffer. Bounds are count and bytes; when full the oldest go
-first and are counted, because for telemetry the newest reading is the one worth keeping.
-
-`DiskBuffer` is that buffer, stored in SQLite so it survives restarts and power loss; it keeps
-rows by id until they are acknowledged.
-
-A full disk must never wedge it. SQLite needs free space even to delete (a WAL frame per
-changed page, then the checkpoint), so the buffer stops storing while the disk has less than
-`headroom` free, keeps a preallocated `.reserve` file it gives up when a delete or checkpoint
-still finds the disk full, and returns freed pages to the file system (incremental vacuum).
-What it cannot store goes to the publisher directly while one is connected, else is lost.
+Rows are stored in SQLite so they survive restarts and power loss, and kept by id until they
+are acknowledged. `DiskBuffer` is made of one state and the mixins that work on it: the bounds
+(what to drop, bridge.buffer.bounds), a full disk (bridge.buffer.disk) and the in-flight spans
+take() skips (bridge.buffer.spans).
 """
 
 from __future__ import annotations
@@ -21,7 +12,6 @@ import asyncio
 import bisect
 import contextlib
 import json
-import os
 import sqlite3
 import time
 from collections import deque
@@ -32,6 +22,9 @@ from typing import TypeVar
 
 import structlog
 
+from bridge.buffer.bounds import _SIZE, Bounds, _encoded_size
+from bridge.buffer.disk import _SLACK, FullDisk
+from bridge.buffer.spans import Spans
 from bridge.core.messages import Message
 from bridge.errors import ConfigError, ConfigIssue
 
@@ -40,15 +33,6 @@ T = TypeVar("T")
 log = structlog.get_logger("bridge.buffer")
 
 SYNC_EVERY = 5.0  # seconds between fsyncs of the WAL: the most a power cut can lose
-_RECOVERED = 0.9  # "no longer dropping" once below 90% of every bound, so the log won't flap
-MAX_SPANS = 256  # in-flight id ranges remembered before the hint is dropped
-DIRECT_MAX = 10_000  # readings held in memory for the publisher while the disk refuses them
-# The WAL is checkpointed every `_WAL_SHARE`th of the file system (16 pages at least, SQLite's
-# 1000 at most): on a small disk a WAL of SQLite's default size would be most of the disk.
-_WAL_SHARE = 64
-_MIN_WAL_PAGES = 16
-_MAX_WAL_PAGES = 1000
-_SLACK = 64 * 1024  # a poll's rows and SQLite's bookkeeping beyond the WAL
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -60,15 +44,12 @@ CREATE TABLE IF NOT EXISTS messages (
     ts INTEGER NOT NULL
 )
 """
-# Bytes a row counts against max_bytes: UTF-8 topic plus payload, as _encoded_size computes.
-_SIZE = "(length(CAST(topic AS BLOB)) + length(payload))"
 _INSERT = "INSERT INTO messages (id, topic, payload, qos, retain, ts) VALUES (?, ?, ?, ?, ?, ?)"
 _SELECT = (
     "SELECT id, topic, payload, qos, retain, ts FROM messages"
     " WHERE id > ? AND id <= ? ORDER BY id LIMIT ?"
 )
 _DELETE_IDS = f"DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING {_SIZE}"
-_DELETE_THROUGH = f"DELETE FROM messages WHERE id <= ? RETURNING id, {_SIZE}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +60,7 @@ class Stored:
     message: Message
 
 
-class DiskBuffer:
+class DiskBuffer(Bounds, FullDisk, Spans):
     """The store-and-forward buffer: a bounded, ordered SQLite queue (WAL) with in-flight rows.
 
     Polling `put()`s each poll's messages in one transaction; the publisher `take()`s the oldest
@@ -186,18 +167,6 @@ class DiskBuffer:
             log.info("buffer opened with backlog", path=str(self.path), messages=count,
                      bytes=size)
 
-    def _size_wal(self, *, empty: bool) -> int:
-        """Size the WAL to the file system; convert an empty old file to auto_vacuum. Bytes."""
-        if empty and self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-            self._db.execute("VACUUM")  # cheap while empty; applies auto_vacuum
-        self._page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
-        total = self._disk()[0] or 2**63
-        self._wal_pages = min(_MAX_WAL_PAGES,
-                              max(_MIN_WAL_PAGES, total // _WAL_SHARE // self._page))
-        wal = self._wal_pages * self._page
-        self._db.execute(f"PRAGMA wal_autocheckpoint={self._wal_pages}")
-        self._db.execute(f"PRAGMA journal_size_limit={wal}")  # a reset WAL shrinks to this
-        return wal
 
     # --- polling side -----------------------------------------------------------------------
 
@@ -251,102 +220,6 @@ class DiskBuffer:
         self._log_dropping(reasons)
         if self._available():
             self._ready.set()
-
-    def _refuse(self, batch: list[Message]) -> None:
-        """Not stored: to the connected publisher (the oldest beyond DIRECT_MAX lost), or lost."""
-        if self.direct_to is None:
-            self.lost += len(batch)
-            return
-        self._direct.extend(batch)
-        for _ in range(len(self._direct) - DIRECT_MAX):
-            self._direct.popleft()
-            self.lost += 1
-        self._ready.set()
-
-    def _room(self) -> bool:
-        """Whether put() may write: `headroom` free, plus a margin to resume (so the log does
-        not flap), plus the reserve while it is given up (it is made again first)."""
-        free = self._disk()[1]
-        if free is None:
-            return True  # cannot tell: SQLite will say
-        need = self.headroom + (self.reserve_bytes if self._full else 0)
-        if not self._reserved:
-            need += self.reserve_bytes
-        if free < need and self._reserved:
-            free += self._free_pages() * self._page  # reused by inserts without growing
-        room = free >= need and (self._reserved or self._make_reserve())
-        if room == self._full:  # a change of state
-            self._full = not room
-            if self._full:
-                log.warning("buffer disk full, storing nothing until space comes back: readings"
-                            " go straight to the broker while it is up, else are lost",
-                            path=str(self.path), free_bytes=free, needed_bytes=need,
-                            messages=self._count)
-            else:
-                log.info("buffer disk has room again", path=str(self.path), free_bytes=free,
-                         lost=self.lost)
-        return room
-
-    def _disk(self) -> tuple[int | None, int | None]:
-        """(size, bytes free to us) of the state directory's file system; None if unknown."""
-        try:
-            st = os.statvfs(self.path.parent)
-        except OSError:
-            return None, None
-        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
-
-    def _free_pages(self) -> int:
-        try:
-            return int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
-        except sqlite3.Error:
-            return 0
-
-    def _make_reserve(self) -> bool:
-        """Preallocate the reserve file (kept across restarts); False if there is no room."""
-        try:
-            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                if os.fstat(fd).st_size > self.reserve_bytes:
-                    os.ftruncate(fd, self.reserve_bytes)
-                os.posix_fallocate(fd, 0, self.reserve_bytes)
-            finally:
-                os.close(fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                self._reserve.unlink()
-            return False
-        return True
-
-    def _freeing(self, work: Callable[[], T]) -> T:
-        """Run `work`, which frees space; if the disk is too full even for that, give up the
-        reserve and run it once more."""
-        try:
-            return work()
-        except sqlite3.Error as exc:
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_FULL:
-                raise
-            if not self._reserved:
-                raise
-        with contextlib.suppress(OSError):
-            self._reserve.unlink()
-        self._reserved = False
-        log.warning("buffer reserve released: the disk filled up anyway", path=str(self.path),
-                    bytes=self.reserve_bytes)
-        return work()
-
-    def _shrink(self) -> None:
-        """Give free pages back to the file system, a WAL's worth at a time (moving pages costs
-        WAL frames); the next checkpoint truncates the file."""
-        if self._freed < self._wal_pages * self._page // 2:
-            return
-        self._freed = 0
-        try:
-            if self._free_pages() >= self._wal_pages:
-                # executescript steps the pragma to its end; execute() frees one page.
-                self._freeing(lambda: self._db.executescript(
-                    f"PRAGMA incremental_vacuum({self._wal_pages})"))
-        except sqlite3.Error as exc:  # the space comes back with a later ack
-            log.debug("buffer vacuum failed", path=str(self.path), error=str(exc))
 
     def _transaction(self, work: Callable[[], T]) -> T:
         """Run `work` in one write transaction; on failure undo it and its bookkeeping too."""
@@ -411,19 +284,6 @@ class DiskBuffer:
             pos = covered
         return out
 
-    def take_direct(self, limit: int) -> list[Message]:
-        """Up to `limit` readings put() could not store, oldest first: the caller's now."""
-        return [self._direct.popleft() for _ in range(min(limit, len(self._direct)))]
-
-    def requeue_direct(self, messages: Sequence[Message]) -> None:
-        """Not delivered after take_direct(): back at the front (within DIRECT_MAX)."""
-        self._direct.extendleft(reversed(messages))
-        for _ in range(len(self._direct) - DIRECT_MAX):
-            self._direct.pop()
-            self.lost += 1
-        if self._direct:
-            self._ready.set()
-
     def ack(self, ids: Sequence[int]) -> None:
         """Delivered: delete these rows in one transaction. Unknown or dropped ids are ignored."""
         todo = set(ids) | self._unacked
@@ -459,11 +319,6 @@ class DiskBuffer:
         """Rows delivered whose delete failed (retried with the next ack, or `ack(())`)."""
         return len(self._unacked)
 
-    @property
-    def disk_full(self) -> bool:
-        """True while put() stores nothing for lack of disk space."""
-        return self._full
-
     def requeue(self, ids: Sequence[int]) -> None:
         """Not delivered: no longer in flight; taken again in id order, ahead of newer rows."""
         back = [i for i in ids if i in self._inflight]
@@ -484,17 +339,6 @@ class DiskBuffer:
         return self._count
 
     @property
-    def oldest_ts(self) -> int | None:
-        """`ts` (epoch ms) of the oldest stored row, None when empty or unreadable."""
-        if not self._count:
-            return None
-        try:
-            row = self._db.execute("SELECT ts FROM messages ORDER BY id LIMIT 1").fetchone()
-        except sqlite3.Error:  # only logging and metrics ask: not worth failing them
-            return None
-        return None if row is None else int(row[0])
-
-    @property
     def in_flight(self) -> int:
         """Rows taken and neither acknowledged nor requeued."""
         return len(self._inflight)
@@ -510,132 +354,10 @@ class DiskBuffer:
         finally:
             self._db.close()
 
-    # --- bounds -----------------------------------------------------------------------------
-
-    def _enforce_bounds(self) -> list[str]:
-        """Drop the oldest rows beyond the bounds (inside put()'s transaction); which bounds."""
-        reasons: list[str] = []
-        if self.max_age and self._drop_expired():
-            reasons.append("max_age")
-        if self._count > self.max_messages:
-            excess = self._count - max(self.max_messages, 0)
-            row = self._db.execute(
-                "SELECT id FROM messages ORDER BY id LIMIT 1 OFFSET ?", (excess - 1,)
-            ).fetchone()
-            self._drop_through(row[0])
-            reasons.append("max_messages")
-        if self._bytes > self.max_bytes:
-            excess = self._bytes - max(self.max_bytes, 0)
-            freed, cut = 0, 0
-            for id_, size in self._db.execute(f"SELECT id, {_SIZE} FROM messages ORDER BY id"):
-                freed += size
-                cut = id_
-                if freed >= excess:
-                    break
-            self._drop_through(cut)
-            reasons.append("max_bytes")
-        return reasons
-
-    def _log_dropping(self, reasons: list[str]) -> None:
-        """One line when dropping starts, one when the buffer is comfortably below its bounds."""
-        if reasons:
-            if not self._dropping:
-                self._dropping = True
-                log.warning("buffer full, dropping the oldest messages", path=str(self.path),
-                            bound=",".join(reasons), dropped=self.dropped)
-        elif self._dropping and self._below_bounds():
-            self._dropping = False
-            log.info("buffer no longer dropping", path=str(self.path), dropped=self.dropped)
-
-    def _below_bounds(self) -> bool:
-        if self._count > _RECOVERED * self.max_messages:
-            return False
-        if self._bytes > _RECOVERED * self.max_bytes:
-            return False
-        if not self.max_age:
-            return True
-        oldest = self.oldest_ts
-        return oldest is None or self.clock() * 1000 - oldest < _RECOVERED * self.max_age * 1000
-
-    def _drop_expired(self) -> bool:
-        """Drop the expired rows at the front; True if there were any."""
-        cut = self._expired_through()
-        if cut:
-            self._drop_through(cut)
-        return bool(cut)
-
-    def _expired_through(self) -> int:
-        """The id of the last row of the front run older than max_age (0: none)."""
-        cutoff = (self.clock() - self.max_age) * 1000
-        if self._front_ts >= cutoff:
-            return 0
-        cut = 0
-        self._front_ts = float("inf")  # empty
-        cursor = self._db.execute("SELECT id, ts FROM messages ORDER BY id")
-        for id_, ts in cursor:
-            if ts >= cutoff:
-                self._front_ts = ts
-                break
-            cut = id_
-        cursor.close()
-        return int(cut)
-
-    def _drop_through(self, cut: int) -> None:
-        """Delete every row with id <= cut, counted as dropped."""
-        gone = self._db.execute(_DELETE_THROUGH, (cut,)).fetchall()
-        self._count -= len(gone)
-        self._bytes -= sum(size for _, size in gone)
-        self.dropped += len(gone)
-        if self._inflight:
-            was = [id_ for id_, _ in gone if id_ in self._inflight]
-            self._inflight.difference_update(was)
-            self._uninflight.extend(was)
-
-    # --- in-flight bookkeeping --------------------------------------------------------------
-
     def _available(self) -> bool:
         return bool(self._direct) or self._count > len(self._inflight)
-
-    def _add_span(self, start: int, end: int) -> None:
-        """Remember that every stored row in [start, end] is in flight; merge with neighbours."""
-        if end < start:
-            return
-        starts, ends = self._starts, self._ends
-        i = bisect.bisect_left(starts, start)
-        if i > 0 and ends[i - 1] >= start - 1:  # touches the one before
-            i -= 1
-            start = starts[i]
-            end = max(end, ends[i])
-            del starts[i], ends[i]
-        if i < len(starts) and starts[i] <= end + 1:  # touches the one after
-            end = max(end, ends[i])
-            del starts[i], ends[i]
-        starts.insert(i, start)
-        ends.insert(i, end)
-        if len(starts) > MAX_SPANS:  # fragmented by requeues: forget; take() filters anyway
-            starts.clear()
-            ends.clear()
-
-    def _split_span(self, id_: int) -> None:
-        """`id_` is no longer in flight: take it out of the span holding it."""
-        starts, ends = self._starts, self._ends
-        i = bisect.bisect_right(starts, id_) - 1
-        if i < 0 or ends[i] < id_:
-            return
-        start, end = starts[i], ends[i]
-        del starts[i], ends[i]
-        if id_ + 1 <= end:
-            starts.insert(i, id_ + 1)
-            ends.insert(i, end)
-        if start <= id_ - 1:
-            starts.insert(i, start)
-            ends.insert(i, id_ - 1)
 
     @property
     def bytes(self) -> int:
         """UTF-8 topic + payload bytes of the stored rows (in flight included)."""
         return self._bytes
-
-
-def _encoded_size(topic: str, payload: bytes) -> int:
-    return (len(topic) if topic.isascii() else len(topic.encode())) + len(payload)
