@@ -1,5 +1,6 @@
-"""The config file: its format (model), how it is read (loader), YAML with line numbers
-(yamlsource) and secret references (secrets). Import what you need from here."""
+"""The config file: its format (model: the whole file and the MQTT settings; devices: links,
+devices and points; fields: durations, sizes, names), how it is read (loader), YAML with line
+numbers (yamlsource) and secret references (secrets). Import what you need from here."""
 
 from bridge.config.loader import load_config, state_dir_problem
 from bridge.config.model import (

@@ -1,0 +1,227 @@
+"""The southbound part of the config format: links, devices and their points.
+
+Checks that one model can make on its own live here (a point's type fits its table, a response
+regex compiles); what needs the whole file (links named, names unique, maps merged) is in
+bridge.config.loader.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from bridge.config.fields import Duration, Name, _Model
+from bridge.registers import BIT_TABLES, ByteOrder, PointType, Table, register_count
+
+_INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
+_BIT_TYPES = frozenset({"bool", "int16", "uint16"})
+_READ_ONLY_TABLES = frozenset({"input", "discrete"})
+
+
+class _LinkBase(_Model):
+    name: Name
+    timeout: Duration = 1.0
+
+
+class _Requests(_Model):
+    """How reads are coalesced and paced on a Modbus link."""
+
+    max_registers: int = Field(default=125, ge=1, le=125)
+    max_gap: int = Field(default=10, ge=0)
+    request_delay: Duration = 0.0
+
+
+class _SerialPort(_Model):
+    port: str
+    baudrate: int = Field(default=9600, gt=0)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+
+
+class TcpLink(_LinkBase, _Requests):
+    """Modbus over a network socket."""
+
+    type: Literal["tcp", "udp", "rtu-over-tcp"]
+    host: str
+    port: int = Field(default=502, ge=1, le=65535)
+
+
+class SerialLink(_LinkBase, _SerialPort, _Requests):
+    """Modbus RTU or ASCII on a serial port."""
+
+    type: Literal["rtu", "ascii"]
+
+
+class LineLink(_LinkBase, _SerialPort):
+    """A serial port carrying plain ASCII lines, no Modbus."""
+
+    type: Literal["serial"]
+
+
+Link = Annotated[TcpLink | SerialLink | LineLink, Field(discriminator="type")]
+
+
+class SimHint(_Model):
+    """Where the simulator starts this point, and how far it wanders around that value."""
+
+    value: float | int | bool | str | None = None
+    drift: float = 0
+
+
+class Point(_Model):
+    """One value on a device. Fields are ordered so each check can see what it depends on."""
+
+    name: Name
+    table: Table = "holding"
+    type: PointType = Field(default="uint16", description="default: bool on coil and discrete")
+    # strings: registers; one read request carries at most 125 (Modbus spec)
+    count: int | None = Field(default=None, ge=1, le=125, validate_default=True)
+    address: int | None = Field(default=None, ge=0, le=65535, description="0-based PDU address")
+    bit: int | None = Field(default=None, ge=0, le=15)
+    byte_order: ByteOrder | None = None
+    unit: str | None = None
+    scale: float = 1
+    offset: float = 0
+    precision: int | None = Field(default=None, ge=0)
+    deadband: float | None = Field(default=None, ge=0)
+    interval: Duration | None = Field(default=None, gt=0)
+    values: dict[int, str] | None = None
+    writable: bool = False
+    min: float | None = None
+    max: float | None = None
+    simulate: SimHint | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_status_topic(cls, value: str) -> str:
+        if value == "status":
+            raise ValueError("'status' is reserved: <prefix>/<device>/status is the device status")
+        return value
+
+    @property
+    def order(self) -> ByteOrder:
+        """The byte order to decode with (set by the loader; ABCD when built by hand)."""
+        return self.byte_order or "ABCD"
+
+    @property
+    def size(self) -> int:
+        """Registers (or bits, on coil/discrete tables) this point spans."""
+        return 1 if self.table in BIT_TABLES else register_count(self.type, self.count)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _type_from_table(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "type" not in data:
+            return {**data, "type": "bool" if data.get("table") in BIT_TABLES else "uint16"}
+        return data
+
+    @field_validator("type")
+    @classmethod
+    def _bits_are_bool(cls, value: PointType, info: ValidationInfo) -> PointType:
+        if info.data.get("table") in BIT_TABLES and value != "bool":
+            raise ValueError(f"coil and discrete tables hold bits: type must be bool, not {value}")
+        return value
+
+    @field_validator("count")
+    @classmethod
+    def _count_for_strings(cls, value: int | None, info: ValidationInfo) -> int | None:
+        type_ = info.data.get("type")
+        if type_ == "string" and value is None:
+            raise ValueError("required for type string (registers, 2 characters each)")
+        if type_ not in (None, "string") and value is not None:
+            raise ValueError(f"count is only for strings, not {type_}")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _fits_in_table(cls, value: int | None, info: ValidationInfo) -> int | None:
+        table, type_ = info.data.get("table"), info.data.get("type")
+        if value is None or table is None or type_ is None or "count" not in info.data:
+            return value
+        span = 1 if table in BIT_TABLES else register_count(type_, info.data["count"])
+        if value + span - 1 > 65535:
+            raise ValueError(f"address {value} + {span} registers ends past 65535")
+        return value
+
+    @field_validator("bit")
+    @classmethod
+    def _bit_of_a_register(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return value
+        if info.data.get("table") in BIT_TABLES:
+            raise ValueError("bit is only for holding and input registers")
+        if info.data.get("type") not in (None, *_BIT_TYPES):
+            raise ValueError(f"bit needs type bool, int16 or uint16, not {info.data['type']}")
+        return value
+
+    @field_validator("values")
+    @classmethod
+    def _enum_of_integers(
+        cls, value: dict[int, str] | None, info: ValidationInfo
+    ) -> dict[int, str] | None:
+        type_ = info.data.get("type")
+        if value is not None and type_ is not None and type_ not in _INTEGER_TYPES:
+            raise ValueError(f"values (an enum map) needs an integer type, not {type_}")
+        return value
+
+    @field_validator("writable")
+    @classmethod
+    def _table_is_writable(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("table") in _READ_ONLY_TABLES:
+            raise ValueError("input registers and discrete inputs are read-only")
+        if value and info.data.get("bit") is not None:
+            # Writing one bit means rewriting the other 15, which is not atomic on Modbus.
+            raise ValueError("a single bit of a register cannot be written")
+        return value
+
+    @field_validator("max")
+    @classmethod
+    def _not_below_min(cls, value: float | None, info: ValidationInfo) -> float | None:
+        low = info.data.get("min")
+        if value is not None and low is not None and low > value:
+            raise ValueError(f"max {value:g} is below min {low:g}")
+        return value
+
+
+class DeviceMap(_Model):
+    """A reusable register map file: points many devices share (with their own unit ids)."""
+
+    description: str | None = None
+    manufacturer: str | None = None
+    model: str | None = None
+    byte_order: ByteOrder | None = None
+    points: list[Point] = []  # noqa: RUF012 - pydantic copies defaults
+
+
+class Device(_Model):
+    """A Modbus slave, or an instrument on a serial line link (`request`/`response`)."""
+
+    name: Name
+    link: str
+    unit: int = Field(default=1, ge=0, le=247)
+    interval: Duration = Field(default=5.0, gt=0)
+    map: str | None = Field(default=None, description="map file, relative to this file")
+    byte_order: ByteOrder | None = None
+    report: Literal["always", "on-change"] = "always"
+    heartbeat: Duration | None = 300.0
+    offline_after: int = Field(default=3, ge=1)
+    points: list[Point] = []  # noqa: RUF012 - pydantic copies defaults
+    request: str | None = None
+    response: str | None = Field(default=None, description="regex; its named groups become points")
+    eol: str = "\r\n"
+    description: str | None = None
+    manufacturer: str | None = None
+    model: str | None = None
+
+    @field_validator("response")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
