@@ -17,6 +17,7 @@ from bridge.mqtt.wireevents import (
     PubAck,
     Refused,
     SubAck,
+    VersionRefused,
     WindowFull,
     WireError,
 )
@@ -109,6 +110,20 @@ def test_connack_refused_names_the_reason() -> None:
     assert str(event.error) == (
         "broker refused the connection: not authorized (135): bad password")
     assert event.error.reason_code == 135
+    assert not state.connected
+
+
+@pytest.mark.parametrize("chunks", [[b"\x20\x02\x00\x01"], [b"\x20", b"\x02\x00", b"\x01"]])
+def test_a_3_1_1_connack_says_the_broker_does_not_speak_mqtt_5(chunks: list[bytes]) -> None:
+    """What NATS and RabbitMQ 3.x answer an MQTT 5 CONNECT (return code 1), even split across
+    reads: a VersionRefused, which `protocol: auto` falls back on, not a malformed packet."""
+    state = WireState("unit")
+    events = [event for chunk in chunks for event in state.receive(chunk)]
+    [event] = events
+    assert isinstance(event, Refused)
+    assert isinstance(event.error, VersionRefused)
+    assert "does not speak MQTT 5" in str(event.error)
+    assert "return code 1" in str(event.error)
     assert not state.connected
 
 

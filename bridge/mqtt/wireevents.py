@@ -17,7 +17,8 @@ FAILURE: Final = 0x80  # MQTT 5: reason codes >= 0x80 are failures
 
 __all__ = [
     "FAILURE", "PING_RESP", "Connected", "Event", "Failed", "Incoming", "PingResp", "PubAck",
-    "Refused", "SubAck", "WindowFull", "WireError", "describe", "refusal", "suback_error",
+    "Refused", "SubAck", "VersionRefused", "WindowFull", "WireError", "describe", "refusal",
+    "suback_error",
 ]
 
 
@@ -31,6 +32,11 @@ class WireError(BrokerError):
     def __init__(self, message: str, *, reason_code: int | None = None) -> None:
         super().__init__(message)
         self.reason_code = reason_code
+
+
+class VersionRefused(WireError):
+    """The broker does not speak MQTT 5: it answered our CONNECT with a 3.1.1 CONNACK whose
+    return code is 1, "unacceptable protocol version" (NATS, RabbitMQ 3.x, older brokers)."""
 
 
 class WindowFull(Exception):  # a signal, not a failure: await wait_window()

@@ -45,6 +45,7 @@ from bridge.mqtt.wireevents import (
     PubAck,
     Refused,
     SubAck,
+    VersionRefused,
     WindowFull,
     WireError,
     refusal,
@@ -56,6 +57,7 @@ __all__ = ["MAX_INCOMING", "Batch", "WireState", "frame_size"]
 _QOS: Final = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE)
 _QOS1: Final = QoS.AT_LEAST_ONCE
 _MAX_PACKET_ID: Final = 65535
+V3_CONNACK_SIZE: Final = 4  # 0x20, remaining length 2, flags, return code
 MAX_INCOMING: Final = 1 << 20  # bytes; announced in CONNECT, so the broker sends nothing larger
 
 
@@ -288,6 +290,15 @@ class WireState:
         off = 0
         read = mqtt5.read
         inflight = self.inflight
+        if not self._connack_seen and end >= V3_CONNACK_SIZE and buf[1] == 2 and buf[0] == 0x20:
+            # An MQTT 5 CONNACK always has properties, so its remaining length is at least 3;
+            # 2 is a 3.1.1 CONNACK, which mqtt5 would misread. Its answer to a v5 CONNECT is
+            # return code 1 (unacceptable protocol version), or a bug if it says anything else.
+            self._connack_seen = True
+            return [Refused(VersionRefused(
+                "the broker does not speak MQTT 5 (it answered with an MQTT 3.1.1 CONNACK, "
+                f"return code {buf[3]})"
+            ))]
         with memoryview(buf) as view:
             while off < end:
                 try:
