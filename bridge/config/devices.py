@@ -64,6 +64,21 @@ class LineLink(_LinkBase, _SerialPort):
 Link = Annotated[TcpLink | SerialLink | LineLink, Field(discriminator="type")]
 
 
+class HaHints(_Model):
+    """Home Assistant overrides for one point; unset keys come from its unit (README table)."""
+
+    device_class: str | None = None
+    state_class: Literal["measurement", "total", "total_increasing"] | None = None
+    icon: str | None = None
+
+    @field_validator("icon")
+    @classmethod
+    def _an_mdi_icon(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"mdi:[a-z0-9-]+", value):
+            raise ValueError(f"{value!r} is not an icon name like 'mdi:flash'")
+        return value
+
+
 class SimHint(_Model):
     """Where the simulator starts this point, and how far it wanders around that value."""
 
@@ -93,6 +108,7 @@ class Point(_Model):
     min: float | None = None
     max: float | None = None
     simulate: SimHint | None = None
+    ha: HaHints | None = None  # used with mqtt.homeassistant
 
     @field_validator("name")
     @classmethod

@@ -13,11 +13,19 @@ import platform
 import re
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from bridge.config.devices import (
     Device,
     DeviceMap,
+    HaHints,
     LineLink,
     Link,
     Point,
@@ -45,6 +53,8 @@ __all__ = [
     "DeviceMap",
     "Duration",
     "Gateway",
+    "HaHints",
+    "HomeAssistant",
     "LineLink",
     "Link",
     "MetricsSettings",
@@ -108,6 +118,19 @@ class MetricsSettings(_Model):
     port: int = Field(default=9108, ge=1, le=65535)
 
 
+class HomeAssistant(_Model):
+    """Home Assistant MQTT discovery: retained device documents under `prefix`."""
+
+    prefix: str = "homeassistant"  # Home Assistant's own default
+
+    @field_validator("prefix")
+    @classmethod
+    def _one_topic_level(cls, value: str) -> str:
+        if not value or any(c in value for c in "/+#\x00"):
+            raise ValueError(f"{value!r} must be one topic level: no '/', '+' or '#'")
+        return value
+
+
 class MqttSettings(_Model):
     """The broker and how readings are published to it."""
 
@@ -126,6 +149,7 @@ class MqttSettings(_Model):
     format: Literal["json", "value"] = "json"
     messages: Literal["per-point", "per-device"] = "per-point"
     buffer: BufferSettings = BufferSettings()
+    homeassistant: HomeAssistant | None = None  # off unless configured
 
     @model_validator(mode="before")
     @classmethod

@@ -185,7 +185,7 @@ def decode(field: Field, registers: Sequence[int]) -> Value:
     return BlockLayout(placed.size, (placed,)).decode(registers)[0]
 
 
-_INT_RANGES: Mapping[PointType, tuple[int, int]] = {
+INT_RANGES: Mapping[PointType, tuple[int, int]] = {
     "bool": (0, 1),
     "int16": (-(2**15), 2**15 - 1),
     "uint16": (0, 2**16 - 1),
@@ -240,7 +240,7 @@ def _number_for(type_: PointType, value: Value) -> int | float:
         if not value.is_integer():
             raise CodecError(f"{value!r} is not a whole number, as {type_} needs")
         value = int(value)
-    low, high = _INT_RANGES[type_]
+    low, high = INT_RANGES[type_]
     if not low <= int(value) <= high:
         raise CodecError(f"{value!r} is outside the {type_} range {low}..{high}")
     return int(value)
