@@ -34,8 +34,10 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic
 
 import structlog
+from typing_extensions import TypeVar
 
 from bridge.config import Device, MqttSettings, Point
 from bridge.core.codec import Value
@@ -47,6 +49,7 @@ from bridge.device import DeviceStats, DeviceStatus, poll_on_grid
 from bridge.errors import TransportError
 from bridge.health import Activity
 from bridge.transports.line import Line, LinePort, LineReader
+from bridge.transports.ports import InstrumentPort
 
 log = structlog.get_logger("bridge.instrument")
 
@@ -85,13 +88,18 @@ def parse_text(point: Point, text: str) -> Value:
     return float(text)
 
 
-class InstrumentPoller:
+# The port type a poller was given, so its owner keeps seeing it as that (`poller.port.opens`
+# of a LinePort); a bare `InstrumentPoller` is one on a LinePort.
+PortT = TypeVar("PortT", bound=InstrumentPort, default=LinePort)
+
+
+class InstrumentPoller(Generic[PortT]):
     """Polls (or listens to) one line instrument forever; emits messages and status changes."""
 
     def __init__(
         self,
         device: Device,
-        port: LinePort,
+        port: PortT,
         mqtt: MqttSettings,
         *,
         emit: Callable[[list[Message]], None],

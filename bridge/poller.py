@@ -39,7 +39,7 @@ from bridge.core.planner import Barrier, PollGroup, ReadRequest, plan_device, re
 from bridge.device import DeviceStats, DeviceStatus, poll_on_grid
 from bridge.errors import BridgeError, DeviceError
 from bridge.health import Activity
-from bridge.transports.link import Link
+from bridge.transports.ports import PollPort
 
 log = structlog.get_logger("bridge.poller")
 
@@ -53,7 +53,7 @@ class DevicePoller:
         self,
         device: Device,
         plan: Iterable[PollGroup],
-        link: Link,
+        link: PollPort,
         mqtt: MqttSettings,
         *,
         emit: Callable[[list[Message]], None],
@@ -66,7 +66,7 @@ class DevicePoller:
         self.stats = DeviceStats()
         # A poll may take every request's timeout plus the quiet time around it; twice that
         # (and 10 s) before the watchdog calls it hung.
-        worst = sum(len(g.requests) for g in self.plan) * (link.client.endpoint.timeout + 1.0)
+        worst = sum(len(g.requests) for g in self.plan) * (link.timeout + 1.0)
         self.activity = Activity(f"device {device.name}", 10.0 + 2 * worst)
         self._outbox = Outbox(device, mqtt)
         self._backoff = 0  # unsuccessful polls in a row (busy ones too), for the back-off

@@ -31,8 +31,8 @@ from bridge.core.planner import ReadRequest
 from bridge.core.writes import CommandRefused, clip, parse_command, readback_or_none
 from bridge.errors import BridgeError
 from bridge.mqtt.wire import Incoming
-from bridge.transports.link import Link
 from bridge.transports.links import modbus_link
+from bridge.transports.ports import WritePort
 from bridge.transports.writestep import ReadBackFailed, write_point
 
 log = structlog.get_logger("bridge.mqtt.commands")
@@ -92,7 +92,7 @@ class CommandHandler:
     def __init__(
         self,
         config: Config,
-        link: Callable[[str], Link],
+        link: Callable[[str], WritePort],
         respond: Respond,
         *,
         emit: Callable[[list[Message]], None],

@@ -86,6 +86,11 @@ class Link:
         self.client = client
         self.scheduler = LinkScheduler(silence=silence)
 
+    @property
+    def timeout(self) -> float:
+        """Seconds one transaction may take before it is a `NoResponse` (the endpoint's)."""
+        return self.client.endpoint.timeout
+
     async def read(
         self, unit: int, request: ReadRequest, priority: Priority = Priority.POLL
     ) -> list[int]:

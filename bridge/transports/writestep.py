@@ -14,11 +14,12 @@ from bridge.core.normalize import BadValue, engineering
 from bridge.core.planner import ReadRequest
 from bridge.core.writes import plan_write, readback_request
 from bridge.errors import Blame, BridgeError
-from bridge.transports.link import Link, Priority
+from bridge.transports.link import Priority
+from bridge.transports.ports import WritePort
 
 
 async def write_point(
-    link: Link, unit: int, point: Point, value: Value, readback: ReadRequest | None = None
+    link: WritePort, unit: int, point: Point, value: Value, readback: ReadRequest | None = None
 ) -> Value:
     """Write checked `value` to `point` (once, never retried), read it back, return that.
 
