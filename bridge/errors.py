@@ -58,6 +58,11 @@ class BridgeError(Exception):
         """Whether the link itself failed, so the rest of a poll cycle would fail the same way."""
         return False
 
+    @property
+    def busy(self) -> bool:
+        """Whether the device is alive and asked to be asked later (DeviceError 05/06)."""
+        return False
+
     def failure_kind(self) -> str:
         """The per-device failure counter this error counts under (metrics label `kind`)."""
         return "link"

@@ -119,13 +119,12 @@ class DevicePoller:
                 if not exc.refused:
                     error, busy_only = exc, busy_only and exc.busy
                     continue
+                raw = []
                 try:
-                    raw = await self._isolate(group, request)
+                    await self._isolate(group, request, raw)
                 except BridgeError as inner:
-                    error, busy_only = inner, False
-                    if inner.link_down:
-                        break
-                    continue
+                    # What was read before the search was cut short is still this poll's.
+                    error, busy_only = inner, busy_only and inner.busy
             except BridgeError as exc:
                 error, busy_only = exc, False
                 if exc.link_down:
@@ -136,6 +135,8 @@ class DevicePoller:
                     values[point.name] = engineering(point, value)
                 except BadValue:
                     self.stats.bad_values += 1
+            if error is not None and error.link_down:
+                break  # the link went down during a refusal search
         if self._points and self.refused >= self._points:
             # It answers, but serves nothing: `offline` says so on the status topic and in
             # m2m_device_up, and its offline line is the one line about it.
@@ -173,15 +174,17 @@ class DevicePoller:
         self.stats.registers += request.count
         return list(zip(request.points, raw, strict=True))
 
-    async def _isolate(self, group: PollGroup, request: ReadRequest) -> list[tuple[Point, Value]]:
+    async def _isolate(
+        self, group: PollGroup, request: ReadRequest, found: list[tuple[Point, Value]]
+    ) -> None:
         """`request` was refused (02/03): read what can be read, learn what cannot.
 
         Splits between clusters of overlapping points (a point is never cut in two). When both
         halves read fine alone, the refusal lies between them: a barrier there. When a single
         cluster is refused, its points are. Anything other than 02/03 ends the search and is
-        raised: the device's state is not known well enough to learn from it.
+        raised: the device's state is not known well enough to learn from it. What was read
+        is in `found`, also when the search ends early.
         """
-        found: list[tuple[Point, Value]] = []
 
         async def probe(points: list[Point], first: bool) -> bool:
             if not first:  # the whole request has just been refused: no need to ask again
@@ -210,7 +213,6 @@ class DevicePoller:
             await probe(list(request.points), True)
         finally:
             self._replan(group)  # keep what was learned even if the search was cut short
-        return found
 
     def _refuse_points(self, table: Table, points: list[Point]) -> None:
         names = [p.name for p in points]
