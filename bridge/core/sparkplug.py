@@ -1,0 +1,388 @@
+"""Sparkplug B 3.0 payloads: points as metrics; births, data and deaths; topics. Pure.
+
+The edge node session (bridge.mqtt) decides when a message goes out and keeps `seq` and
+`bdSeq`; this module decides what the bytes are, encoded with the protobuf classes that
+scripts/gen-proto generates from proto/sparkplug_b.proto (never by hand). Incoming commands
+are parsed in bridge.core.sparkplug_commands.
+
+Metrics (DESIGN.md "Northbound standards"): every point of a device is a metric named after
+the point, with the datatype its engineering value has (`datatype`), an alias, and in births
+the properties `engUnit` (String, when the point has a unit) and `Quality` (Int32: 192 good,
+500 stale, 0 bad). Aliases are unique across the whole edge node, as the specification asks
+of them, and numbered in config order (bdSeq 0, Node Control/Rebirth 1, then every device's
+points in turn), so a restart with the same config keeps them; a config that changes any
+device or point changes `NodeMetrics.table`, and the session must then republish every birth.
+
+Integers travel in the unsigned fields the datatype names; signed ones as two's complement
+of their own width (Int16 -1 is int_value 65535), as Eclipse Tahu's Python library and
+pysparkplug write them (Tahu's Java library sign-extends to 32 bits, which its decoder
+truncates back; bridge.core.sparkplug_commands accepts both forms). A value that does not fit
+its metric (a decoded reading never is one) goes out as null with Quality 0 (bad),
+rather than failing the message for its other metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Literal, TypeAlias
+
+from bridge.config import Device, Point
+from bridge.core import sparkplug_pb2 as pb
+from bridge.core.codec import BIT_TABLES, Value
+
+NAMESPACE = "spBv1.0"
+BD_SEQ = "bdSeq"
+REBIRTH = "Node Control/Rebirth"
+BD_SEQ_ALIAS = 0
+REBIRTH_ALIAS = 1
+FIRST_POINT_ALIAS = 2
+SEQ_LIMIT = 256  # seq and bdSeq run 0..255, then wrap to 0
+
+NodeMessage: TypeAlias = Literal["NBIRTH", "NDEATH", "NDATA", "NCMD"]
+DeviceMessage: TypeAlias = Literal["DBIRTH", "DDEATH", "DDATA", "DCMD"]
+_NODE_MESSAGES = frozenset({"NBIRTH", "NDEATH", "NDATA", "NCMD"})
+_DEVICE_MESSAGES = frozenset({"DBIRTH", "DDEATH", "DDATA", "DCMD"})
+_RESERVED = frozenset("/+#")
+
+
+class Quality(IntEnum):
+    """The `Quality` property's values (the specification's quality codes)."""
+
+    BAD = 0
+    GOOD = 192
+    STALE = 500
+
+
+# --- topics -----------------------------------------------------------------------------------
+
+
+def topic(
+    group_id: str,
+    message_type: NodeMessage | DeviceMessage,
+    edge_node_id: str,
+    device_id: str | None = None,
+) -> str:
+    """`spBv1.0/<group_id>/<message_type>/<edge_node_id>[/<device_id>]`.
+
+    Device messages need a device id and node messages must not have one; ids must be
+    non-empty and free of `/`, `+` and `#` (ValueError otherwise: config validation refuses
+    such ids long before this runs).
+    """
+    if message_type in _DEVICE_MESSAGES:
+        if device_id is None:
+            raise ValueError(f"{message_type} needs a device id")
+    elif message_type not in _NODE_MESSAGES:
+        raise ValueError(f"{message_type!r} is no node or device message (STATE: state_topic)")
+    elif device_id is not None:
+        raise ValueError(f"{message_type} takes no device id")
+    ids = (group_id, edge_node_id) if device_id is None else (group_id, edge_node_id, device_id)
+    for part in ids:
+        _check_id(part)
+    head = f"{NAMESPACE}/{group_id}/{message_type}/{edge_node_id}"
+    return head if device_id is None else f"{head}/{device_id}"
+
+
+def command_filters(group_id: str, edge_node_id: str) -> tuple[str, str]:
+    """What the edge node subscribes to for commands: its NCMD topic, and DCMD for any device."""
+    return (
+        topic(group_id, "NCMD", edge_node_id),
+        f"{NAMESPACE}/{group_id}/DCMD/{edge_node_id}/+",
+    )
+
+
+def state_topic(host_id: str) -> str:
+    """`spBv1.0/STATE/<host_id>`: where a primary host application says it is online."""
+    _check_id(host_id)
+    return f"{NAMESPACE}/STATE/{host_id}"
+
+
+def _check_id(part: str) -> None:
+    if not part or _RESERVED.intersection(part):
+        raise ValueError(f"{part!r} is not a Sparkplug id (empty, or has '/', '+' or '#')")
+
+
+def next_seq(seq: int) -> int:
+    """The sequence number after `seq` (for both seq and bdSeq): up by one, 255 wraps to 0."""
+    return (seq + 1) % SEQ_LIMIT
+
+
+# --- datatypes: how an engineering value travels ----------------------------------------------
+
+_FLOAT32_MAX = 3.4028234663852886e38
+_WireValue: TypeAlias = int | float | bool | str
+_Encode: TypeAlias = Callable[[Value], _WireValue | None]
+
+
+def _whole(value: Value) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value)
+
+
+def _signed(bits: int) -> _Encode:
+    low, high, mask = -(1 << (bits - 1)), 1 << (bits - 1), (1 << bits) - 1
+
+    def encode(value: Value) -> int | None:
+        number = _whole(value)
+        return None if number is None or not low <= number < high else number & mask
+
+    return encode
+
+
+def _unsigned(bits: int) -> _Encode:
+    def encode(value: Value) -> int | None:
+        number = _whole(value)
+        return None if number is None or not 0 <= number < 1 << bits else number
+
+    return encode
+
+
+def _real(value: Value) -> float | None:
+    if type(value) is float:  # the common case first: this runs once per value published
+        return value
+    return None if isinstance(value, bool | str) else float(value)
+
+
+def _float32(value: Value) -> float | None:
+    number = value if type(value) is float else _real(value)
+    if number is None or -_FLOAT32_MAX <= number <= _FLOAT32_MAX or not math.isfinite(number):
+        return number
+    return None  # protobuf would quietly make it infinity
+
+
+def _boolean(value: Value) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    return bool(value) if isinstance(value, int) and value in (0, 1) else None
+
+
+def _text(value: Value) -> str | None:
+    # An enum state missing from the point's `values` map is published as its number.
+    return value if isinstance(value, str) else None if isinstance(value, bool) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """How one datatype travels: the value field it uses and the conversion into it."""
+
+    field: str
+    encode: _Encode
+
+
+WIRE: Mapping[int, Wire] = {
+    pb.Int16: Wire("int_value", _signed(16)),
+    pb.Int32: Wire("int_value", _signed(32)),
+    pb.Int64: Wire("long_value", _signed(64)),
+    pb.UInt16: Wire("int_value", _unsigned(16)),
+    pb.UInt32: Wire("int_value", _unsigned(32)),
+    pb.UInt64: Wire("long_value", _unsigned(64)),
+    pb.Float: Wire("float_value", _float32),
+    pb.Double: Wire("double_value", _real),
+    pb.Boolean: Wire("boolean_value", _boolean),
+    pb.String: Wire("string_value", _text),
+}
+
+_BY_TYPE: Mapping[str, int] = {
+    "bool": pb.Boolean, "int16": pb.Int16, "uint16": pb.UInt16, "int32": pb.Int32,
+    "uint32": pb.UInt32, "int64": pb.Int64, "uint64": pb.UInt64, "float32": pb.Float,
+    "float64": pb.Double, "string": pb.String,
+}  # fmt: skip
+_INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
+
+
+def datatype(point: Point) -> int:
+    """The Sparkplug datatype of `point`'s engineering value (a `DataType` number).
+
+    The register type's own, except: an enum (`values`) is a String carrying the state's name,
+    a bit or coil is a Boolean, and an integer with a scale or offset is a Double. A float32
+    stays Float whatever its scale: its precision is the register's.
+    """
+    if point.values is not None:
+        return pb.String
+    if point.table in BIT_TABLES:
+        return pb.Boolean
+    if point.type in _INTEGER_TYPES and (point.scale != 1 or point.offset != 0):
+        return pb.Double
+    return _BY_TYPE[point.type]
+
+
+# --- aliases: the edge node's metrics ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One point as a metric: its alias and datatype, fixed for a session."""
+
+    point: Point
+    alias: int
+    datatype: int
+    wire: Wire  # WIRE[datatype], looked up once
+
+    @property
+    def name(self) -> str:
+        return self.point.name
+
+
+class DeviceMetrics:
+    """One device's metrics, found by name or alias (`by_name(name)`, `by_alias(alias)`: the
+    metric, or None)."""
+
+    __slots__ = ("by_alias", "by_name", "metrics", "name")
+
+    def __init__(self, name: str, metrics: tuple[MetricSpec, ...]) -> None:
+        self.name = name
+        self.metrics = metrics
+        # dict lookups themselves, not methods around them: by_name runs once per value sent
+        self.by_name: Callable[[str], MetricSpec | None] = {m.name: m for m in metrics}.get
+        self.by_alias: Callable[[int], MetricSpec | None] = {m.alias: m for m in metrics}.get
+
+
+class NodeMetrics:
+    """Every metric of the edge node, aliased in config order (see the module docstring)."""
+
+    __slots__ = ("devices",)
+
+    def __init__(self, devices: Iterable[Device]) -> None:
+        alias = FIRST_POINT_ALIAS
+        found: dict[str, DeviceMetrics] = {}
+        for device in devices:
+            specs = []
+            for point in device.points:
+                kind = datatype(point)
+                specs.append(MetricSpec(point, alias, kind, WIRE[kind]))
+                alias += 1
+            found[device.name] = DeviceMetrics(device.name, tuple(specs))
+        self.devices: Mapping[str, DeviceMetrics] = found
+
+    def device(self, name: str) -> DeviceMetrics | None:
+        return self.devices.get(name)
+
+    @property
+    def table(self) -> tuple[tuple[str, str, int, int], ...]:
+        """(device, metric, alias, datatype) of every metric: when it changes, rebirth all."""
+        return tuple(
+            (d.name, m.name, m.alias, m.datatype) for d in self.devices.values() for m in d.metrics
+        )
+
+
+# --- payloads ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A point's value for a birth: what it read (None: nothing yet), when, and how good."""
+
+    value: Value | None
+    ts: int
+    quality: Quality = Quality.GOOD
+
+
+def nbirth(*, bd_seq: int, seq: int, ts: int) -> bytes:
+    """The edge node's birth: bdSeq (Int64, as its CONNECT's will carried it) and
+    `Node Control/Rebirth` (Boolean false), stamped `ts`, with `seq` (0 after a connect)."""
+    payload = pb.Payload(timestamp=ts, seq=_seq(seq))
+    payload.metrics.add(
+        name=BD_SEQ, alias=BD_SEQ_ALIAS, timestamp=ts, datatype=pb.Int64, long_value=_seq(bd_seq)
+    )
+    payload.metrics.add(
+        name=REBIRTH, alias=REBIRTH_ALIAS, timestamp=ts, datatype=pb.Boolean, boolean_value=False
+    )
+    return payload.SerializeToString()
+
+
+def ndeath(*, bd_seq: int, ts: int) -> bytes:
+    """The edge node's death (its will): the bdSeq metric alone, by name, and no seq."""
+    payload = pb.Payload(timestamp=ts)
+    payload.metrics.add(name=BD_SEQ, timestamp=ts, datatype=pb.Int64, long_value=_seq(bd_seq))
+    return payload.SerializeToString()
+
+
+def dbirth(device: DeviceMetrics, last: Mapping[str, Sample], *, seq: int, ts: int) -> bytes:
+    """A device's birth: every metric with name, alias, datatype, its last value (null when
+    `last` has none: Quality bad) and the properties engUnit and Quality."""
+    payload = pb.Payload(timestamp=ts, seq=_seq(seq))
+    for spec in device.metrics:
+        sample = last.get(spec.name)
+        metric = payload.metrics.add(name=spec.name, alias=spec.alias, datatype=spec.datatype)
+        if sample is None or sample.value is None:
+            metric.timestamp = sample.ts if sample is not None else ts
+            quality = sample.quality if sample is not None else Quality.BAD
+            metric.is_null = True
+        else:
+            metric.timestamp = sample.ts
+            quality = sample.quality if _put(metric, spec, sample.value) else Quality.BAD
+        props = metric.properties
+        if spec.point.unit is not None:
+            props.keys.append("engUnit")
+            props.values.add(type=pb.String, string_value=spec.point.unit)
+        _quality(metric, quality)
+    return payload.SerializeToString()
+
+
+def ddata(
+    device: DeviceMetrics,
+    values: Mapping[str, Value],
+    *,
+    acquired: int,
+    seq: int,
+    ts: int,
+    historical: bool = False,
+    quality: Quality = Quality.GOOD,
+) -> bytes:
+    """A device's data: per value its alias, the value and `acquired` (no name, no datatype).
+
+    `historical` marks replayed readings (is_historical); a `quality` other than good goes
+    with every metric as its Quality property. Names the birth did not define are left out:
+    a host could not resolve them.
+    """
+    payload = pb.Payload(timestamp=ts, seq=_seq(seq))
+    add, by_name, flagged = payload.metrics.add, device.by_name, quality != Quality.GOOD
+    for name, value in values.items():
+        spec = by_name(name)
+        if spec is None:
+            continue
+        metric = add()  # attribute by attribute: twice as fast as add(**fields) in upb
+        metric.alias = spec.alias
+        metric.timestamp = acquired
+        if historical:
+            metric.is_historical = True
+        if not _put(metric, spec, value):
+            _quality(metric, Quality.BAD)
+        elif flagged:
+            _quality(metric, quality)
+    return payload.SerializeToString()
+
+
+def ddeath(*, seq: int, ts: int) -> bytes:
+    """A device's death: a timestamp and the next seq, no metrics."""
+    return pb.Payload(timestamp=ts, seq=_seq(seq)).SerializeToString()
+
+
+def _quality(metric: pb.Payload.Metric, quality: Quality) -> None:
+    metric.properties.keys.append("Quality")
+    metric.properties.values.add(type=pb.Int32, int_value=int(quality))
+
+
+def _put(metric: pb.Payload.Metric, spec: MetricSpec, value: Value) -> bool:
+    """Set `value` in the field `spec`'s datatype uses; is_null (and False) if it cannot be."""
+    wire = spec.wire
+    encoded = wire.encode(value)
+    if encoded is not None:
+        try:
+            setattr(metric, wire.field, encoded)
+            return True
+        except (ValueError, TypeError):  # a float beyond float32, a string that is no UTF-8
+            pass
+    metric.is_null = True
+    return False
+
+
+def _seq(number: int) -> int:
+    if not 0 <= number < SEQ_LIMIT:
+        raise ValueError(f"sequence number {number} is outside 0..255")
+    return number
