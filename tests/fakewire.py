@@ -34,6 +34,7 @@ import pytest
 import bridge.mqtt.connection
 from bridge.config import MqttSettings
 from bridge.core.messages import Message
+from bridge.mqtt.session import Version
 from bridge.mqtt.wireevents import Incoming, WireError
 from bridge.mqtt.wirelink import WireLink
 
@@ -126,6 +127,7 @@ class FakeBroker:
         self.retained: dict[str, bytes] = {}  # what a new subscriber would be given
         self.connects = 0  # attempts, refused ones included
         self.wills: list[str] = []
+        self.versions: list[Version | None] = []  # the MQTT version each connect asked for
         self.settings: MqttSettings | None = None
         self.refusals: deque[BaseException] = deque()  # the next connects fail with these
         self.refusing: BaseException | None = None  # then every connect fails with this
@@ -139,10 +141,11 @@ class FakeBroker:
         return self
 
     @asynccontextmanager
-    async def open_session(self, settings: MqttSettings, will_topic: str
-                           ) -> AsyncIterator[FakeSession]:
+    async def open_session(self, settings: MqttSettings, will_topic: str, *,
+                           version: Version | None = None) -> AsyncIterator[FakeSession]:
         self.connects += 1
         self.settings = settings
+        self.versions.append(version)
         self.wills.append(will_topic)
         self.events.append("connect")
         await asyncio.sleep(0)  # a connect is never instant
@@ -238,7 +241,7 @@ class ByteBroker(asyncio.Transport):
     `send(packet)` delivers a packet from the broker; `drop()` breaks the connection.
     """
 
-    def __init__(self, protocol: WireLink, *, connack: mqtt5.ConnAckPacket,
+    def __init__(self, protocol: WireLink, *, connack: mqtt5.ConnAckPacket | bytes,
                  puback_codes: dict[str, mqtt5.PubAckReasonCode],
                  suback_codes: dict[str, mqtt5.SubAckReasonCode]) -> None:
         super().__init__()
@@ -257,7 +260,7 @@ class ByteBroker(asyncio.Transport):
         cls,
         monkeypatch: pytest.MonkeyPatch,
         *,
-        connack: mqtt5.ConnAckPacket | None = None,
+        connack: mqtt5.ConnAckPacket | bytes | None = None,
         puback_codes: dict[str, mqtt5.PubAckReasonCode] | None = None,
         suback_codes: dict[str, mqtt5.SubAckReasonCode] | None = None,
         refuse: OSError | None = None,
@@ -341,8 +344,8 @@ class ByteBroker(asyncio.Transport):
         self.held.clear()
 
     def send(self, packet: Any) -> None:
-        """A packet from the broker, delivered on the next loop iteration."""
-        data = bytes(packet.write())
+        """A packet from the broker (or its bytes), delivered on the next loop iteration."""
+        data = packet if isinstance(packet, bytes) else bytes(packet.write())
         asyncio.get_running_loop().call_soon(self._deliver, data)
 
     def _deliver(self, data: bytes) -> None:

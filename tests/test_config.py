@@ -468,7 +468,8 @@ class TestDefaults:
         """client_id and topic_prefix derive from gateway.id; port is 1883 without TLS."""
         config = load(tmp_path, "version: 1\ngateway: {id: gw-7}\n")
         assert (config.mqtt.client_id, config.mqtt.topic_prefix) == ("m2m-bridge-gw-7", "m2m/gw-7")
-        assert (config.mqtt.host, config.mqtt.port, config.mqtt.protocol) == ("localhost", 1883, 5)
+        assert (config.mqtt.host, config.mqtt.port) == ("localhost", 1883)
+        assert config.mqtt.protocol == "auto"  # MQTT 5, else 3.1.1
         assert config.mqtt.buffer.max_bytes == 256 * 2**20
         assert config.mqtt.buffer.max_age == 7 * 86400
 

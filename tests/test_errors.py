@@ -6,8 +6,8 @@ import pytest
 
 from bridge.errors import BridgeError, BrokerError, CodecError, DeviceError, TransportError
 from bridge.mqtt.wireevents import WireError
-from bridge.transports.writestep import ReadBackFailed
 from bridge.transports.modbus_errors import BadFrame, NoResponse
+from bridge.transports.writestep import ReadBackFailed
 
 
 @pytest.mark.parametrize(

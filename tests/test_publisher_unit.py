@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import structlog
@@ -23,7 +24,7 @@ from bridge.buffer import DiskBuffer
 from bridge.config import BufferSettings, MqttSettings
 from bridge.core.messages import Message
 from bridge.mqtt.publisher import Publisher
-from bridge.mqtt.wireevents import Incoming, WireError
+from bridge.mqtt.wireevents import Incoming, VersionRefused, WireError
 from tests.fakewire import FakeBroker, eventually
 
 PREFIX = "m2m/gw"
@@ -37,9 +38,14 @@ LOGIN_REFUSED = WireError(
 )
 
 
-def settings(*, replay_rate: int = 1000) -> MqttSettings:
+def settings(*, replay_rate: int = 1000, protocol: Literal["auto", 5, "3.1.1"] = "auto"
+             ) -> MqttSettings:
     return MqttSettings(host="broker.test", client_id="unit", topic_prefix=PREFIX,
-                        buffer=BufferSettings(replay_rate=replay_rate))
+                        buffer=BufferSettings(replay_rate=replay_rate), protocol=protocol)
+
+
+VERSION_REFUSED = VersionRefused(
+    "the broker does not speak MQTT 5 (it answered with an MQTT 3.1.1 CONNACK, return code 1)")
 
 
 def reading(n: int, *, retain: bool = False, age_ms: int = 0) -> Message:
@@ -256,7 +262,7 @@ async def test_reconnect_back_off_doubles_to_its_cap_and_resets_after_a_connect(
         waits.append(delay)
         await asyncio.sleep(0)
 
-    monkeypatch.setattr(publisher.wake, "sleep", waited)
+    monkeypatch.setattr(publisher.wake, "back_off", waited)
     broker.refusals.extend([UNREACHABLE] * 7)
     async with running(publisher):
         await connected(publisher)
@@ -271,6 +277,67 @@ async def test_reconnect_back_off_doubles_to_its_cap_and_resets_after_a_connect(
         for step, wait in zip([2.0, 4.0, 8.0], waits[7:], strict=True):  # from the start again
             assert step / 2 <= wait <= step
     assert publisher.reconnects == 10
+
+
+async def test_status_changes_during_an_outage_do_not_cut_the_back_off_short(
+    monkeypatch: pytest.MonkeyPatch, buffer: DiskBuffer
+) -> None:
+    """Twenty devices going offline while the broker is away are not twenty connect
+    attempts: the back-off waits its time (then their statuses go out on the connect)."""
+    broker = FakeBroker(batch=BATCH).install(monkeypatch)  # the real back-off: 1-2 s first
+    broker.refusing = UNREACHABLE
+    publisher = Publisher(settings(), buffer, subscriptions=[SET], on_message=lambda _: None)
+    async with running(publisher):
+        await eventually(lambda: broker.connects == 1, what="the first attempt")
+        for n in range(20):
+            publisher.set_status(f"d{n}", False)
+            await asyncio.sleep(0)
+        assert broker.connects == 1
+        broker.refusing = None
+        await eventually(publisher.connected.is_set, what="the connect after the back-off")
+        assert broker.connects == 2
+        def statuses() -> int:
+            return len([p for p in broker.on(2) if p.topic.endswith("/status")])
+
+        await eventually(lambda: statuses() == 21, what="gateway and 20 device statuses")
+
+
+async def test_auto_falls_back_to_3_1_1_at_once_and_says_so_once(
+    broker: FakeBroker, buffer: DiskBuffer
+) -> None:
+    """`protocol: auto` against a broker that speaks 3.1.1 only (NATS, RabbitMQ 3.x)."""
+    publisher = Publisher(settings(), buffer, subscriptions=[SET], on_message=lambda _: None)
+    broker.refusals.append(VERSION_REFUSED)
+    with structlog.testing.capture_logs() as logs:
+        async with running(publisher):
+            await connected(publisher)
+            broker.drop()
+            await eventually(lambda: broker.connects == 3 and publisher.connected.is_set())
+    assert broker.versions == [5, "3.1.1", "3.1.1"]  # remembered across reconnects
+    assert publisher.reconnects == 1  # the fallback itself is no reconnect with back-off
+    fell_back = [e for e in logs if "does not speak MQTT 5" in e["event"]]
+    assert [(e["log_level"], e["event"]) for e in fell_back] == [
+        ("info", "broker does not speak MQTT 5: using MQTT 3.1.1 (mqtt.protocol: auto)")]
+    assert [e["protocol"] for e in logs if e["event"] == "broker connected"] == ["3.1.1"] * 2
+
+
+async def test_a_pinned_5_refused_is_one_error_naming_the_setting_and_retries(
+    monkeypatch: pytest.MonkeyPatch, broker: FakeBroker, buffer: DiskBuffer
+) -> None:
+    publisher = Publisher(settings(protocol=5), buffer, subscriptions=[SET],
+                          on_message=lambda _: None)
+    broker.refusals.extend([VERSION_REFUSED] * 4)
+    buffer.put([reading(1)])
+    with structlog.testing.capture_logs() as logs:
+        async with running(publisher):
+            await connected(publisher)  # the broker was upgraded meanwhile
+            await eventually(lambda: summary(broker, 5)[-1:] == [(TOPIC, b"1")])
+    assert broker.versions == [5] * 5
+    said = [(e["log_level"], e["event"], e["error"]) for e in logs if "MQTT 5" in e["event"]]
+    assert said == [("error", "broker does not speak MQTT 5",
+                     f"{VERSION_REFUSED}; mqtt.protocol is 5: set it to auto (or 3.1.1) "
+                     "for this broker")]
+    assert publisher.reconnects == 4
 
 
 async def test_broker_trouble_is_logged_once_per_change_of_cause(

@@ -60,7 +60,7 @@ def service(tmp_path: Path) -> Iterator[Service]:
 
 
 def _statuses(service: Service) -> dict[str, bool]:
-    return dict(service.publisher._statuses)
+    return dict(service.publisher.statuses.current)
 
 
 def _device(doc: dict[str, Any], name: str) -> dict[str, Any]:

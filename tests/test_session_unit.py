@@ -28,10 +28,11 @@ from bridge.mqtt.session import (
     AIOMQTT_BATCH,
     WIRE_BATCH,
     Session,
+    Version,
     describe_connect_failure,
     open_session,
 )
-from bridge.mqtt.wireevents import Incoming, WireError
+from bridge.mqtt.wireevents import Incoming, VersionRefused, WireError
 from tests.fakewire import ByteBroker, eventually
 
 WILL = "m2m/gw/status"
@@ -97,6 +98,20 @@ async def test_a_refused_login_is_one_line_naming_the_settings_to_check(
         "broker refused the connection: not authorized (135)"
         " (check mqtt.username and the password it is given)",
     )
+
+
+async def test_a_broker_without_mqtt_5_is_version_refused_and_a_pin_names_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NATS answers an MQTT 5 CONNECT with a 3.1.1 CONNACK, return code 1."""
+    made = ByteBroker.install(monkeypatch, connack=b"\x20\x02\x00\x01")
+    with pytest.raises(VersionRefused) as caught:
+        async with open_session(settings(protocol=5), WILL):
+            pytest.fail("connected although refused")
+    assert made[0].closing
+    event, reason = describe_connect_failure(caught.value)
+    assert event == "broker does not speak MQTT 5"
+    assert reason.endswith("mqtt.protocol is 5: set it to auto (or 3.1.1) for this broker")
 
 
 async def test_nothing_listening_is_one_line_naming_the_broker(
@@ -289,7 +304,9 @@ class AioClients:
         self.made: list[FakeAiomqtt] = []
         self.refusals: list[BaseException] = []
 
-    def __call__(self, _settings: MqttSettings, *, will: aiomqtt.Will | None = None) -> Any:
+    def __call__(self, _settings: MqttSettings, *, will: aiomqtt.Will | None = None,
+                 version: Version | None = None) -> Any:
+        assert version == "3.1.1"  # the session's aiomqtt path is the 3.1.1 one
         client = FakeAiomqtt(will)
         if self.refusals:
             client.refusal = self.refusals.pop(0)

@@ -141,7 +141,8 @@ class MqttSettings(_Model):
     username: str | None = None
     password: SecretStr | None = None
     tls: Tls | None = None
-    protocol: Literal[5, "3.1.1"] = 5
+    # auto: MQTT 5, or 3.1.1 once a broker refuses 5 (CONNACK return code 1: NATS, RabbitMQ 3.x)
+    protocol: Literal["auto", 5, "3.1.1"] = "auto"
     keepalive: Duration = 30.0
     topic_prefix: str = Field(default="", description="default: m2m/<gateway.id>")
     qos: Literal[0, 1] = 1

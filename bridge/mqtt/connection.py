@@ -24,8 +24,15 @@ from bridge.config import MqttSettings
 from bridge.core.backoff import backoff
 from bridge.errors import BrokerError
 from bridge.mqtt.delivery import Counters, Wake
-from bridge.mqtt.session import Session, describe_connect_failure, open_session
+from bridge.mqtt.session import (
+    Session,
+    Version,
+    describe_connect_failure,
+    first_version,
+    open_session,
+)
 from bridge.mqtt.wire import Incoming
+from bridge.mqtt.wireevents import VersionRefused
 
 log = structlog.get_logger("bridge.mqtt.connection")
 
@@ -43,6 +50,7 @@ class Reconnector:
         self.will_topic = will_topic  # a retained `offline` is the session's last will
         self.wake = wake  # cuts a back-off short; `stopping` ends the loop
         self.counters = counters
+        self.version: Version = first_version(settings)
 
     async def run(
         self, serve: Callable[[Session], Awaitable[None]], *, on_down: Callable[[], None]
@@ -55,17 +63,26 @@ class Reconnector:
         settings = self.settings
         while True:
             try:
-                async with open_session(settings, self.will_topic) as session:
+                async with open_session(
+                    settings, self.will_topic, version=self.version
+                ) as session:
                     attempt = 0
                     log.info("broker connected", host=settings.host, port=settings.port,
-                             protocol=str(settings.protocol))
+                             protocol=str(self.version))
                     await serve(session)
                     return
+            except VersionRefused as exc:
+                if self._fall_back():
+                    continue  # at once: the broker is there, it just speaks 3.1.1
+                self._failed(exc, on_down)
+                event, reason = describe_connect_failure(exc)
+                if not was_down or event != last_event:
+                    log.error(event, host=settings.host, error=reason)  # a config fix, not a wait
+                was_down, last_event = True, event
+                if self.wake.stopping:
+                    return
             except Exception as exc:
-                if not isinstance(exc, BrokerError | OSError):
-                    # A bug must cost a reconnect, never the daemon: readings stay buffered.
-                    log.exception("publisher failed unexpectedly")
-                on_down()
+                self._failed(exc, on_down)
                 event, reason = describe_connect_failure(exc)
                 # One line per change of state or cause, not one per attempt.
                 if not was_down or attempt == 0 or event != last_event:
@@ -77,7 +94,24 @@ class Reconnector:
             attempt += 1
             self.counters.reconnects += 1
             delay = backoff(attempt, first=2 * RECONNECT_BASE, cap=RECONNECT_CAP)
-            await self.wake.sleep(delay)
+            await self.wake.back_off(delay)
+
+    @staticmethod
+    def _failed(exc: Exception, on_down: Callable[[], None]) -> None:
+        if not isinstance(exc, BrokerError | OSError):
+            # A bug must cost a reconnect, never the daemon: readings stay buffered.
+            log.exception("publisher failed unexpectedly")
+        on_down()
+
+    def _fall_back(self) -> bool:
+        """`protocol: auto` and MQTT 5 refused: use 3.1.1 from now on (until a restart or a
+        reload of the mqtt settings), said once. False when the setting pins 5."""
+        if self.settings.protocol != "auto" or self.version != 5:
+            return False
+        self.version = "3.1.1"
+        log.info("broker does not speak MQTT 5: using MQTT 3.1.1 (mqtt.protocol: auto)",
+                 host=self.settings.host)
+        return True
 
 
 class Dispatch:

@@ -33,6 +33,7 @@ class Wake:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._stopped = asyncio.Event()
         self.stopping = False
 
     def set(self) -> None:
@@ -41,7 +42,15 @@ class Wake:
 
     def stop(self) -> None:
         self.stopping = True
+        self._stopped.set()
         self._event.set()
+
+    async def back_off(self, delay: float) -> None:
+        """Wait `delay` seconds or until `stop()`: unlike `sleep`, new work or a status change
+        does not cut it short (a burst of them would be a burst of connect attempts)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._stopped.wait()
 
     async def sleep(self, delay: float) -> None:
         """Wait `delay` seconds, or until `set()` or `stop()`; not at all once stopping."""

@@ -19,7 +19,7 @@ changes until `stop()`; then the gateway's `offline` and a clean disconnect.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from bridge.buffer import DiskBuffer
 from bridge.config import MqttSettings
@@ -96,11 +96,6 @@ class Publisher:
     def set_status(self, device: str, online: bool) -> None:
         """Record a device's status; it goes out now if connected, else on the next connect."""
         self.statuses.set(device, online)
-
-    @property
-    def _statuses(self) -> Mapping[str, bool]:
-        # Read by tests/test_reload_unit.py from before the split; `statuses.current` is public.
-        return self.statuses.current
 
     def adopt_statuses(self, other: Publisher) -> None:
         """Take over `other`'s device statuses (on reload): they are published on connect."""

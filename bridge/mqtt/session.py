@@ -1,10 +1,12 @@
 """Broker sessions: one interface over the two MQTT clients the publisher may use.
 
-MQTT 5 (the default) runs on `bridge.mqtt.wire.WireClient` (the `mqtt5` codec under a thin asyncio
+MQTT 5 runs on `bridge.mqtt.wire.WireClient` (the `mqtt5` codec under a thin asyncio
 transport): a batch is one buffered write and one future, about 6 µs of CPU a message.
 MQTT 3.1.1, which `mqtt5` does not speak, runs on aiomqtt: an awaited future per publish,
 about 90 µs a message (DESIGN.md's performance model asks for the faster path where aiomqtt
 cannot meet the targets). Everything above this module sees `Session` and `Incoming` only.
+`mqtt.protocol: auto` (the default) starts with MQTT 5; the caller (bridge.mqtt.connection)
+moves to 3.1.1 when a broker answers with VersionRefused.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
-from typing import Protocol
+from typing import Literal, Protocol
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -24,6 +26,9 @@ from bridge.config import MqttSettings
 from bridge.core.messages import Message
 from bridge.errors import BrokerError
 from bridge.mqtt.wire import Incoming, WindowFull, WireClient, WireError
+from bridge.mqtt.wireevents import VersionRefused
+
+Version = Literal[5, "3.1.1"]
 
 # aiomqtt: messages in flight per gather. aiomqtt and paho scan their pending maps per message,
 # so the cost per message grows with this (profiled: 500 cost twice what 64 does).
@@ -49,10 +54,21 @@ class Session(Protocol):
     def incoming(self) -> AsyncIterator[Incoming]: ...
 
 
+def first_version(settings: MqttSettings) -> Version:
+    """The MQTT version to try first: 5, unless the setting pins 3.1.1."""
+    return "3.1.1" if settings.protocol == "3.1.1" else 5
+
+
 @asynccontextmanager
-async def open_session(settings: MqttSettings, will_topic: str) -> AsyncIterator[Session]:
-    """Connect with a retained `offline` will on `will_topic`; disconnect cleanly on exit."""
-    if settings.protocol == 5:
+async def open_session(
+    settings: MqttSettings, will_topic: str, *, version: Version | None = None
+) -> AsyncIterator[Session]:
+    """Connect with a retained `offline` will on `will_topic`; disconnect cleanly on exit.
+
+    `version` overrides what `settings.protocol` asks for (an `auto` that fell back). A broker
+    that does not speak MQTT 5 raises VersionRefused.
+    """
+    if (version or first_version(settings)) == 5:
         client = WireClient(
             host=settings.host,
             port=settings.port,
@@ -74,7 +90,7 @@ async def open_session(settings: MqttSettings, will_topic: str) -> AsyncIterator
         return
     will = aiomqtt.Will(will_topic, b"offline", qos=1, retain=True)
     with _mapped_errors():
-        async with make_client(settings, will=will) as aio:
+        async with make_client(settings, will=will, version="3.1.1") as aio:
             yield _AiomqttSession(aio)
 
 
@@ -163,10 +179,12 @@ def _incoming(message: aiomqtt.Message) -> Incoming:
     return Incoming(str(message.topic), bytes(payload), None, None, message.retain)
 
 
-def make_client(settings: MqttSettings, *, will: aiomqtt.Will | None = None) -> aiomqtt.Client:
-    """An aiomqtt client for `settings` (also used by the CLI and the demo)."""
+def make_client(
+    settings: MqttSettings, *, will: aiomqtt.Will | None = None, version: Version | None = None
+) -> aiomqtt.Client:
+    """An aiomqtt client for `settings` (also used by the demo); `auto` is MQTT 5 here."""
     tls = tls_context(settings) if settings.tls is not None else None
-    v5 = settings.protocol == 5
+    v5 = (version or first_version(settings)) == 5
     protocol = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
     password = settings.password.get_secret_value() if settings.password else None
     client = aiomqtt.Client(
@@ -241,6 +259,11 @@ def describe_connect_failure(exc: BaseException) -> tuple[str, str]:
         if isinstance(seen, ssl.SSLError):
             return "broker TLS handshake failed", f"{seen.reason or seen}"
         seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, VersionRefused):
+        return (
+            "broker does not speak MQTT 5",
+            f"{exc}; mqtt.protocol is 5: set it to auto (or 3.1.1) for this broker",
+        )
     if isinstance(exc, WireError):
         if exc.reason_code in _LOGIN_REFUSED:
             return (
