@@ -250,17 +250,21 @@ def test_a_value_that_does_not_fit_goes_out_null_and_bad() -> None:
 def test_nbirth() -> None:
     """tck-id-payloads-nbirth-bdseq, tck-id-topics-nbirth-bdseq-included: a bdSeq metric;
     tck-id-message-flow-edge-node-birth-publish-nbirth-payload-bdSeq: of datatype Int64;
-    tck-id-payloads-nbirth-rebirth-req, tck-id-topics-nbirth-rebirth-metric: Node
-    Control/Rebirth, Boolean false; tck-id-topics-nbirth-seq-num, tck-id-payloads-nbirth-seq:
-    the seq given (0 after a connect); tck-id-payloads-nbirth-timestamp and
-    tck-id-payloads-name-birth-data-requirement: a payload timestamp and one per metric;
-    tck-id-payloads-alias-birth-requirement: every metric with name and alias."""
+    tck-id-payloads-nbirth-rebirth-req, tck-id-topics-nbirth-rebirth-metric,
+    tck-id-operational-behavior-data-commands-rebirth-name,
+    tck-id-operational-behavior-data-commands-rebirth-datatype,
+    tck-id-operational-behavior-data-commands-rebirth-value and
+    tck-id-operational-behavior-data-commands-rebirth-name-aliases: Node Control/Rebirth,
+    Boolean, false, without an alias (bdSeq has none either, as in Eclipse Tahu);
+    tck-id-topics-nbirth-seq-num, tck-id-payloads-nbirth-seq: the seq given (0 after a
+    connect); tck-id-payloads-nbirth-timestamp and tck-id-payloads-name-birth-data-requirement:
+    a payload timestamp and one per metric."""
     raw = sp.nbirth(bd_seq=17, seq=0, ts=1764000000123)
     birth = ps.NBirth.decode(raw)
     assert (birth.seq, birth.timestamp) == (0, 1764000000123)
     assert [(m.name, m.alias, m.datatype, m.value, m.timestamp) for m in birth.metrics] == [
-        ("bdSeq", sp.BD_SEQ_ALIAS, ps.DataType.INT64, 17, 1764000000123),
-        ("Node Control/Rebirth", sp.REBIRTH_ALIAS, ps.DataType.BOOLEAN, False, 1764000000123),
+        ("bdSeq", None, ps.DataType.INT64, 17, 1764000000123),
+        ("Node Control/Rebirth", None, ps.DataType.BOOLEAN, False, 1764000000123),
     ]
     assert _ours(raw).HasField("seq")
 
@@ -294,9 +298,9 @@ def test_dbirth_carries_every_metric_with_its_properties() -> None:
     name, datatype and current value (tck-id-payloads-metric-datatype-req); a point not read
     yet is null (is_null) with Quality bad; tck-id-payloads-alias-birth-requirement: names and
     aliases; tck-id-payloads-dbirth-seq, tck-id-payloads-dbirth-timestamp: seq and timestamp;
-    tck-id-payloads-propertyset-quality-value-type, -quality-value-value: Quality is an Int32
-    (type 3) int_value of 192, 500 or 0; tck-id-payloads-metric-propertyvalue-type-req: every
-    property value has its type."""
+    tck-id-payloads-propertyset-quality-value-type, tck-id-payloads-propertyset-quality-value-value:
+    Quality is an Int32 (type 3) int_value of 192, 500 or 0;
+    tck-id-payloads-metric-propertyvalue-type-req: every property value has its type."""
     device = sp.NodeMetrics([_meter()]).device("meter-1")
     assert device is not None
     last = {
@@ -309,10 +313,10 @@ def test_dbirth_carries_every_metric_with_its_properties() -> None:
     assert (birth.seq, birth.timestamp) == (5, 2000)
     seen = [(m.name, m.alias, m.datatype, m.value, m.is_null, m.timestamp) for m in birth.metrics]
     assert seen == [
-        ("voltage", 2, ps.DataType.FLOAT, 230.5, False, 1000),
-        ("state", 3, ps.DataType.STRING, "running", False, 1001),
-        ("energy", 4, ps.DataType.DOUBLE, 1234.56, False, 1002),
-        ("serial", 5, ps.DataType.STRING, None, True, 2000),
+        ("voltage", 1, ps.DataType.FLOAT, 230.5, False, 1000),
+        ("state", 2, ps.DataType.STRING, "running", False, 1001),
+        ("energy", 3, ps.DataType.DOUBLE, 1234.56, False, 1002),
+        ("serial", 4, ps.DataType.STRING, None, True, 2000),
     ]
     decoded = tahu.Payload.FromString(raw)  # properties, through the specification's schema
     assert [_props(m) for m in decoded.metrics] == [
@@ -324,29 +328,28 @@ def test_dbirth_carries_every_metric_with_its_properties() -> None:
 
 
 def test_aliases_are_unique_across_the_edge_node_and_stable() -> None:
-    """tck-id-payloads-alias-uniqueness: unique across the edge node's entire set of metrics
-    (bdSeq and Node Control/Rebirth included), so unique per device too; numbered in config
-    order, so the same config gives the same aliases after a restart."""
+    """tck-id-payloads-alias-uniqueness: unique across the edge node's entire set of metrics,
+    so unique per device too; numbered from 1 in config order, so the same config gives the
+    same aliases after a restart."""
     devices = [_meter(), _device("meter-2", voltage={"type": "float32"}, current={})]
     node = sp.NodeMetrics(devices)
     aliases = [alias for (_, _, alias, _) in node.table]
-    aliases += [sp.BD_SEQ_ALIAS, sp.REBIRTH_ALIAS]
-    assert sorted(aliases) == list(range(len(aliases)))
+    assert aliases == list(range(1, 7))
     assert node.table == sp.NodeMetrics([d.model_copy(deep=True) for d in devices]).table
     second = node.device("meter-2")
     assert second is not None
     spec = second.by_name("voltage")
     assert spec is not None
     assert second.by_alias(spec.alias) is spec
-    assert spec.alias == 6
+    assert spec.alias == 5
 
 
 def test_ddata_carries_aliases_values_and_timestamps() -> None:
     """tck-id-payloads-alias-data-cmd-requirement: aliases only, no names;
-    tck-id-payloads-metric-datatype-not-req: no datatypes; tck-id-payloads-name-birth-data-
-    requirement: a timestamp per metric (the acquisition time); tck-id-payloads-ddata-seq,
-    tck-id-payloads-ddata-timestamp: seq and the publish time. pysparkplug resolves the
-    aliases and datatypes from the DBIRTH."""
+    tck-id-payloads-metric-datatype-not-req: no datatypes;
+    tck-id-payloads-name-birth-data-requirement: a timestamp per metric (the acquisition time);
+    tck-id-payloads-ddata-seq, tck-id-payloads-ddata-timestamp: seq and the publish time.
+    pysparkplug resolves the aliases and datatypes from the DBIRTH."""
     device = sp.NodeMetrics([_meter()]).device("meter-1")
     assert device is not None
     birth = ps.DBirth.decode(sp.dbirth(device, {}, seq=1, ts=1))
@@ -360,8 +363,8 @@ def test_ddata_carries_aliases_values_and_timestamps() -> None:
     data = ps.DData.decode(raw, birth=birth)
     assert (data.seq, data.timestamp) == (2, 1600)
     assert [(m.name, m.alias, m.datatype, m.value, m.timestamp) for m in data.metrics] == [
-        ("voltage", 2, ps.DataType.FLOAT, 231.0, 1500),
-        ("state", 3, ps.DataType.STRING, "stopped", 1500),
+        ("voltage", 1, ps.DataType.FLOAT, 231.0, 1500),
+        ("state", 2, ps.DataType.STRING, "stopped", 1500),
     ]  # "gone" is no metric of the birth: left out
 
 
@@ -386,9 +389,11 @@ def test_ddeath() -> None:
 
 
 def test_seq_wraps_at_255_and_nothing_outside_0_255_is_sent() -> None:
-    """tck-id-payloads-sequence-num-incrementing (and -dbirth-seq-inc, -ddata-seq-inc,
-    -ddeath-seq-inc): one more per message, 255 is followed by 0; bdSeq wraps the same way
-    (tck-id-message-flow-edge-node-birth-publish-will-message-payload-bdSeq)."""
+    """The arithmetic the session applies per message (tck-id-payloads-sequence-num-incrementing,
+    tck-id-payloads-dbirth-seq-inc, tck-id-payloads-ddata-seq-inc, tck-id-payloads-ddeath-seq-inc):
+    one more, 255 is followed by 0; bdSeq wraps the same way
+    (tck-id-message-flow-edge-node-birth-publish-will-message-payload-bdSeq); a seq outside
+    0..255 is never encoded (tck-id-payloads-sequence-num-req-nbirth)."""
     assert [sp.next_seq(s) for s in (0, 1, 254, 255)] == [1, 2, 255, 0]
     with pytest.raises(ValueError, match=r"outside 0\.\.255"):
         sp.ddeath(seq=256, ts=1)
@@ -402,8 +407,8 @@ def test_seq_wraps_at_255_and_nothing_outside_0_255_is_sent() -> None:
 def test_topics() -> None:
     """tck-id-topic-structure, tck-id-topic-structure-namespace-a: spBv1.0/group/type/edge[/dev];
     tck-id-topic-structure-namespace-device-id-associated-message-types and
-    -non-associated-message-types: a device id with D* messages only. pysparkplug reads them
-    back."""
+    tck-id-topic-structure-namespace-device-id-non-associated-message-types: a device id with
+    D* messages only. pysparkplug reads them back."""
     assert sp.topic("plant-1", "NBIRTH", "gw-01") == "spBv1.0/plant-1/NBIRTH/gw-01"
     assert sp.topic("plant-1", "DDATA", "gw-01", "meter-1") == "spBv1.0/plant-1/DDATA/gw-01/meter-1"
     assert sp.state_topic("scada") == "spBv1.0/STATE/scada"
@@ -425,7 +430,9 @@ def test_topics() -> None:
 
 @pytest.mark.parametrize("bad", ["", "a/b", "a+", "#"])
 def test_ids_with_reserved_characters_are_refused(bad: str) -> None:
-    """tck-id-topic-structure-namespace-valid-group-id, -valid-edge-node-id, -valid-device-id."""
+    """tck-id-topic-structure-namespace-valid-group-id,
+    tck-id-topic-structure-namespace-valid-edge-node-id,
+    tck-id-topic-structure-namespace-valid-device-id."""
     calls: list[Callable[[], str]] = [
         lambda: sp.topic(bad, "NBIRTH", "gw"),
         lambda: sp.topic("g", "NBIRTH", bad),
@@ -450,23 +457,28 @@ def _rebirth(value: Any, dtype: ps.DataType = ps.DataType.BOOLEAN, **kw: Any) ->
 
 
 def test_ncmd_rebirth() -> None:
-    """By name (as hosts send it) or by the alias the NBIRTH gave; false asks nothing."""
+    """tck-id-operational-behavior-data-commands-ncmd-rebirth-name and
+    tck-id-operational-behavior-data-commands-ncmd-rebirth-value: a rebirth request names
+    Node Control/Rebirth and carries true (false asks nothing)."""
     assert parse_ncmd(_ncmd(_rebirth(True))) == NodeCommand(rebirth=True)
-    assert parse_ncmd(_ncmd(_rebirth(True, name=None, alias=sp.REBIRTH_ALIAS))).rebirth
     assert parse_ncmd(_ncmd(_rebirth(False))) == NodeCommand(rebirth=False)
 
 
 def test_ncmd_refusals() -> None:
+    """tck-id-operational-behavior-data-commands-ncmd-metric-value: a value of the metric's
+    datatype, else refused; names the NBIRTH did not carry are refused, not fatal
+    (tck-id-operational-behavior-data-commands-ncmd-metric-name: "resilient")."""
+    unknown = f"unknown node metric: this edge node takes {sp.REBIRTH!r} only"
     command = parse_ncmd(_ncmd(
         _rebirth(1, ps.DataType.INT32),
         _rebirth(True, name="Node Control/Reboot"),
-        _rebirth(True, alias=7),
+        _rebirth(True, name=None, alias=1),
     ))  # fmt: skip
     assert not command.rebirth
     assert [(r.metric, r.reason) for r in command.refused] == [
         (sp.REBIRTH, "datatype Int32, but the metric is Boolean"),
-        ("Node Control/Reboot", f"unknown node metric: this edge node takes {sp.REBIRTH!r} only"),
-        (sp.REBIRTH, "name and alias 7 name different metrics"),
+        ("Node Control/Reboot", unknown),
+        ("alias 1", unknown),
     ]
     for garbage, reason in ((b"\xff\xff", "not a Sparkplug B payload"), (b"", "no metrics")):
         with pytest.raises(CommandRefused, match=reason):
@@ -549,7 +561,7 @@ def _point(device: sp.DeviceMetrics, name: str) -> Point:
     [
         ({"name": "nope", "boolean_value": True}, "unknown metric: meter-1 has no point 'nope'"),
         ({"alias": 99, "boolean_value": True}, "unknown alias 99: no metric of meter-1"),
-        ({"name": "mode", "alias": 2, "string_value": "auto"}, "alias 2 is 'setpoint', not 'mode'"),
+        ({"name": "mode", "alias": 2, "string_value": "auto"}, "alias 2 is 'speed', not 'mode'"),
         ({"int_value": 1}, "metric has neither a name nor an alias"),
         ({"name": "speed", "datatype": pb.Int32, "int_value": 1},
          "datatype Int32, but the metric is Int16"),
@@ -568,8 +580,10 @@ def _point(device: sp.DeviceMetrics, name: str) -> Point:
     ],
 )
 def test_dcmd_refusals(fields: dict[str, Any], reason: str) -> None:
-    """Unknown metric, wrong datatype or field, out of range, null, not finite, or refused by
-    the /set checks: one line each, nothing written."""
+    """Unknown metric (tck-id-operational-behavior-data-commands-dcmd-metric-name: resilient),
+    wrong datatype or field, out of range, null, not finite
+    (tck-id-operational-behavior-data-commands-dcmd-metric-value: a compatible value), or
+    refused by the /set checks: one line each, nothing written."""
     [refusal] = parse_dcmd(_plant(), _raw_dcmd(**fields))
     assert isinstance(refusal, Refusal)
     assert reason in refusal.reason

@@ -9,9 +9,11 @@ Metrics (DESIGN.md "Northbound standards"): every point of a device is a metric 
 the point, with the datatype its engineering value has (`datatype`), an alias, and in births
 the properties `engUnit` (String, when the point has a unit) and `Quality` (Int32: 192 good,
 500 stale, 0 bad). Aliases are unique across the whole edge node, as the specification asks
-of them, and numbered in config order (bdSeq 0, Node Control/Rebirth 1, then every device's
-points in turn), so a restart with the same config keeps them; a config that changes any
-device or point changes `NodeMetrics.table`, and the session must then republish every birth.
+of them, and numbered from 1 in config order (every device's points in turn), so a restart
+with the same config keeps them; a config that changes any device or point changes
+`NodeMetrics.table`, and the session must then republish every birth. The node's own metrics,
+bdSeq and Node Control/Rebirth, go by name only: a host must be able to ask for a rebirth
+knowing no alias (tck-id-operational-behavior-data-commands-rebirth-name-aliases).
 
 Integers travel in the unsigned fields the datatype names; signed ones as two's complement
 of their own width (Int16 -1 is int_value 65535), as Eclipse Tahu's Python library and
@@ -36,9 +38,7 @@ from bridge.core.codec import BIT_TABLES, Value
 NAMESPACE = "spBv1.0"
 BD_SEQ = "bdSeq"
 REBIRTH = "Node Control/Rebirth"
-BD_SEQ_ALIAS = 0
-REBIRTH_ALIAS = 1
-FIRST_POINT_ALIAS = 2
+FIRST_ALIAS = 1  # not 0, which a host reading the protobuf without presence takes for unset
 SEQ_LIMIT = 256  # seq and bdSeq run 0..255, then wrap to 0
 
 NodeMessage: TypeAlias = Literal["NBIRTH", "NDEATH", "NDATA", "NCMD"]
@@ -248,7 +248,7 @@ class NodeMetrics:
     __slots__ = ("devices",)
 
     def __init__(self, devices: Iterable[Device]) -> None:
-        alias = FIRST_POINT_ALIAS
+        alias = FIRST_ALIAS
         found: dict[str, DeviceMetrics] = {}
         for device in devices:
             specs = []
@@ -286,12 +286,8 @@ def nbirth(*, bd_seq: int, seq: int, ts: int) -> bytes:
     """The edge node's birth: bdSeq (Int64, as its CONNECT's will carried it) and
     `Node Control/Rebirth` (Boolean false), stamped `ts`, with `seq` (0 after a connect)."""
     payload = pb.Payload(timestamp=ts, seq=_seq(seq))
-    payload.metrics.add(
-        name=BD_SEQ, alias=BD_SEQ_ALIAS, timestamp=ts, datatype=pb.Int64, long_value=_seq(bd_seq)
-    )
-    payload.metrics.add(
-        name=REBIRTH, alias=REBIRTH_ALIAS, timestamp=ts, datatype=pb.Boolean, boolean_value=False
-    )
+    payload.metrics.add(name=BD_SEQ, timestamp=ts, datatype=pb.Int64, long_value=_seq(bd_seq))
+    payload.metrics.add(name=REBIRTH, timestamp=ts, datatype=pb.Boolean, boolean_value=False)
     return payload.SerializeToString()
 
 

@@ -1,6 +1,7 @@
 """Sparkplug commands: NCMD and DCMD payloads -> what to do, or why not. Pure.
 
-NCMD: `Node Control/Rebirth` true (named, or by its alias) asks for every birth again.
+NCMD: `Node Control/Rebirth` true asks for every birth again (by name: the NBIRTH gives it
+no alias, so that any host can ask).
 DCMD: each metric names a point of the device, by alias or by name, and carries a value in the
 field its datatype uses. The value becomes the point's engineering value (a number, a bool,
 an enum state's name, a string) and is then checked exactly as a `/set` command's is
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from bridge.config import Point
 from bridge.core import sparkplug_pb2 as pb
 from bridge.core.codec import Value, shortest_float32
-from bridge.core.sparkplug import REBIRTH, REBIRTH_ALIAS, DeviceMetrics, MetricSpec
+from bridge.core.sparkplug import REBIRTH, DeviceMetrics, MetricSpec
 from bridge.core.writes import CommandRefused, check_value, clip
 
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -93,12 +94,8 @@ def _metrics(payload: bytes) -> Sequence[pb.Payload.Metric]:
 
 
 def _node_metric(metric: pb.Payload.Metric) -> None:
-    """Refuse anything but `Node Control/Rebirth`, named or by its alias."""
-    by_name = metric.HasField("name") and metric.name == REBIRTH
-    by_alias = metric.HasField("alias") and metric.alias == REBIRTH_ALIAS
-    if metric.HasField("name") and metric.HasField("alias") and by_name != by_alias:
-        raise CommandRefused(f"name and alias {metric.alias} name different metrics")
-    if not (by_name or by_alias):
+    """Refuse anything but `Node Control/Rebirth` (the node's metrics have no aliases)."""
+    if _name(metric) != REBIRTH:
         raise CommandRefused(f"unknown node metric: this edge node takes {REBIRTH!r} only")
 
 
