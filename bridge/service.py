@@ -21,7 +21,9 @@ from bridge.core.outbox import Outbox
 from bridge.core.planner import PollGroup, plan_device
 from bridge.instrument import InstrumentPoller
 from bridge.mqtt.commands import CommandHandler
+from bridge.mqtt.discovery import Announcer
 from bridge.mqtt.publisher import Publisher
+from bridge.mqtt.wireevents import Incoming
 from bridge.poller import DevicePoller
 from bridge.transports.line import LinePort
 from bridge.transports.links import build_links, line_link, plan_for
@@ -61,6 +63,11 @@ class Service:
             Path(config.gateway.state_dir) / "buffer.sqlite3",
             max_messages=bounds.max_messages, max_bytes=bounds.max_bytes, max_age=bounds.max_age,
         )
+        # Discovery documents go through whichever publisher is current (a reload may
+        # restart it); so do command replies and statuses.
+        self.announcer = Announcer(
+            config, lambda *message: self.publisher.send(*message)  # noqa: PLW0108 - late-bound
+        )
         self.publisher = self._make_publisher(config)
         self.links = build_links(config)
         self.line_ports: dict[LineLink, LinePort] = {}  # by definition: a changed link reopens
@@ -72,8 +79,18 @@ class Service:
 
     def _make_publisher(self, config: Config) -> Publisher:
         commands = self._make_commands(config)
-        return Publisher(config.mqtt, self.buffer, subscriptions=commands.topics(),
-                         on_message=commands.on_message)
+        publisher = Publisher(
+            config.mqtt, self.buffer,
+            subscriptions=[*commands.topics(), *self.announcer.subscriptions],
+            on_message=self._on_message,
+        )
+        publisher.on_connect.append(self.announcer.on_connect)  # after statuses, before data
+        return publisher
+
+    def _on_message(self, message: Incoming) -> None:
+        # Looked up per message: a reload swaps the command handler under a running publisher.
+        if not self.announcer.on_message(message):
+            self.commands.on_message(message)
 
     def _make_commands(self, config: Config) -> CommandHandler:
         # Commands reach links and the current publisher through the service (as _set_status).
@@ -92,7 +109,7 @@ class Service:
     def _swap_commands(self, new: Config) -> None:
         """Check commands against `new` from now on: a point made writable or read-only, or a
         lowered max, applies at once (the subscription, `<prefix>/+/+/set`, stays the same)."""
-        self.publisher.on_message = self._make_commands(new).on_message
+        self._make_commands(new)
 
     def _make_poller(self, config: Config, device: Device) -> DevicePoller | InstrumentPoller:
         line = line_link(config, device)
@@ -206,6 +223,7 @@ class Service:
         for key in ("gateway.state_dir", "metrics"):
             if _setting(old, key) != _setting(new, key):
                 changes.append(f"{key} changed: takes effect at the next start")
+        self.announcer.update(new)  # before a publisher restart: it subscribes for HA's status
         if new.mqtt != old.mqtt or new.gateway != old.gateway:
             self._restart_publisher(new)
             changes.append("mqtt publisher restarted")

@@ -151,11 +151,19 @@ class Dispatch:
         Returns False when no broker is connected; the reply is then lost, as its request would
         be with a clean session.
         """
+        return await self.send(topic, payload, 1, False, correlation_data=correlation_data)
+
+    async def send(
+        self, topic: str, payload: bytes, qos: int, retain: bool,
+        *, correlation_data: bytes | None = None,
+    ) -> bool:
+        """Publish on the live session, not through the buffer; False when there is none or
+        the publish failed."""
         session = self._session
         if session is None:
             return False
         try:
-            await session.publish(topic, payload, 1, False, correlation_data=correlation_data)
+            await session.publish(topic, payload, qos, retain, correlation_data=correlation_data)
         except BrokerError:
             return False
         return True

@@ -108,6 +108,11 @@ class Publisher:
         connected (see bridge.mqtt.connection.Dispatch.respond)."""
         return await self.dispatch.respond(topic, payload, correlation_data)
 
+    async def send(self, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+        """Publish now on the live session, not through the buffer (what describes now, like
+        discovery documents); False when no broker is connected."""
+        return await self.dispatch.send(topic, payload, qos, retain)
+
     async def run(self) -> None:
         """Connect, publish, reconnect on failure; return after `stop()` once drained."""
         await self.reconnector.run(self._serve, on_down=self._down)
