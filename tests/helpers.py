@@ -79,6 +79,20 @@ def free_port() -> int:
         return port
 
 
+def stop_process(
+    process: subprocess.Popen[Any], sig: signal.Signals = signal.SIGTERM, timeout: float = 5
+) -> tuple[Any, Any]:
+    """Stop `process` with `sig` (SIGKILL if it still runs `timeout` s later), reap it and close
+    its pipes; returns what was left in them (stdout, stderr), as `communicate()` does."""
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.communicate()
+
+
 def wait_for_port(
     port: int, timeout: float = WAIT, process: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -104,19 +118,20 @@ class Broker:
 
     def start(self) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        # Its log goes to a file (log_dest); stderr says only why it could not start.
         self.process = subprocess.Popen(
             [exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        wait_for_port(self.port, process=self.process)
+        try:
+            wait_for_port(self.port, process=self.process)
+        except (RuntimeError, TimeoutError) as exc:
+            _, err = stop_process(self.process)
+            self.process = None
+            raise RuntimeError(f"mosquitto did not start: {err.decode(errors='replace')}") from exc
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
 
@@ -274,9 +289,8 @@ class Daemon:
         return found
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, signal.SIGKILL)
 
 
 def run_cli(
@@ -396,13 +410,8 @@ class Socat:
             time.sleep(0.01)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
         deadline = time.monotonic() + 5
         while self.a.exists() or self.b.exists():  # socat removes its links on the way out
@@ -413,7 +422,6 @@ class Socat:
 
     def kill(self) -> None:
         """Close the line abruptly, as an unplugged USB converter does (links stay behind)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, signal.SIGKILL)
         self.process = None

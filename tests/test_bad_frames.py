@@ -76,19 +76,21 @@ class RawSlave:
                 await asyncio.wait_for(self.server.wait_closed(), 5)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
-                pdu = await reader.readexactly(length - 1)
-                self.requests += 1
-                out = self.answer(tid, unit, pdu)
-                if out is None:
-                    writer.write(struct.pack(">HHHB", tid, 0, 7, unit))
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
+                    pdu = await reader.readexactly(length - 1)
+                    self.requests += 1
+                    out = self.answer(tid, unit, pdu)
+                    if out is None:
+                        writer.write(struct.pack(">HHHB", tid, 0, 7, unit))
+                        await writer.drain()
+                        break
+                    writer.write(out)
                     await writer.drain()
-                    break
-                writer.write(out)
-                await writer.drain()
-        writer.close()
+        finally:  # also when the test's loop cancels it: else its socket outlives the loop
+            writer.close()
 
 
 def device(name: str, points: int = 1) -> dict[str, object]:

@@ -204,19 +204,18 @@ CRASH_SCRIPT = textwrap.dedent(
 def test_rows_survive_kill_9_right_after_put(tmp_path: Path) -> None:
     """SIGKILLed right after put() returns, a process loses nothing: unacked rows are all there."""
     path = tmp_path / "state" / "buffer.db"
-    child = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", CRASH_SCRIPT, str(path)], cwd=ROOT, stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "ready"
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait(10) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    ) as child:  # on the way out: its stdout closed, the process reaped
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "ready"
+            os.kill(child.pid, signal.SIGKILL)
+            assert child.wait(10) == -signal.SIGKILL
+        finally:
+            if child.poll() is None:
+                child.kill()
     assert (tmp_path / "state" / "buffer.db-wal").stat().st_size > 0  # recovered from the WAL
     b = open_buffer(path, max_age=10**9)
     try:

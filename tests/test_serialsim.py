@@ -22,7 +22,7 @@ from bridge.core.bustime import rtu_seconds
 from bridge.core.planner import plan_device
 from bridge.sim.serial import SerialSimulator, crc16, example_line, lrc, with_crc
 from bridge.sim.tcp import Simulator
-from tests.helpers import ROOT
+from tests.helpers import ROOT, stop_process
 
 RESPONSE = r"^S[TI],GS,\s*(?P<weight>[-+]?\d+\.\d+)\s*kg(,(?P<stable>[YN]))?"
 CONFIG = f"""\
@@ -237,9 +237,8 @@ def test_simulate_command_announces_ptys(tmp_path: Path) -> None:
         with serial.Serial(str(pty), baudrate=9600, parity="E", timeout=2) as line:
             assert rtu_read(line, 1, 3, 0, 1)[3:5] == struct.pack(">H", 1234)
     finally:
-        process.terminate()
-        code = process.wait(30)
-    assert code == 0
+        stop_process(process, timeout=30)  # SIGTERM; its stdout closed
+    assert process.returncode == 0
     # Cleaned up on the way out; lexists, as a dangling link passes `not exists()`.
     assert not os.path.lexists(pty)
     assert os.listdir(temp) == []

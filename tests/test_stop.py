@@ -93,7 +93,7 @@ async def test_sigterm_with_200_devices_and_scraped_metrics_stops_within_15s(
 
                 async def polled_since() -> bool:
                     writer, again = await scrape_keeping_alive(metrics_port)
-                    writer.close()
+                    await hang_up(writer)
                     return _polls(again) >= polls + DEVICES
 
                 await until(polled_since, what="a round of polls after the scrape")
@@ -117,10 +117,17 @@ async def test_sigterm_with_200_devices_and_scraped_metrics_stops_within_15s(
                 assert all(retained for rec in (later, later_gw) for *_, retained in rec.messages)
         finally:
             if scraper is not None:
-                scraper.close()
+                await hang_up(scraper)
             daemon.stop()
             await sim.stop()
     assert "Traceback" not in daemon.output()
+
+
+async def hang_up(writer: asyncio.StreamWriter) -> None:
+    """Close a connection and wait until it is (the daemon may have closed its end already)."""
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
 
 
 def _all(devices: Recorder, gateway: Recorder, status: bytes) -> bool:
@@ -138,15 +145,17 @@ def _polls(text: str) -> float:
 
 async def _answer_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """A Modbus TCP slave whose registers all read 7."""
-    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-        while True:
-            tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
-            pdu = await reader.readexactly(length - 1)
-            count = struct.unpack(">H", pdu[3:5])[0]
-            data = struct.pack(f">{count}H", *[7] * count)
-            reply = bytes([pdu[0], len(data)]) + data
-            writer.write(struct.pack(">HHHB", tid, 0, len(reply) + 1, unit) + reply)
-    writer.close()
+    try:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
+                pdu = await reader.readexactly(length - 1)
+                count = struct.unpack(">H", pdu[3:5])[0]
+                data = struct.pack(f">{count}H", *[7] * count)
+                reply = bytes([pdu[0], len(data)]) + data
+                writer.write(struct.pack(">HHHB", tid, 0, len(reply) + 1, unit) + reply)
+    finally:  # also when the test's loop cancels it: else its socket outlives the loop
+        writer.close()
 
 
 @pytest.mark.integration
@@ -200,12 +209,12 @@ async def test_stop_waits_on_nothing_a_scraper_holds_open(tmp_path: Path) -> Non
                 writer.write(request)
                 await writer.drain()
                 idle.append(writer)
-            await scrape_keeping_alive(metrics_port)
+            idle.append((await scrape_keeping_alive(metrics_port))[0])
             daemon.signal(signal.SIGTERM)
             assert await asyncio.to_thread(daemon.wait, STOP_BOUND) == 0, daemon.output()
         finally:
             for writer in idle:
-                writer.close()
+                await hang_up(writer)
             daemon.stop()
             await sim.stop()
 
