@@ -10,6 +10,7 @@ import mqtt5
 import pytest
 
 from bridge.mqtt.wireevents import (
+    Batch,
     Connected,
     Failed,
     Incoming,
@@ -20,8 +21,9 @@ from bridge.mqtt.wireevents import (
     VersionRefused,
     WindowFull,
     WireError,
+    frame_size,
 )
-from bridge.mqtt.wireproto import MAX_INCOMING, Batch, WireState, frame_size
+from bridge.mqtt.wireproto import MAX_INCOMING, WireState
 
 QOS1 = mqtt5.QoS.AT_LEAST_ONCE
 
@@ -125,6 +127,30 @@ def test_a_3_1_1_connack_says_the_broker_does_not_speak_mqtt_5(chunks: list[byte
     assert "does not speak MQTT 5" in str(event.error)
     assert "return code 1" in str(event.error)
     assert not state.connected
+
+
+def test_topics_get_the_aliases_the_broker_allows_and_then_travel_as_aliases() -> None:
+    """Topic Alias Maximum 2: the first two topics get aliases 1 and 2, sent with their name
+    once and as the alias (empty name) after; a third topic always travels by name."""
+    state = WireState("unit")
+    state.connect()
+    state.take_out()
+    state.receive(mqtt5.ConnAckPacket(receive_max=100, topic_alias_max=2).write())
+    batch = Recorder()
+    topics = ["a/v", "a/i", "a/p", "a/v", "a/p", "a/i"]
+    assert state.publish_many([(t, b"1", 1, False) for t in topics[:3]], 0, batch) == 3
+    assert state.publish_many([(t, b"1", 0, False) for t in topics[3:]], 0, batch) == 3
+    state.publish("a/v", b"2", 1, False)
+    sent_ = [(p.topic, p.topic_alias) for p in sent(state)]
+    assert sent_ == [("a/v", 1), ("a/i", 2), ("a/p", None),
+                     ("", 1), ("a/p", None), ("", 2), ("", 1)]
+
+
+def test_no_aliases_when_the_broker_allows_none() -> None:
+    state = connected()
+    state.publish("a/v", b"1", 1, False)
+    state.publish("a/v", b"1", 1, False)
+    assert [(p.topic, p.topic_alias) for p in sent(state)] == [("a/v", None), ("a/v", None)]
 
 
 def test_window_is_the_brokers_receive_maximum() -> None:

@@ -1,4 +1,5 @@
-"""What the MQTT 5 client's protocol state says: its errors and the events it makes.
+"""What the MQTT 5 client's protocol state says: its errors and the events it makes, and the
+words it shares with the shell (a batch's acknowledgement countdown, a frame's size).
 
 `bridge.mqtt.wireproto.WireState` turns the broker's bytes into these events, plain data that
 `bridge.mqtt.wire.WireClient` (the asyncio shell) acts on: resolve a future, queue a command,
@@ -16,8 +17,23 @@ from bridge.errors import BrokerError
 FAILURE: Final = 0x80  # MQTT 5: reason codes >= 0x80 are failures
 
 __all__ = [
-    "FAILURE", "PING_RESP", "Connected", "Event", "Failed", "Incoming", "PingResp", "PubAck",
-    "Refused", "SubAck", "VersionRefused", "WindowFull", "WireError", "describe", "refusal",
+    "FAILURE",
+    "PING_RESP",
+    "Batch",
+    "Connected",
+    "Event",
+    "Failed",
+    "Incoming",
+    "PingResp",
+    "PubAck",
+    "Refused",
+    "SubAck",
+    "VersionRefused",
+    "WindowFull",
+    "WireError",
+    "describe",
+    "frame_size",
+    "refusal",
     "suback_error",
 ]
 
@@ -37,6 +53,39 @@ class WireError(BrokerError):
 class VersionRefused(WireError):
     """The broker does not speak MQTT 5: it answered our CONNECT with a 3.1.1 CONNACK whose
     return code is 1, "unacceptable protocol version" (NATS, RabbitMQ 3.x, older brokers)."""
+
+
+def frame_size(buf: bytes | bytearray, off: int) -> int | None:
+    """Total size of the MQTT frame at `off` if its fixed header is complete, else None."""
+    end = len(buf)
+    pos, length, shift = off + 1, 0, 0
+    while pos < end and shift <= 21:
+        byte = buf[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return pos - off + length
+        shift += 7
+    return None
+
+
+class Batch:
+    """Acknowledgement bookkeeping for one batch: a countdown. The shell subclasses it and
+    overrides `settled()` (its future); `error` is the batch's first refused message."""
+
+    __slots__ = ("error", "remaining")
+
+    def __init__(self) -> None:
+        self.remaining = 1  # the guard: released once every message of the batch is sent
+        self.error: WireError | None = None
+
+    def settle_one(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.settled()
+
+    def settled(self) -> None:
+        """Every message of the batch is settled."""
 
 
 class WindowFull(Exception):  # a signal, not a failure: await wait_window()

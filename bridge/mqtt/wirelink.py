@@ -17,8 +17,17 @@ import ssl as _ssl
 from collections.abc import Callable
 from typing import Any, Final
 
-from bridge.mqtt.wireevents import Connected, Failed, Incoming, PubAck, Refused, SubAck, WireError
-from bridge.mqtt.wireproto import Batch, WireState
+from bridge.mqtt.wireevents import (
+    Batch,
+    Connected,
+    Failed,
+    Incoming,
+    PubAck,
+    Refused,
+    SubAck,
+    WireError,
+)
+from bridge.mqtt.wireproto import WireState
 
 __all__ = ["FutureBatch", "WireLink", "os_reason", "retrieve"]
 

@@ -38,6 +38,7 @@ from mqtt5 import (
 from bridge.mqtt.wireevents import (
     FAILURE,
     PING_RESP,
+    Batch,
     Connected,
     Event,
     Failed,
@@ -48,6 +49,7 @@ from bridge.mqtt.wireevents import (
     VersionRefused,
     WindowFull,
     WireError,
+    frame_size,
     refusal,
     suback_error,
 )
@@ -59,39 +61,6 @@ _QOS1: Final = QoS.AT_LEAST_ONCE
 _MAX_PACKET_ID: Final = 65535
 V3_CONNACK_SIZE: Final = 4  # 0x20, remaining length 2, flags, return code
 MAX_INCOMING: Final = 1 << 20  # bytes; announced in CONNECT, so the broker sends nothing larger
-
-
-def frame_size(buf: bytes | bytearray, off: int) -> int | None:
-    """Total size of the MQTT frame at `off` if its fixed header is complete, else None."""
-    end = len(buf)
-    pos, length, shift = off + 1, 0, 0
-    while pos < end and shift <= 21:
-        byte = buf[pos]
-        length |= (byte & 0x7F) << shift
-        pos += 1
-        if not byte & 0x80:
-            return pos - off + length
-        shift += 7
-    return None
-
-
-class Batch:
-    """Acknowledgement bookkeeping for one batch: a countdown. The shell subclasses it and
-    overrides `settled()` (its future); `error` is the batch's first refused message."""
-
-    __slots__ = ("error", "remaining")
-
-    def __init__(self) -> None:
-        self.remaining = 1  # the guard: released once every message of the batch is sent
-        self.error: WireError | None = None
-
-    def settle_one(self) -> None:
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.settled()
-
-    def settled(self) -> None:
-        """Every message of the batch is settled."""
 
 
 class WireState:
@@ -121,6 +90,12 @@ class WireState:
         self.max_packet_size: int | None = None
         self.max_qos = 1
         self.retain_available = True
+        # MQTT 5 topic aliases (the broker's Topic Alias Maximum, from CONNACK): the first
+        # topics published get one, for this connection; later PUBLISHes of a topic send its
+        # 2-byte alias instead of its name. First come, kept: replacing aliases would cost
+        # the name again on every publish once a gateway has more topics than aliases.
+        self.topic_alias_max = 0
+        self.aliases: dict[str, int] = {}
         self._inbuf = bytearray()
         self._connack_seen = False
         # Keepalive, in the shell's clock: it sets these when it writes and reads.
@@ -165,9 +140,10 @@ class WireState:
             raise WindowFull(f"{len(self.inflight)} QoS 1 messages in flight")
         self._check(qos, retain)
         packet_id = self._allocate() if qos else None
+        name, alias = self._aliased(topic)
         data = PublishPacket(
-            topic, payload, qos=_QOS[qos], retain=retain, packet_id=packet_id,
-            response_topic=response_topic, correlation_data=correlation_data,
+            name, payload, qos=_QOS[qos], retain=retain, packet_id=packet_id,
+            response_topic=response_topic, correlation_data=correlation_data, topic_alias=alias,
         ).write()
         self._check_size(data)
         if packet_id is not None:
@@ -182,11 +158,17 @@ class WireState:
         index of the first message not queued (len(messages): all of them)."""
         inflight, subscribing, window = self.inflight, self._subscribing, self.window
         out, max_size = self.out, self.max_packet_size
+        aliases, aliased = self.aliases, self._aliased
         if start == 0 and (self.max_qos < 1 or not self.retain_available):
             for _, _, qos, retain in messages:  # a broker that limits these
                 self._check(qos, retain)
         for index in range(start, len(messages)):
             topic, payload, qos, retain = messages[index]
+            alias = aliases.get(topic)
+            if alias is not None:
+                topic = ""  # the broker knows it by its alias on this connection
+            else:
+                topic, alias = aliased(topic)
             if qos == 1:
                 if len(inflight) >= window:
                     return index
@@ -196,7 +178,8 @@ class WireState:
                 else:
                     self.next_id = packet_id % 65535 + 1
                 data = PublishPacket(
-                    topic, payload, qos=_QOS1, retain=retain, packet_id=packet_id
+                    topic, payload, qos=_QOS1, retain=retain, packet_id=packet_id,
+                    topic_alias=alias,
                 ).write()
                 if max_size is not None and len(data) > max_size:
                     self._check_size(data)  # raises, before the id is taken
@@ -205,11 +188,22 @@ class WireState:
             else:
                 if qos:
                     self._check(qos, retain)  # raises: neither 0 nor 1
-                data = PublishPacket(topic, payload, retain=retain).write()
+                data = PublishPacket(topic, payload, retain=retain, topic_alias=alias).write()
                 if max_size is not None and len(data) > max_size:
                     self._check_size(data)
             out += data
         return len(messages)
+
+    def _aliased(self, topic: str) -> tuple[str, int | None]:
+        """(name, alias) for a PUBLISH of `topic`: "" and its alias once it has one; the name
+        with a new alias while the broker allows more; else the name alone."""
+        alias = self.aliases.get(topic)
+        if alias is not None:
+            return "", alias
+        if len(self.aliases) < self.topic_alias_max:
+            alias = self.aliases[topic] = len(self.aliases) + 1
+            return topic, alias
+        return topic, None
 
     def subscribe(self, topics: Sequence[str], qos: int) -> int:
         """Queue one SUBSCRIBE; its packet id (the SubAck event names it)."""
@@ -398,6 +392,7 @@ class WireState:
         self.max_packet_size = packet.max_packet_size
         self.max_qos = min(1, int(packet.max_qos))
         self.retain_available = packet.retain_available
+        self.topic_alias_max = packet.topic_alias_max
         if packet.server_keep_alive is not None:
             self.keepalive = packet.server_keep_alive
         self.connected = True
