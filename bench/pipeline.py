@@ -87,6 +87,24 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / CLK_TCK
 
 
+def bytes_sent(pid: int, broker: int) -> int:
+    """MQTT bytes `pid` has sent to the broker on 127.0.0.1:`broker` (the kernel's TCP
+    `bytes_sent` of its connection, via `ss`: payload only, no TCP/IP headers)."""
+    out = subprocess.run(
+        ["ss", "-tinpH", "state", "established", f"( dport = :{broker} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    total, ours = 0, False
+    for line in out.splitlines():
+        if not line.startswith(("\t", " ")):  # a socket's first line names its process
+            ours = f"pid={pid}," in line
+        elif ours:
+            for field in line.split():
+                if field.startswith("bytes_sent:"):
+                    total += int(field.split(":", 1)[1])
+    return total
+
+
 def rss_mib(pid: int) -> float:
     """VmRSS of `pid` in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -220,6 +238,11 @@ class Result:
     values: int
     cpu: float
     rss: float
+    sent: int  # MQTT bytes to the broker in the window
+
+    @property
+    def bytes_per_value(self) -> float:
+        return self.sent / self.values if self.values else math.nan
 
     @property
     def rate(self) -> float:
@@ -263,13 +286,15 @@ def run_once(config: Path, broker: int, mode: str, warmup: float, seconds: float
             time.sleep(0.05)
         time.sleep(warmup)
         wait_quiet(counter, limit=2 * INTERVAL)
+        sent0 = bytes_sent(daemon.pid, broker)
         cpu0, (values0, _), t0 = cpu_seconds(daemon.pid), counter.snapshot(), time.monotonic()
         time.sleep(seconds)
         cpu1, (values1, _), t1 = cpu_seconds(daemon.pid), counter.snapshot(), time.monotonic()
+        sent1 = bytes_sent(daemon.pid, broker)
         rss = rss_mib(daemon.pid)
         if daemon.poll() is not None:
             raise RuntimeError(f"the daemon exited ({daemon.returncode}):\n{tail(log)}")
-    return Result(mode, t1 - t0, values1 - values0, cpu1 - cpu0, rss)
+    return Result(mode, t1 - t0, values1 - values0, cpu1 - cpu0, rss, sent1 - sent0)
 
 
 # --- the whole benchmark --------------------------------------------------------------------
@@ -309,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, load average {load}")
     print()
     print(f"{'run':>3}  {'mode':<10}  {'values/s':>8}  {'µs/value':>8}  {'CPU %':>6}  "
-          f"{'RSS MiB':>7}")
+          f"{'RSS MiB':>7}  {'B/value':>7}")
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="m2m-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -328,20 +353,22 @@ def main(argv: list[str] | None = None) -> int:
                         results.append(r)
                         print(f"{run:>3}  {mode:<10}  {r.rate:>8.1f}  "
                               f"{fmt_us(r.us_per_value):>8}  {r.cpu_percent:>6.2f}  "
-                              f"{r.rss:>7.1f}", flush=True)
+                              f"{r.rss:>7.1f}  {r.bytes_per_value:>7.1f}", flush=True)
     fewest = min(results, key=lambda r: r.ticks)
     if fewest.ticks < 100:
         print(f"note: CPU time comes in 1/{CLK_TCK} s clock ticks; the {fewest.mode} window held "
               f"only {fewest.ticks}, so one tick is {100 / max(1, fewest.ticks):.0f}% of it: "
               f"use a longer --seconds or more --units")
     print()
-    print(f"median of {args.repeat} run(s)   µs/value (target)   RSS MiB (target)")
+    print(f"median of {args.repeat} run(s)   µs/value (target)   RSS MiB (target)   "
+          f"MQTT bytes/value")
     for mode in modes:
         mine = [r for r in results if r.mode == mode]
         us = statistics.median(r.us_per_value for r in mine)
         rss = statistics.median(r.rss for r in mine)
+        sent = statistics.median(r.bytes_per_value for r in mine)
         print(f"  {mode:<10}             {fmt_us(us):>8} (<= {TARGET_US[mode]:g})      "
-              f"{rss:>7.1f} (< {TARGET_RSS_MIB:g})")
+              f"{rss:>7.1f} (< {TARGET_RSS_MIB:g})      {sent:>7.1f}")
     return 0
 
 
