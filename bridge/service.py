@@ -19,10 +19,13 @@ from bridge.config import Config, Device, LineLink, SerialLink
 from bridge.core.bustime import bus_load
 from bridge.core.outbox import Outbox
 from bridge.core.planner import PollGroup, plan_device
+from bridge.core.sparkplug import NodeMetrics
+from bridge.core.sparkplug_stored import DeviceData
 from bridge.instrument import InstrumentPoller
 from bridge.mqtt.commands import CommandHandler
 from bridge.mqtt.discovery import Announcer
 from bridge.mqtt.publisher import Publisher
+from bridge.mqtt.sparkplug import EdgeNode
 from bridge.mqtt.wireevents import Incoming
 from bridge.poller import DevicePoller
 from bridge.transports.line import LinePort
@@ -68,10 +71,12 @@ class Service:
         self.announcer = Announcer(
             config, lambda *message: self.publisher.send(*message)  # noqa: PLW0108 - late-bound
         )
+        self.node: EdgeNode | None = None  # with format: sparkplug
         self.publisher = self._make_publisher(config)
         self.links = build_links(config)
         self.line_ports: dict[LineLink, LinePort] = {}  # by definition: a changed link reopens
         self.pollers = {d.name: self._make_poller(config, d) for d in config.devices}
+        self._hand_out_aliases(config)
         warn_overloaded_links(config, {name: p.plan for name, p in self.pollers.items()})
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
@@ -79,18 +84,39 @@ class Service:
 
     def _make_publisher(self, config: Config) -> Publisher:
         commands = self._make_commands(config)
+        self.node = None
+        if config.mqtt.format == "sparkplug":
+            # DCMD writes go through the current command handler (the `/set` path).
+            self.node = EdgeNode(config, data=self._device_data, writes=lambda: self.commands)
         publisher = Publisher(
             config.mqtt, self.buffer,
-            subscriptions=[*commands.topics(), *self.announcer.subscriptions],
-            on_message=self._on_message,
+            subscriptions=[*commands.topics(), *self.announcer.subscriptions,
+                           *(self.node.subscriptions if self.node else [])],
+            on_message=self._on_message, node=self.node,
         )
         publisher.on_connect.append(self.announcer.on_connect)  # after statuses, before data
         return publisher
 
     def _on_message(self, message: Incoming) -> None:
         # Looked up per message: a reload swaps the command handler under a running publisher.
+        if self.node is not None and self.node.on_message(message):
+            return
         if not self.announcer.on_message(message):
             self.commands.on_message(message)
+
+    def _device_data(self, device: str) -> DeviceData | None:
+        """With format: sparkplug, the running poller's last values (for a DBIRTH)."""
+        poller = self.pollers.get(device)
+        return poller.status.outbox.sparkplug if poller is not None else None
+
+    def _hand_out_aliases(self, config: Config) -> None:
+        """With format: sparkplug, every poller's outbox encodes with the node's aliases
+        (numbered across all devices: a reload that adds one may move others')."""
+        if config.mqtt.format != "sparkplug":
+            return
+        metrics = NodeMetrics(config.devices)
+        for name, poller in self.pollers.items():
+            poller.status.outbox.use_metrics(metrics.device(name))
 
     def _make_commands(self, config: Config) -> CommandHandler:
         # Commands reach links and the current publisher through the service (as _set_status).
@@ -224,11 +250,14 @@ class Service:
             if _setting(old, key) != _setting(new, key):
                 changes.append(f"{key} changed: takes effect at the next start")
         self.announcer.update(new)  # before a publisher restart: it subscribes for HA's status
+        self._hand_out_aliases(new)
         if new.mqtt != old.mqtt or new.gateway != old.gateway:
             self._restart_publisher(new)
             changes.append("mqtt publisher restarted")
         else:
             self._swap_commands(new)
+            if self.node is not None:
+                self.node.update(new)  # births again if the metrics changed
         self.config = new
         return changes
 

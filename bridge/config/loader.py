@@ -69,6 +69,7 @@ def load_config(
     devices = _valid_items(main, "devices", Device.model_validate)
     issues += main.duplicate_names("links") + main.duplicate_names("devices")
     issues += _unknown_links(main, {name for _, name in main.names("links")})
+    issues += _northbound_format(main)
     maps = _Maps(Path(path).parent, environ)
     by_name = {link.name: link for _, link in links}
     merged = [_complete(main, index, device, by_name, maps) for index, device in devices]
@@ -277,6 +278,32 @@ def _valid_items(doc: Document, key: str, validate: Any) -> list[tuple[int, Any]
         except ValidationError:
             continue  # already reported by the whole-file validation
     return result
+
+
+def _northbound_format(doc: Document) -> list[ConfigIssue]:
+    """`mqtt.format: sparkplug` and the `mqtt.sparkplug` block go together, and Home Assistant
+    discovery (JSON topics) does not go with Sparkplug (which replaces those topics).
+
+    Read from the raw data, like _unknown_links: the ids themselves are checked by the model.
+    """
+    mqtt = doc.data.get("mqtt") if isinstance(doc.data, dict) else None
+    if not isinstance(mqtt, dict):
+        return []
+    sparkplug_format = mqtt.get("format") == "sparkplug"
+    block = mqtt.get("sparkplug")
+    issues = []
+    if block is not None and not sparkplug_format:
+        issues.append(doc.issue(("mqtt", "sparkplug"),
+                                f"only with mqtt.format: sparkplug (format is "
+                                f"{mqtt.get('format', 'json')!r})"))
+    if sparkplug_format and block is None:  # a block without group_id: the model says so
+        issues.append(doc.issue(("mqtt", "format"),
+                                "format: sparkplug needs mqtt.sparkplug.group_id"))
+    if sparkplug_format and mqtt.get("homeassistant") is not None:
+        issues.append(doc.issue(("mqtt", "homeassistant"),
+                                "Home Assistant discovery describes the JSON topics, which "
+                                "format: sparkplug replaces; use one or the other"))
+    return issues
 
 
 def _unknown_links(doc: Document, known: set[str]) -> list[ConfigIssue]:

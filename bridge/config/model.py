@@ -64,6 +64,7 @@ __all__ = [
     "SerialLink",
     "SimHint",
     "Size",
+    "Sparkplug",
     "TcpLink",
     "Tls",
     "config_json_schema",
@@ -131,6 +132,23 @@ class HomeAssistant(_Model):
         return value
 
 
+class Sparkplug(_Model):
+    """Sparkplug B 3.0: the gateway as edge node `edge_node_id` in group `group_id`."""
+
+    group_id: str
+    edge_node_id: str = Field(default="", description="default: gateway.id")
+    primary_host_id: str | None = Field(
+        default=None, description="optional: publish births only while this host is online"
+    )
+
+    @field_validator("group_id", "edge_node_id", "primary_host_id")
+    @classmethod
+    def _sparkplug_id(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c in value for c in "/+#\x00")):
+            raise ValueError(f"{value!r} is no Sparkplug id: empty, or has '/', '+' or '#'")
+        return value
+
+
 class MqttSettings(_Model):
     """The broker and how readings are published to it."""
 
@@ -147,10 +165,11 @@ class MqttSettings(_Model):
     topic_prefix: str = Field(default="", description="default: m2m/<gateway.id>")
     qos: Literal[0, 1] = 1
     retain: bool = False
-    format: Literal["json", "value"] = "json"
+    format: Literal["json", "value", "sparkplug"] = "json"
     messages: Literal["per-point", "per-device"] = "per-point"
     buffer: BufferSettings = BufferSettings()
     homeassistant: HomeAssistant | None = None  # off unless configured
+    sparkplug: Sparkplug | None = None  # with format: sparkplug (bridge.config.loader checks)
 
     @model_validator(mode="before")
     @classmethod
@@ -218,6 +237,9 @@ class Config(_Model):
             return data
         gateway_id = gateway.get("id", Gateway().id)
         mqtt = {"client_id": f"m2m-bridge-{gateway_id}", "topic_prefix": f"m2m/{gateway_id}"} | mqtt
+        sparkplug = mqtt.get("sparkplug")
+        if isinstance(sparkplug, dict) and "edge_node_id" not in sparkplug:
+            mqtt["sparkplug"] = {**sparkplug, "edge_node_id": gateway_id}
         return {**data, "gateway": gateway, "mqtt": mqtt}
 
 

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 from bridge.config import Device, MqttSettings, Point
 from bridge.core.codec import Value
-from bridge.core.messages import Message, PointPayload, Topics, device_payload
+from bridge.core.messages import Format, Message, PointPayload, Topics, device_payload
 from bridge.core.normalize import ChangeFilter
+from bridge.core.sparkplug import DeviceMetrics
+from bridge.core.sparkplug_stored import DeviceData
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,14 +39,22 @@ class Outbox:
         self._heartbeat = device.heartbeat
         topics = Topics(mqtt.topic_prefix)
         self._device_topic = topics.device(device.name)
+        fmt: Format = "value" if mqtt.format == "value" else "json"
         self._out = {
-            p.name: _Out(p, topics.point(device.name, p.name), PointPayload(p.unit, mqtt.format))
+            p.name: _Out(p, topics.point(device.name, p.name), PointPayload(p.unit, fmt))
             for p in device.points
         }
+        # format: sparkplug: DDATA (without seq: bridge.core.sparkplug_stored) instead of JSON
+        self._sparkplug = (
+            DeviceData(device, mqtt.sparkplug) if mqtt.format == "sparkplug" and mqtt.sparkplug
+            else None
+        )
         self._changes = ChangeFilter() if device.report == "on-change" else None
 
     def messages(self, values: dict[str, Value], ts: int, now: float) -> list[Message]:
         """The messages for one poll's `values` (acquired at `ts` ms, monotonic `now`)."""
+        if self._sparkplug is not None:
+            self._sparkplug.remember(values, ts)
         if self._changes is not None:
             changes = self._changes
             values = {
@@ -58,6 +68,8 @@ class Outbox:
         """The messages for `values` as they are, no change filter (a write's read-back)."""
         if not values:
             return []
+        if self._sparkplug is not None:
+            return self._sparkplug.messages(values, ts)
         if self._per_device:
             payload = device_payload(values, ts)
             return [Message(self._device_topic, payload, self._qos, self._retain, ts)]
@@ -77,7 +89,20 @@ class Outbox:
                 # forget + passes records `value` as the last published, with `now` as its time
                 self._changes.forget(name)
                 self._changes.passes(name, value, now, None, None)
+        if self._sparkplug is not None:
+            self._sparkplug.remember(values, ts)
         return self.build(values, ts)
+
+    @property
+    def sparkplug(self) -> DeviceData | None:
+        """With `format: sparkplug`: the device's DDATA encoding and last values."""
+        return self._sparkplug
+
+    def use_metrics(self, metrics: DeviceMetrics | None) -> None:
+        """With `format: sparkplug`: the aliases to encode with (the edge node's, which
+        depend on the whole config: the service hands them out)."""
+        if self._sparkplug is not None:
+            self._sparkplug.metrics = metrics
 
     def forget(self) -> None:
         """After the device was offline, publish every point's next reading whatever it is."""

@@ -28,6 +28,7 @@ from bridge.core.codec import Value
 from bridge.core.messages import Message, Topics
 from bridge.core.outbox import Outbox
 from bridge.core.planner import ReadRequest
+from bridge.core.sparkplug import NodeMetrics
 from bridge.core.writes import CommandRefused, clip, parse_command, readback_or_none
 from bridge.errors import BridgeError
 from bridge.mqtt.wire import Incoming
@@ -109,6 +110,8 @@ class CommandHandler:
         self.min_interval = min_interval
         self.stats = CommandStats()
         self._topics = Topics(config.mqtt.topic_prefix)
+        # Sparkplug's DCMD replaces `/set` (bridge.mqtt.sparkplug hands us its writes).
+        self._sparkplug = config.mqtt.format == "sparkplug"
         self._prefix = config.mqtt.topic_prefix + "/"
         # Every point of every Modbus device, writable or not, so a command to any of them is
         # answered with the right reason; devices of line links are named so their refusal
@@ -116,12 +119,15 @@ class CommandHandler:
         self._targets: dict[str, _Target] = {}
         self._lines: set[str] = set()
         self._devices: set[str] = set()
+        aliases = NodeMetrics(config.devices) if self._sparkplug else None
         for device in config.devices:
             self._devices.add(device.name)
             if modbus_link(config, device) is None:
                 self._lines.add(device.name)
                 continue
             outbox = Outbox(device, config.mqtt)
+            if aliases is not None:
+                outbox.use_metrics(aliases.device(device.name))
             for point in device.points:
                 self._targets[self._topics.command(device.name, point.name)] = _Target(
                     device, point, readback_or_none(point), outbox
@@ -138,7 +144,7 @@ class CommandHandler:
         unknown or read-only must reach us to be answered, and the filter does not change when
         a reload changes which points are writable (subscriptions change only with a session).
         """
-        return [self._topics.command("+", "+")]
+        return [] if self._sparkplug else [self._topics.command("+", "+")]
 
     def on_message(self, message: Incoming) -> None:
         """Publisher hook: start handling `message`; never raises, whatever it carries."""
@@ -190,12 +196,7 @@ class CommandHandler:
             log.exception("command failed unexpectedly", topic=topic)
             outcome = _Outcome(False, error=f"internal error: {type(exc).__name__}",
                                kind="failed")
-        if outcome.kind == "ok":
-            self.stats.accepted += 1
-        elif outcome.kind == "refused":
-            self.stats.refused += 1
-        else:
-            self.stats.failed += 1
+        self._count(outcome)
         _audit(topic, shown, outcome.kind, outcome.error)
         await self._answer(topic, outcome, response_topic, correlation_data)
 
@@ -207,7 +208,11 @@ class CommandHandler:
             value = parse_command(target.point, payload)
         except CommandRefused as exc:
             return _refused(exc.reason)
-        assert target.readback is not None  # parse_command refused unwritable points
+        return await self._write(topic, target, value)
+
+    async def _write(self, topic: str, target: _Target, value: Value) -> _Outcome:
+        """A checked value to its point: rate limit, write, read-back (published)."""
+        assert target.readback is not None  # the checks refused unwritable points
         now = time.monotonic()
         last = self._last_write.get(topic)
         if last is not None and now - last < self.min_interval:
@@ -232,6 +237,53 @@ class CommandHandler:
         self.emit(outbox.readback({target.point.name: read}, time.time_ns() // 1_000_000,
                                   time.monotonic()))
         return _Outcome(True, value=read)
+
+    # --- Sparkplug DCMD (bridge.mqtt.sparkplug parses and checks; no result topic) ---------
+
+    def write(self, source: str, device: str, point: str, value: Value) -> None:
+        """Write `value` (checked already, as a `/set` command's is: a DCMD's metric from
+        `source`) to `device`'s `point` in a task, through the same rate limit, write and
+        read-back; the outcome is counted and audited, never answered."""
+        if len(self._tasks) >= MAX_PENDING:
+            self.stats.dropped += 1
+            _audit(source, repr(value), "dropped", "too many commands in progress")
+            return
+        task = asyncio.create_task(self._apply(source, device, point, value),
+                                   name=f"command {source}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def refuse(self, source: str, metric: str, reason: str) -> None:
+        """A command metric refused before anything was written: counted and audited."""
+        self.stats.refused += 1
+        _audit(source, metric, "refused", reason)
+
+    async def _apply(self, source: str, device: str, point: str, value: Value) -> None:
+        key = self._topics.command(device, point)
+        target = self._targets.get(key)
+        try:
+            if target is None or target.readback is None:
+                outcome = _refused(f"{device}/{point} cannot be written")
+            else:
+                outcome = await asyncio.wait_for(self._write(key, target, value),
+                                                 HANDLE_TIMEOUT)
+        except TimeoutError:
+            outcome = _Outcome(False, error=f"no answer within {HANDLE_TIMEOUT:g}s",
+                               kind="failed")
+        except Exception as exc:  # never let one command take the daemon down
+            log.exception("command failed unexpectedly", topic=source)
+            outcome = _Outcome(False, error=f"internal error: {type(exc).__name__}",
+                               kind="failed")
+        self._count(outcome)
+        _audit(source, f"{point}={value!r}", outcome.kind, outcome.error)
+
+    def _count(self, outcome: _Outcome) -> None:
+        if outcome.kind == "ok":
+            self.stats.accepted += 1
+        elif outcome.kind == "refused":
+            self.stats.refused += 1
+        else:
+            self.stats.failed += 1
 
     def _unknown(self, topic: str) -> str:
         """Why `topic` names nothing writable: no such device, no such point, or a line."""

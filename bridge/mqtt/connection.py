@@ -27,6 +27,7 @@ from bridge.mqtt.delivery import Counters, Wake
 from bridge.mqtt.session import (
     Session,
     Version,
+    Will,
     describe_connect_failure,
     first_version,
     open_session,
@@ -44,10 +45,16 @@ class Reconnector:
     """The connect-serve-retry loop around one `serve(session)` per connection."""
 
     def __init__(
-        self, settings: MqttSettings, will_topic: str, wake: Wake, counters: Counters
+        self,
+        settings: MqttSettings,
+        will: str | Callable[[], Will],
+        wake: Wake,
+        counters: Counters,
     ) -> None:
         self.settings = settings
-        self.will_topic = will_topic  # a retained `offline` is the session's last will
+        # A topic (a retained `offline` there is the session's last will), or what makes the
+        # will, asked once per connect attempt (Sparkplug's NDEATH carries a new bdSeq each).
+        self.will = will
         self.wake = wake  # cuts a back-off short; `stopping` ends the loop
         self.counters = counters
         self.version: Version = first_version(settings)
@@ -55,22 +62,25 @@ class Reconnector:
     async def run(
         self, serve: Callable[[Session], Awaitable[None]], *, on_down: Callable[[], None]
     ) -> None:
-        """Connect and `serve(session)`; return once it returns (after stop). When the
-        connection cannot be made or fails, call `on_down()`, log, back off and retry."""
+        """Connect and `serve(session)`; return once it returns after stop (returning before
+        stop is a wish to reconnect: at once). When the connection cannot be made or fails,
+        call `on_down()`, log, back off and retry."""
         attempt = 0
         was_down = False
         last_event = ""
         settings = self.settings
         while True:
             try:
-                async with open_session(
-                    settings, self.will_topic, version=self.version
-                ) as session:
+                will = self.will if isinstance(self.will, str) else self.will()
+                async with open_session(settings, will, version=self.version) as session:
                     attempt = 0
                     log.info("broker connected", host=settings.host, port=settings.port,
                              protocol=str(self.version))
                     await serve(session)
+                if self.wake.stopping:
                     return
+                on_down()
+                continue
             except VersionRefused as exc:
                 if self._fall_back():
                     continue  # at once: the broker is there, it just speaks 3.1.1

@@ -99,6 +99,9 @@ class Delivery:
         self.buffer = buffer
         self.counters = counters
         self.activity = activity
+        # What replayed (backlog) messages become on the wire, if not themselves (Sparkplug
+        # marks them historical: bridge.mqtt.sparkplug).
+        self.historical: Callable[[list[Message]], list[Message]] | None = None
 
     async def stored(self, session: Session, batch: list[Stored], *, replaying: bool) -> None:
         """Publish buffered rows; ack them once delivered, requeue them if not (and raise)."""
@@ -106,6 +109,8 @@ class Delivery:
         if replaying:
             # Live readings went out first: a replayed one must not become the retained value.
             messages = [replace(m, retain=False) if m.retain else m for m in messages]
+            if self.historical is not None:
+                messages = self.historical(messages)
         try:
             with self.activity.running():
                 await session.publish_batch(messages)

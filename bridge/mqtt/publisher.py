@@ -29,6 +29,7 @@ from bridge.health import Activity
 from bridge.mqtt.connection import Dispatch, Reconnector
 from bridge.mqtt.delivery import Counters, Delivery, Drain, Wake
 from bridge.mqtt.session import PUBLISH_TIMEOUT, Session
+from bridge.mqtt.sparkplug import EdgeNode, NodeGateway, SeqSession, SparkplugStatuses
 from bridge.mqtt.statuses import DeviceStatuses, GatewayStatus
 from bridge.mqtt.wire import Incoming
 
@@ -46,7 +47,10 @@ class Publisher:
         *,
         subscriptions: Sequence[str] = (),
         on_message: Callable[[Incoming], None] | None = None,
+        node: EdgeNode | None = None,
     ) -> None:
+        """`node`: with `format: sparkplug`, the edge node that says what the gateway and
+        device statuses say otherwise (births and deaths), and numbers the readings."""
         self.settings = settings
         self.buffer = buffer
         self.topics = Topics(settings.topic_prefix)
@@ -54,11 +58,18 @@ class Publisher:
         self.activity = Activity("publisher", 2 * PUBLISH_TIMEOUT)
         self.counters = Counters()
         self.wake = Wake()
-        self.gateway = GatewayStatus(self.topics)
+        self.node = node
+        self.gateway: GatewayStatus | NodeGateway = GatewayStatus(self.topics)
         self.statuses = DeviceStatuses(self.topics, on_change=self.wake.set)
         self.dispatch = Dispatch(subscriptions, on_message)
         self.delivery = Delivery(buffer, self.counters, self.activity)
         self.reconnector = Reconnector(settings, self.gateway.topic, self.wake, self.counters)
+        if node is not None:
+            node.attach(self.wake)
+            self.gateway = NodeGateway(node)
+            self.statuses = SparkplugStatuses(node, on_change=self.wake.set)
+            self.delivery.historical = node.historical
+            self.reconnector.will = node.will
         # On every connect, after the subscriptions and before any reading, in this order.
         self.on_connect: list[ConnectStep] = [self.statuses.publish_all]
 
@@ -124,7 +135,10 @@ class Publisher:
     # --- one connection -------------------------------------------------------------------
 
     async def _serve(self, session: Session) -> None:
-        """One connection's life (see the module docstring); returns after `stop()`."""
+        """One connection's life (see the module docstring); returns after `stop()`, or to
+        be made again when the statuses say so (Sparkplug: the primary host went offline)."""
+        if self.node is not None:
+            session = SeqSession(session, self.node, self.statuses)
         await self.gateway.online(session)
         await self.dispatch.subscribe(session)  # our own topics only; replies may go now
         self.connected.set()
@@ -150,8 +164,14 @@ class Publisher:
                       replay_rate=self.settings.buffer.replay_rate)  # backlog: stored by now
         for step in self.on_connect:
             await step(session)
+        if self.node is not None:
+            # Sparkplug births may have waited for the primary host: what was read meanwhile
+            # is history to it, replayed after the births (is_historical), not live.
+            drain.backlog_end = self.buffer.last_id()
         while True:
             await self.statuses.publish_changes(session)  # ahead of any reading
+            if self.statuses.leaving:
+                return
             if not await drain.step():
                 return
 

@@ -29,6 +29,8 @@ from bridge.mqtt.wire import Incoming, WindowFull, WireClient, WireError
 from bridge.mqtt.wireevents import VersionRefused
 
 Version = Literal[5, "3.1.1"]
+# A last will: (topic, payload, qos, retain). A bare topic is a retained `offline` there.
+Will = tuple[str, bytes, int, bool]
 
 # aiomqtt: messages in flight per gather. aiomqtt and paho scan their pending maps per message,
 # so the cost per message grows with this (profiled: 500 cost twice what 64 does).
@@ -61,13 +63,15 @@ def first_version(settings: MqttSettings) -> Version:
 
 @asynccontextmanager
 async def open_session(
-    settings: MqttSettings, will_topic: str, *, version: Version | None = None
+    settings: MqttSettings, will: str | Will, *, version: Version | None = None
 ) -> AsyncIterator[Session]:
-    """Connect with a retained `offline` will on `will_topic`; disconnect cleanly on exit.
+    """Connect with `will` (a topic: a retained `offline` there; or a whole Will, such as
+    Sparkplug's NDEATH); disconnect cleanly on exit, which makes the broker drop the will.
 
     `version` overrides what `settings.protocol` asks for (an `auto` that fell back). A broker
     that does not speak MQTT 5 raises VersionRefused.
     """
+    topic, payload, qos, retain = (will, b"offline", 1, True) if isinstance(will, str) else will
     if (version or first_version(settings)) == 5:
         client = WireClient(
             host=settings.host,
@@ -77,7 +81,7 @@ async def open_session(
             password=settings.password.get_secret_value() if settings.password else None,
             ssl=tls_context(settings) if settings.tls is not None else None,
             keepalive=max(1, round(settings.keepalive)),
-            will=(will_topic, b"offline", 1, True),
+            will=(topic, payload, qos, retain),
         )
         await client.connect()
         try:
@@ -88,9 +92,9 @@ async def open_session(
         with suppress(WireError):
             await client.disconnect()  # a clean DISCONNECT: the broker drops the will
         return
-    will = aiomqtt.Will(will_topic, b"offline", qos=1, retain=True)
+    last_will = aiomqtt.Will(topic, payload, qos=qos, retain=retain)
     with _mapped_errors():
-        async with make_client(settings, will=will, version="3.1.1") as aio:
+        async with make_client(settings, will=last_will, version="3.1.1") as aio:
             yield _AiomqttSession(aio)
 
 

@@ -63,6 +63,11 @@ class DeviceStatuses:
         return MappingProxyType(self._statuses)
 
     @property
+    def leaving(self) -> bool:
+        """Whether the connection should end now (and be made again): never, here."""
+        return False
+
+    @property
     def pending(self) -> bool:
         """Whether a status waits to be published."""
         return bool(self._dirty)
