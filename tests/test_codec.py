@@ -183,3 +183,12 @@ def test_any_words_decode_without_crashing(order: ByteOrder, words: list[int]) -
         assert isinstance(value, int | float)
         if isinstance(value, float) and not math.isnan(value):
             assert decode(Field(0, type_, order), encode(Field(0, type_, order), value)) == value
+
+
+def test_float32_largest_value_as_printed_round_trips() -> None:
+    """3.4028235e38 is how float32's largest value prints (and how a command would give it):
+    it rounds to that value, not to infinity, so it is no range error."""
+    field = Field(0, "float32")
+    assert decode(field, encode(field, 3.4028235e38)) == 3.4028234663852886e38
+    with pytest.raises(CodecError, match="outside the float32 range"):
+        encode(field, 3.4028235677973366e38)

@@ -185,6 +185,10 @@ def decode(field: Field, registers: Sequence[int]) -> Value:
     return BlockLayout(placed.size, (placed,)).decode(registers)[0]
 
 
+# The smallest double that float32 rounds to infinity: anything below rounds to a finite value
+# (3.4028235e38, how float32's largest value prints, is one of them).
+FLOAT32_OVERFLOW = 3.4028235677973366e38
+
 INT_RANGES: Mapping[PointType, tuple[int, int]] = {
     "bool": (0, 1),
     "int16": (-(2**15), 2**15 - 1),
@@ -233,7 +237,7 @@ def _number_for(type_: PointType, value: Value) -> int | float:
         raise CodecError(f"expected a number for {type_}, got {value!r}")
     if type_ in ("float32", "float64"):
         number = float(value)
-        if type_ == "float32" and math.isfinite(number) and abs(number) > 3.4028234663852886e38:
+        if type_ == "float32" and math.isfinite(number) and abs(number) >= FLOAT32_OVERFLOW:
             raise CodecError(f"{value!r} is outside the float32 range")
         return number
     if isinstance(value, float):
