@@ -404,6 +404,7 @@ async def test_stop_delivers_what_is_live_then_says_offline_and_disconnects(
     assert broker.published[-1].retain
     assert broker.events[-1] == "disconnect"  # a clean goodbye: the will is not needed
     assert broker.retained[STATUS] == b"offline"
+    assert not publisher.connected.is_set()  # m2m_mqtt_connected 0 after the stop
 
 
 async def test_stop_while_the_broker_is_away_ends_without_waiting_for_it(

@@ -126,7 +126,10 @@ class Publisher:
 
     async def run(self) -> None:
         """Connect, publish, reconnect on failure; return after `stop()` once drained."""
-        await self.reconnector.run(self._serve, on_down=self._down)
+        try:
+            await self.reconnector.run(self._serve, on_down=self._down)
+        finally:
+            self.connected.clear()  # m2m_mqtt_connected says 0 once the publisher has left
 
     def stop(self) -> None:
         """Finish: deliver what is buffered, publish `offline`, disconnect."""
