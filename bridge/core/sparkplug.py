@@ -25,7 +25,6 @@ rather than failing the message for its other metrics.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -33,7 +32,9 @@ from typing import Literal, TypeAlias
 
 from bridge.config import Device, Point
 from bridge.core import sparkplug_pb2 as pb
-from bridge.core.codec import BIT_TABLES, Value
+from bridge.core.codec import Value
+from bridge.core.sparkplug_frame import Frame
+from bridge.core.sparkplug_types import WIRE, Wire, datatype
 
 NAMESPACE = "spBv1.0"
 BD_SEQ = "bdSeq"
@@ -109,108 +110,6 @@ def next_seq(seq: int) -> int:
     return (seq + 1) % SEQ_LIMIT
 
 
-# --- datatypes: how an engineering value travels ----------------------------------------------
-
-_FLOAT32_MAX = 3.4028234663852886e38
-_WireValue: TypeAlias = int | float | bool | str
-_Encode: TypeAlias = Callable[[Value], _WireValue | None]
-
-
-def _whole(value: Value) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    if isinstance(value, float) and not value.is_integer():
-        return None
-    return int(value)
-
-
-def _signed(bits: int) -> _Encode:
-    low, high, mask = -(1 << (bits - 1)), 1 << (bits - 1), (1 << bits) - 1
-
-    def encode(value: Value) -> int | None:
-        number = _whole(value)
-        return None if number is None or not low <= number < high else number & mask
-
-    return encode
-
-
-def _unsigned(bits: int) -> _Encode:
-    def encode(value: Value) -> int | None:
-        number = _whole(value)
-        return None if number is None or not 0 <= number < 1 << bits else number
-
-    return encode
-
-
-def _real(value: Value) -> float | None:
-    if type(value) is float:  # the common case first: this runs once per value published
-        return value
-    return None if isinstance(value, bool | str) else float(value)
-
-
-def _float32(value: Value) -> float | None:
-    number = value if type(value) is float else _real(value)
-    if number is None or -_FLOAT32_MAX <= number <= _FLOAT32_MAX or not math.isfinite(number):
-        return number
-    return None  # protobuf would quietly make it infinity
-
-
-def _boolean(value: Value) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    return bool(value) if isinstance(value, int) and value in (0, 1) else None
-
-
-def _text(value: Value) -> str | None:
-    # An enum state missing from the point's `values` map is published as its number.
-    return value if isinstance(value, str) else None if isinstance(value, bool) else str(value)
-
-
-@dataclass(frozen=True, slots=True)
-class Wire:
-    """How one datatype travels: the value field it uses and the conversion into it."""
-
-    field: str
-    encode: _Encode
-
-
-WIRE: Mapping[int, Wire] = {
-    pb.Int16: Wire("int_value", _signed(16)),
-    pb.Int32: Wire("int_value", _signed(32)),
-    pb.Int64: Wire("long_value", _signed(64)),
-    pb.UInt16: Wire("int_value", _unsigned(16)),
-    pb.UInt32: Wire("int_value", _unsigned(32)),
-    pb.UInt64: Wire("long_value", _unsigned(64)),
-    pb.Float: Wire("float_value", _float32),
-    pb.Double: Wire("double_value", _real),
-    pb.Boolean: Wire("boolean_value", _boolean),
-    pb.String: Wire("string_value", _text),
-}
-
-_BY_TYPE: Mapping[str, int] = {
-    "bool": pb.Boolean, "int16": pb.Int16, "uint16": pb.UInt16, "int32": pb.Int32,
-    "uint32": pb.UInt32, "int64": pb.Int64, "uint64": pb.UInt64, "float32": pb.Float,
-    "float64": pb.Double, "string": pb.String,
-}  # fmt: skip
-_INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
-
-
-def datatype(point: Point) -> int:
-    """The Sparkplug datatype of `point`'s engineering value (a `DataType` number).
-
-    The register type's own, except: an enum (`values`) is a String carrying the state's name,
-    a bit or coil is a Boolean, and an integer with a scale or offset is a Double. A float32
-    stays Float whatever its scale: its precision is the register's.
-    """
-    if point.values is not None:
-        return pb.String
-    if point.table in BIT_TABLES:
-        return pb.Boolean
-    if point.type in _INTEGER_TYPES and (point.scale != 1 or point.offset != 0):
-        return pb.Double
-    return _BY_TYPE[point.type]
-
-
 # --- aliases: the edge node's metrics ---------------------------------------------------------
 
 
@@ -232,7 +131,7 @@ class DeviceMetrics:
     """One device's metrics, found by name or alias (`by_name(name)`, `by_alias(alias)`: the
     metric, or None)."""
 
-    __slots__ = ("by_alias", "by_name", "metrics", "name")
+    __slots__ = ("_frame", "by_alias", "by_name", "metrics", "name")
 
     def __init__(self, name: str, metrics: tuple[MetricSpec, ...]) -> None:
         self.name = name
@@ -240,6 +139,14 @@ class DeviceMetrics:
         # dict lookups themselves, not methods around them: by_name runs once per value sent
         self.by_name: Callable[[str], MetricSpec | None] = {m.name: m for m in metrics}.get
         self.by_alias: Callable[[int], MetricSpec | None] = {m.alias: m for m in metrics}.get
+        self._frame: Frame | None = None
+
+    @property
+    def frame(self) -> Frame:
+        """The device's DDATA of every metric, kept between polls (made on first use)."""
+        if self._frame is None:
+            self._frame = Frame([(m.name, m.alias, m.datatype) for m in self.metrics])
+        return self._frame
 
 
 class NodeMetrics:
@@ -325,18 +232,34 @@ def ddata(
     values: Mapping[str, Value],
     *,
     acquired: int,
-    seq: int,
+    seq: int | None,
     ts: int,
     historical: bool = False,
     quality: Quality = Quality.GOOD,
 ) -> bytes:
     """A device's data: per value its alias, the value and `acquired` (no name, no datatype).
 
+    The metric timestamp goes with every value, although all of them share `acquired`: the
+    specification asks for it in every DDATA metric (tck-id-payloads-name-birth-data-requirement).
+    `seq` None leaves the field out (the buffer's form: bridge.core.sparkplug_stored).
     `historical` marks replayed readings (is_historical); a `quality` other than good goes
     with every metric as its Quality property. Names the birth did not define are left out:
     a host could not resolve them.
+
+    A poll of every metric, all of them good and fitting, is the common case: it reuses the
+    device's frame (bridge.core.sparkplug_frame); anything else builds a payload of its own.
     """
-    payload = pb.Payload(timestamp=ts, seq=_seq(seq))
+    if not historical and quality == Quality.GOOD:
+        frame = device.frame
+        if frame.fill(values, acquired):
+            whole = frame.payload
+            whole.timestamp = ts
+            if seq is None:
+                whole.ClearField("seq")
+            else:
+                whole.seq = _seq(seq)
+            return whole.SerializeToString()
+    payload = pb.Payload(timestamp=ts) if seq is None else pb.Payload(timestamp=ts, seq=_seq(seq))
     add, by_name, flagged = payload.metrics.add, device.by_name, quality != Quality.GOOD
     for name, value in values.items():
         spec = by_name(name)

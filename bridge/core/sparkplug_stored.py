@@ -59,27 +59,36 @@ class DeviceData:
     can be encoded and `messages` returns none.
     """
 
-    __slots__ = ("_last", "_last_ts", "metrics", "topic")
+    __slots__ = ("_all_ts", "_last", "_last_ts", "_points", "metrics", "topic")
 
     def __init__(self, device: Device, settings: Sparkplug) -> None:
         self.topic = sp.topic(settings.group_id, "DDATA", settings.edge_node_id, device.name)
         self.metrics: sp.DeviceMetrics | None = None
+        self._points = len({p.name for p in device.points})
         self._last: dict[str, Value] = {}
-        self._last_ts: dict[str, int] = {}
+        self._all_ts = 0  # when every point was last read at once
+        self._last_ts: dict[str, int] = {}  # those read alone since, when
 
     def remember(self, values: Mapping[str, Value], ts: int) -> None:
         """Every value read, changed or not: a birth carries each metric's last value."""
         self._last.update(values)
-        self._last_ts.update(dict.fromkeys(values, ts))
+        if len(values) == self._points:  # they name points of the device only: every one
+            # a poll of every point (the common case): one time for all, no loop per value
+            self._all_ts = ts
+            self._last_ts.clear()
+        else:
+            self._last_ts.update(dict.fromkeys(values, ts))
 
     def messages(self, values: Mapping[str, Value], ts: int) -> list[Message]:
         """One DDATA without seq for `values` acquired at `ts` (QoS 0, as the spec says)."""
         if not values or self.metrics is None:
             return []
-        payload = sp.ddata(self.metrics, values, acquired=ts, seq=0, ts=ts)
-        return [Message(self.topic, unsequenced(payload), 0, False, ts)]
+        payload = sp.ddata(self.metrics, values, acquired=ts, seq=None, ts=ts)
+        return [Message(self.topic, payload, 0, False, ts)]
 
     def samples(self, quality: sp.Quality) -> dict[str, sp.Sample]:
         """Every metric's last value (those never read are left out: null in the birth)."""
-        ts = self._last_ts
-        return {name: sp.Sample(value, ts[name], quality) for name, value in self._last.items()}
+        at, every = self._last_ts.get, self._all_ts
+        return {
+            name: sp.Sample(value, at(name, every), quality) for name, value in self._last.items()
+        }
