@@ -50,9 +50,26 @@ async def until(
         if result:
             return
         if time.monotonic() > deadline:
-            described = what() if callable(what) else what
-            raise AssertionError(f"waited {timeout:g}s for {described}")
+            raise AssertionError(f"waited {timeout:g}s for {_described(what)}")
         await asyncio.sleep(every)
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float = WAIT,
+    what: str | Callable[[], str] = "the condition",
+    every: float = 0.05,
+) -> None:
+    """`until` where there is no event loop to yield to: the same deadline, blocking."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g}s for {_described(what)}")
+        time.sleep(every)
+
+
+def _described(what: str | Callable[[], str]) -> str:
+    return what() if callable(what) else what
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -73,6 +90,7 @@ async def metrics(port: int) -> dict[str, float]:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (the kernel's pick, released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -98,14 +116,18 @@ def wait_for_port(
 ) -> None:
     """Wait until something listens on 127.0.0.1:`port` (failing at once if `process`,
     which is to listen there, exits)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
+            return True
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"{process.args!r} exited {process.returncode} before listening")
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+        return False
+
+    try:
+        wait_until(listening, timeout)
+    except AssertionError:
+        raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:g}s") from None
 
 
 @dataclass
@@ -403,22 +425,22 @@ class Socat:
              f"pty,raw,echo=0,link={self.b}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + WAIT
-        while not (self.a.exists() and self.b.exists()):
-            assert time.monotonic() < deadline, "socat did not create its ptys"
-            assert self.process.poll() is None, "socat exited"
-            time.sleep(0.01)
+        process = self.process
+
+        def created() -> bool:
+            assert process.poll() is None, "socat exited"
+            return self.a.exists() and self.b.exists()
+
+        wait_until(created, what="socat to create its ptys", every=0.01)
 
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process)
         self.process = None
-        deadline = time.monotonic() + 5
-        while self.a.exists() or self.b.exists():  # socat removes its links on the way out
-            if time.monotonic() > deadline:
-                self.a.unlink(missing_ok=True)
-                self.b.unlink(missing_ok=True)
-            time.sleep(0.01)
+        with contextlib.suppress(AssertionError):  # socat removes its links on the way out
+            wait_until(lambda: not (self.a.exists() or self.b.exists()), 5, every=0.01)
+        self.a.unlink(missing_ok=True)
+        self.b.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """Close the line abruptly, as an unplugged USB converter does (links stay behind)."""

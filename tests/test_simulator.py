@@ -21,13 +21,7 @@ from bridge.core.codec import Field, decode
 from bridge.errors import BridgeError, TransportError
 from bridge.sim.broker import broker_answers, start_embedded_broker
 from bridge.sim.tcp import Simulator
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
+from tests.helpers import free_port, until
 
 CONFIG = """\
 version: 1
@@ -372,12 +366,13 @@ class TestDemoWrites:
             demo = asyncio.create_task(
                 run_demo(tmp_path / "bridge.yaml", out=out, stop=stop, write_every=1.0))
             try:
-                deadline = asyncio.get_running_loop().time() + 60
-                while not ('/set/result  {"ok":true' in out.getvalue()
-                           and "plc-1/temperature " in out.getvalue()):
+                def shown() -> bool:
                     assert not demo.done(), (demo, out.getvalue())
-                    assert asyncio.get_running_loop().time() < deadline, out.getvalue()
-                    await asyncio.sleep(0.1)
+                    return ('/set/result  {"ok":true' in out.getvalue()
+                            and "plc-1/temperature " in out.getvalue())
+
+                await until(shown, 60, lambda: f"a write and a reading in:\n{out.getvalue()}",
+                            every=0.1)
             finally:
                 stop.set()
                 assert await asyncio.wait_for(demo, 30) == 0
