@@ -14,14 +14,15 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, settings
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, VOLTAGE, Broker, Daemons, free_port, mosquitto, simulated
 
 # Property tests are judged by their examples, not by how fast a shared machine runs them:
 # no per-example deadline, no "too slow" health check (tests may still set their own).
@@ -124,3 +125,38 @@ def fast_tier_starts_nothing(
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse("starts a process"))
     monkeypatch.setattr(socket.socket, "listen", refuse("listens on a socket"))
     monkeypatch.setattr(os, "openpty", refuse("opens a pty"))
+
+
+# --- the real parts integration tests share (tests/helpers.py has the rest) -------------------
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A plain mosquitto for the test; a module that needs another (TLS, passwords, more
+    logging) defines its own `broker`."""
+    with mosquitto(tmp_path) as b:
+        yield b
+
+
+@pytest.fixture
+def daemons() -> Iterator[Daemons]:
+    """Start daemons with `daemons.start(config)`; those still running are killed after."""
+    started = Daemons()
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+async def voltage_device(tmp_path: Path) -> AsyncIterator[int]:
+    """A simulated meter, unit 1, whose input registers 0-1 hold VOLTAGE (float32, point
+    `voltage`); yields its port on 127.0.0.1."""
+    port = free_port()
+    path = tmp_path / "device.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1,
+        "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": port}],
+        "devices": [{"name": "dev", "link": "plc", "points": [
+            {"name": "voltage", "table": "input", "address": 0, "type": "float32"}]}],
+    }))
+    async with simulated(path, {"dev": {"voltage": VOLTAGE}}):
+        yield port

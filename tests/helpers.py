@@ -23,12 +23,17 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import aiomqtt
+
+from bridge.config import Config, load_config
+from bridge.core.codec import Value
+from bridge.sim.tcp import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 30.0  # seconds: the deadline for anything a test waits on; reached only when it fails
@@ -314,6 +319,34 @@ class Daemon:
         if self.process is not None:
             stop_process(self.process, signal.SIGKILL)
 
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class Daemons:
+    """The daemons one test starts (the `daemons` fixture kills those still running)."""
+
+    def __init__(self) -> None:
+        self.started: list[Daemon] = []
+
+    def start(
+        self, config: Path, env: dict[str, str] | None = None, log_level: str | None = None
+    ) -> Daemon:
+        daemon = Daemon(config, log_level=log_level)
+        daemon.start(env)
+        self.started.append(daemon)
+        return daemon
+
+    def stop(self) -> None:
+        for daemon in self.started:
+            daemon.stop()
+
 
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 30, env: dict[str, str] | None = None
@@ -326,6 +359,27 @@ def run_cli(
             capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, check=False,
             env=subprocess_env(Path(state), env),
         )
+
+
+VOLTAGE = 229.75  # what the `voltage_device` fixture serves
+
+
+@contextlib.asynccontextmanager
+async def simulated(
+    config: Path | Config, values: Mapping[str, Mapping[str, Value]] | None = None,
+    *, seed: int | None = None,
+) -> AsyncIterator[Simulator]:
+    """The devices of `config` (a file or a loaded Config) served by the simulator in this
+    event loop, with `values` set ({device: {point: value}}); stopped on the way out."""
+    sim = Simulator(config if isinstance(config, Config) else load_config(config), seed=seed)
+    await sim.start()
+    try:
+        for device, points in (values or {}).items():
+            for point, value in points.items():
+                sim.set_value(device, point, value)
+        yield sim
+    finally:
+        await sim.stop()
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import load_config
-from bridge.sim.tcp import Simulator
-from tests.helpers import Daemon, free_port, mosquitto, recording
+from tests.helpers import Broker, Daemon, free_port, recording, simulated
 from tests.test_e2e import write_config
 
 pytestmark = pytest.mark.integration  # starts processes or socket servers
@@ -19,19 +17,18 @@ pytestmark = pytest.mark.integration  # starts processes or socket servers
 PREFIX = "m2m/e2e"
 
 
-async def test_sigterm_sets_every_device_and_the_gateway_offline(tmp_path: Path) -> None:
+async def test_sigterm_sets_every_device_and_the_gateway_offline(
+    tmp_path: Path, broker: Broker
+) -> None:
     """Statuses describe now: after a stop no device stays retained `online`."""
-    with mosquitto(tmp_path) as broker:
-        config = write_config(
-            tmp_path / "bridge.yaml", broker.port, free_port(), [{"name": "level", "address": 0}],
-            extra_devices=[{"name": "dev2", "link": "plc", "unit": 2, "interval": "200ms",
-                            "points": [{"name": "level", "address": 0}]}],
-        )
-        sim = Simulator(load_config(config))
-        await sim.start()
-        daemon = Daemon(config)
-        statuses = [f"{PREFIX}/status", f"{PREFIX}/dev/status", f"{PREFIX}/dev2/status"]
-        try:
+    config = write_config(
+        tmp_path / "bridge.yaml", broker.port, free_port(), [{"name": "level", "address": 0}],
+        extra_devices=[{"name": "dev2", "link": "plc", "unit": 2, "interval": "200ms",
+                        "points": [{"name": "level", "address": 0}]}],
+    )
+    statuses = [f"{PREFIX}/status", f"{PREFIX}/dev/status", f"{PREFIX}/dev2/status"]
+    async with simulated(config):
+        with Daemon(config) as daemon:
             async with recording(broker.port, f"{PREFIX}/#") as live:
                 daemon.start()
                 await live.wait_for(lambda: all(live.last(t) == b"online" for t in statuses))
@@ -41,7 +38,4 @@ async def test_sigterm_sets_every_device_and_the_gateway_offline(tmp_path: Path)
             async with recording(broker.port, f"{PREFIX}/#") as later:
                 await later.wait_for(lambda: all(later.last(t) == b"offline" for t in statuses))
                 assert all(retained for t, _, retained in later.messages if t in statuses)
-        finally:
-            daemon.stop()
-            await sim.stop()
     assert "Traceback" not in daemon.output(), daemon.output()

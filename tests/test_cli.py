@@ -19,12 +19,10 @@ import pytest
 import yaml
 
 from bridge.cli import build_parser
-from bridge.config import load_config
 from bridge.core.codec import shortest_float32
 from bridge.errors import TransportError
-from bridge.sim.tcp import Simulator
 from bridge.transports.modbus import Endpoint, ModbusClient
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, simulated
 
 POINTS = [
     {"name": "voltage", "table": "input", "address": 0, "type": "float32", "unit": "V"},
@@ -72,17 +70,11 @@ async def cli(*args: str) -> subprocess.CompletedProcess[str]:
 async def device(tmp_path: Path) -> AsyncIterator[tuple[Path, int]]:
     port = free_port()
     path = config_file(tmp_path, port, NAMEPLATE)
-    sim = Simulator(load_config(path))
-    await sim.start()
     values: dict[str, Any] = {"voltage": 230.5, "current": 4.25, "temp": 21.5,
                               "state": "running", "pump_on": True,
                               "model": "PX-200  ", "power": POWER, "limit": 50.0}
-    for name, value in values.items():
-        sim.set_value("meter", name, value)
-    try:
+    async with simulated(path, {"meter": values}):
         yield path, port
-    finally:
-        await sim.stop()
 
 
 class TestRead:

@@ -21,7 +21,7 @@ from bridge.mqtt.wire import Incoming
 from bridge.sim.tcp import Simulator
 from bridge.transports.link import Link
 from bridge.transports.modbus import Endpoint, ModbusClient
-from tests.helpers import free_port
+from tests.helpers import free_port, simulated
 
 NUMERIC_TYPES: tuple[PointType, ...] = (
     "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"
@@ -256,16 +256,14 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[Simulator, Harness]]:
     path = tmp_path / "bridge.yaml"
     path.write_text(CONFIG.format(port=free_port()))
     config = load_config(path)
-    sim = Simulator(config)
-    await sim.start()
     link_config = config.links[0]
     assert link_config.type == "tcp"
-    link = Link(ModbusClient(Endpoint("tcp", "127.0.0.1", link_config.port, 0.5)))
-    try:
-        yield sim, Harness(config, link)
-    finally:
-        link.close()
-        await sim.stop()
+    async with simulated(config) as sim:
+        link = Link(ModbusClient(Endpoint("tcp", "127.0.0.1", link_config.port, 0.5)))
+        try:
+            yield sim, Harness(config, link)
+        finally:
+            link.close()
 
 
 class TestHandler:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from bridge.config import load_config
 from bridge.sim.tcp import Simulator
-from tests.helpers import Broker, Daemon, free_port, metrics, mosquitto, recording, until
+from tests.helpers import Broker, Daemons, free_port, metrics, recording, simulated, until
 
 pytestmark = pytest.mark.integration  # starts processes or socket servers
 
@@ -91,52 +90,25 @@ def write_config(
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with mosquitto(tmp_path) as b:
-        yield b
-
-
-@pytest.fixture
 async def device(tmp_path: Path) -> AsyncIterator[tuple[Simulator, int, dict[str, Any]]]:
     """A pymodbus slave serving every_type_points() with the expected values set."""
     port = free_port()
     points, expected = every_type_points()
     cfg = write_config(tmp_path / "device.yaml", 1883, port, points)
-    sim = Simulator(load_config(cfg))
-    await sim.start()
-    for name, value in expected.items():
-        sim.set_value("dev", name, value)
-    try:
+    async with simulated(cfg, {"dev": expected}) as sim:
         yield sim, port, expected
-    finally:
-        await sim.stop()
-
-
-@pytest.fixture
-def daemon() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.stop()
-
-
-def start(daemons: list[Daemon], config: Path) -> Daemon:
-    d = Daemon(config)
-    d.start()
-    daemons.append(d)
-    return d
 
 
 async def test_every_type_and_byte_order_arrives_and_sigterm_publishes_offline(
     tmp_path: Path, broker: Broker, device: tuple[Simulator, int, dict[str, Any]],
-    daemon: list[Daemon],
+    daemons: Daemons,
 ) -> None:
     """Each point's value, ts and unit arrive on its topic; SIGTERM leaves `offline`, exit 0."""
     _, port, expected = device
     points, _ = every_type_points()
     config = write_config(tmp_path / "bridge.yaml", broker.port, port, points)
     async with recording(broker.port, f"{PREFIX}/#") as rec:
-        d = start(daemon, config)
+        d = daemons.start(config)
         await rec.wait_for(lambda: all(rec.payloads(f"{PREFIX}/dev/{n}") for n in expected))
         for name, value in expected.items():
             body = json.loads(rec.payloads(f"{PREFIX}/dev/{name}")[-1])
@@ -156,7 +128,7 @@ async def test_every_type_and_byte_order_arrives_and_sigterm_publishes_offline(
 
 async def test_per_device_messages_and_value_format(
     tmp_path: Path, broker: Broker, device: tuple[Simulator, int, dict[str, Any]],
-    daemon: list[Daemon],
+    daemons: Daemons,
 ) -> None:
     """messages: per-device sends one {"ts", "values"} per poll with every point."""
     _, port, expected = device
@@ -164,7 +136,7 @@ async def test_per_device_messages_and_value_format(
     config = write_config(tmp_path / "bridge.yaml", broker.port, port, points,
                           mqtt={"messages": "per-device"})
     async with recording(broker.port, f"{PREFIX}/#") as rec:
-        start(daemon, config)
+        daemons.start(config)
         await rec.wait_for(lambda: len(rec.payloads(f"{PREFIX}/dev")) >= 2)
     bodies = [json.loads(p) for p in rec.payloads(f"{PREFIX}/dev")]
     merged: dict[str, Any] = {}
@@ -176,7 +148,7 @@ async def test_per_device_messages_and_value_format(
 
 async def test_value_format_publishes_bare_values(
     tmp_path: Path, broker: Broker, device: tuple[Simulator, int, dict[str, Any]],
-    daemon: list[Daemon],
+    daemons: Daemons,
 ) -> None:
     """format: value publishes just the JSON value."""
     _, port, _ = device
@@ -185,7 +157,7 @@ async def test_value_format_publishes_bare_values(
     config = write_config(tmp_path / "bridge.yaml", broker.port, port, points,
                           mqtt={"format": "value"})
     async with recording(broker.port, f"{PREFIX}/#") as rec:
-        start(daemon, config)
+        daemons.start(config)
         await rec.wait_for(lambda: rec.payloads(f"{PREFIX}/dev/state"))
         assert rec.payloads(f"{PREFIX}/dev/voltage")[-1] == b"229.75"
         assert rec.payloads(f"{PREFIX}/dev/state")[-1] == b'"fault"'
@@ -193,7 +165,7 @@ async def test_value_format_publishes_bare_values(
 
 async def test_on_change_respects_deadband(
     tmp_path: Path, broker: Broker, device: tuple[Simulator, int, dict[str, Any]],
-    daemon: list[Daemon],
+    daemons: Daemons,
 ) -> None:
     """report: on-change publishes the first value, skips changes under the deadband."""
     sim, port, _ = device
@@ -218,7 +190,7 @@ async def test_on_change_respects_deadband(
         return await polls() >= target
 
     async with recording(broker.port, f"{PREFIX}/#") as rec:
-        start(daemon, config)
+        daemons.start(config)
         await rec.wait_for(lambda: rec.payloads(topic))
         await rec.wait_for(lambda: len(rec.messages) >= 3)  # statuses + first value
         sim.set_value("dev", "voltage", 230.25)  # +0.5: under the deadband
@@ -232,7 +204,7 @@ async def test_on_change_respects_deadband(
 
 async def test_dead_device_goes_offline_while_live_one_keeps_publishing(
     tmp_path: Path, broker: Broker, device: tuple[Simulator, int, dict[str, Any]],
-    daemon: list[Daemon],
+    daemons: Daemons,
 ) -> None:
     """A device that does not answer goes offline after offline_after polls; others go on."""
     _, port, _ = device
@@ -244,7 +216,7 @@ async def test_dead_device_goes_offline_while_live_one_keeps_publishing(
     config = write_config(tmp_path / "bridge.yaml", broker.port, port, points,
                           extra_devices=[dead], extra_links=[nowhere])
     async with recording(broker.port, f"{PREFIX}/#") as rec:
-        d = start(daemon, config)
+        d = daemons.start(config)
         await rec.wait_for(lambda: rec.last(f"{PREFIX}/ghost/status") == b"offline")
         before = len(rec.payloads(f"{PREFIX}/dev/voltage"))
         await rec.wait_for(lambda: len(rec.payloads(f"{PREFIX}/dev/voltage")) >= before + 4)
@@ -254,12 +226,12 @@ async def test_dead_device_goes_offline_while_live_one_keeps_publishing(
 
 
 async def test_bad_config_is_refused_before_touching_anything(
-    tmp_path: Path, broker: Broker, daemon: list[Daemon]
+    tmp_path: Path, broker: Broker, daemons: Daemons
 ) -> None:
     """`run` with an invalid config exits 78 with file:line: path: message."""
     config = tmp_path / "bad.yaml"
     write_config(config, broker.port, free_port(), [{"name": "x", "address": 0, "type": "int33"}])
-    d = start(daemon, config)
+    d = daemons.start(config)
     assert d.wait() == 78
     assert "bad.yaml:" in d.output()
     assert "devices[0].points[0].type" in d.output()
@@ -268,7 +240,7 @@ async def test_bad_config_is_refused_before_touching_anything(
 
 async def test_mqtt_311_brokers_get_the_same_contract(
     tmp_path: Path, broker: Broker, device: tuple[Simulator, int, dict[str, Any]],
-    daemon: list[Daemon],
+    daemons: Daemons,
 ) -> None:
     """protocol: 3.1.1 (on aiomqtt) publishes the same topics, payloads and statuses."""
     _, port, _ = device
@@ -277,7 +249,7 @@ async def test_mqtt_311_brokers_get_the_same_contract(
     config = write_config(tmp_path / "bridge.yaml", broker.port, port, points,
                           mqtt={"protocol": "3.1.1"})
     async with recording(broker.port, f"{PREFIX}/#") as rec:
-        d = start(daemon, config)
+        d = daemons.start(config)
         await rec.wait_for(lambda: rec.payloads(f"{PREFIX}/dev/voltage"))
         body = json.loads(rec.payloads(f"{PREFIX}/dev/voltage")[-1])
         assert (body["value"], body["unit"]) == (229.75, "V")

@@ -22,10 +22,17 @@ import pytest
 import yaml
 
 from bridge.buffer import DiskBuffer
-from bridge.config import load_config
 from bridge.core.messages import Message
-from bridge.sim.tcp import Simulator
-from tests.helpers import Daemon, Recorder, free_port, metrics, mosquitto, recording, until
+from tests.helpers import (
+    Daemon,
+    Recorder,
+    free_port,
+    metrics,
+    mosquitto,
+    recording,
+    simulated,
+    until,
+)
 
 pytestmark = pytest.mark.integration  # mounts a tmpfs, starts a broker and daemons
 
@@ -75,12 +82,8 @@ def write_config(tmp_path: Path, state: Path, broker: int, device: int, metrics_
 @pytest.fixture
 async def device(tmp_path: Path) -> AsyncIterator[int]:
     port = free_port()
-    sim = Simulator(load_config(write_config(tmp_path, tmp_path / "sim", 1, port, 1)))
-    await sim.start()
-    try:
+    async with simulated(write_config(tmp_path, tmp_path / "sim", 1, port, 1)):
         yield port
-    finally:
-        await sim.stop()
 
 
 def free_bytes(path: Path) -> int:

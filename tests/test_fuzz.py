@@ -19,7 +19,7 @@ import json
 import random
 import shutil
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,7 @@ from hypothesis import strategies as st
 from bridge.config import load_config
 from bridge.core.codec import BYTE_ORDERS, POINT_TYPES, BlockLayout, Field, decode, encode
 from bridge.errors import CodecError, ConfigError, DeviceError, TransportError
-from bridge.sim.tcp import Simulator
-from tests.helpers import ROOT, Broker, Daemon, free_port, mosquitto, recording, until
+from tests.helpers import ROOT, VOLTAGE, Broker, Daemon, recording, until
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 READ_FCS = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
@@ -449,34 +448,9 @@ HOSTILE_CYCLE: list[Reply] = [
 ]
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with mosquitto(tmp_path) as b:
-        yield b
-
-
-@pytest.fixture
-async def healthy(tmp_path: Path) -> AsyncIterator[int]:
-    port = free_port()
-    path = tmp_path / "healthy.yaml"
-    path.write_text(yaml.safe_dump({
-        "version": 1,
-        "links": [{"name": "good", "type": "tcp", "host": "127.0.0.1", "port": port}],
-        "devices": [{"name": "good", "link": "good", "points": [
-            {"name": "voltage", "table": "input", "address": 0, "type": "float32"}]}],
-    }))
-    sim = Simulator(load_config(path))
-    await sim.start()
-    sim.set_value("good", "voltage", 230.5)
-    try:
-        yield port
-    finally:
-        await sim.stop()
-
-
 @pytest.mark.integration
 async def test_daemon_keeps_polling_beside_a_hostile_slave_and_never_writes(
-    tmp_path: Path, broker: Broker, healthy: int
+    tmp_path: Path, broker: Broker, voltage_device: int
 ) -> None:
     calls = 0
 
@@ -502,7 +476,7 @@ async def test_daemon_keeps_polling_beside_a_hostile_slave_and_never_writes(
         "gateway": {"id": "fuzz", "state_dir": str(tmp_path / "state")},
         "mqtt": {"host": "127.0.0.1", "port": broker.port},
         "links": [
-            {"name": "good", "type": "tcp", "host": "127.0.0.1", "port": healthy,
+            {"name": "good", "type": "tcp", "host": "127.0.0.1", "port": voltage_device,
              "timeout": "300ms"},
             {"name": "evil", "type": "tcp", "host": "127.0.0.1", "port": slave.port,
              "timeout": "150ms"},
@@ -525,7 +499,7 @@ async def test_daemon_keeps_polling_beside_a_hostile_slave_and_never_writes(
                         what=lambda: f"a round of the hostile cycle ({calls} requests)")
             before = len(rec.payloads(topic))
             await rec.wait_for(lambda: len(rec.payloads(topic)) >= before + 5)
-            assert json.loads(rec.payloads(topic)[-1])["value"] == 230.5
+            assert json.loads(rec.payloads(topic)[-1])["value"] == VOLTAGE
             assert daemon.process is not None
             assert daemon.process.poll() is None, daemon.output()
             assert rec.last("m2m/fuzz/good/status") == b"online"

@@ -20,9 +20,8 @@ import yaml
 
 from bridge.config import load_config
 from bridge.health import Activity
-from bridge.sim.tcp import Simulator
 from bridge.systemd import watchdog
-from tests.helpers import Broker, Daemon, free_port, mosquitto, recording, until
+from tests.helpers import Broker, Daemon, free_port, recording, simulated, until
 
 PREFIX = "m2m/life"
 
@@ -43,24 +42,12 @@ def config_doc(broker: int, device: int, interval_b: str = "200ms") -> dict[str,
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with mosquitto(tmp_path) as b:
-        yield b
-
-
-@pytest.fixture
 async def setup(tmp_path: Path, broker: Broker) -> AsyncIterator[tuple[Path, Daemon]]:
-    port = free_port()
     path = tmp_path / "bridge.yaml"
-    path.write_text(yaml.safe_dump(config_doc(broker.port, port)))
-    sim = Simulator(load_config(path))
-    await sim.start()
-    daemon = Daemon(path)
-    try:
-        yield path, daemon
-    finally:
-        daemon.stop()
-        await sim.stop()
+    path.write_text(yaml.safe_dump(config_doc(broker.port, free_port())))
+    async with simulated(path):
+        with Daemon(path) as daemon:
+            yield path, daemon
 
 
 def gaps(stamps: list[int]) -> list[int]:

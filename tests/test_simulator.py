@@ -21,7 +21,7 @@ from bridge.core.codec import Field, decode
 from bridge.errors import BridgeError, TransportError
 from bridge.sim.broker import broker_answers, start_embedded_broker
 from bridge.sim.tcp import Simulator
-from tests.helpers import free_port, until
+from tests.helpers import free_port, simulated, until
 
 CONFIG = """\
 version: 1
@@ -70,12 +70,8 @@ def port() -> int:
 
 @pytest.fixture
 async def simulator(tmp_path: Path, port: int) -> AsyncIterator[Simulator]:
-    sim = Simulator(write_config(tmp_path, port), seed=1)
-    await sim.start()
-    try:
+    async with simulated(write_config(tmp_path, port), seed=1) as sim:
         yield sim
-    finally:
-        await sim.stop()
 
 
 @pytest.fixture

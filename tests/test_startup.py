@@ -19,16 +19,14 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.config import load_config
-from bridge.sim.tcp import Simulator
 from tests.helpers import (
     Broker,
     Daemon,
     Recorder,
     free_port,
-    mosquitto,
     recording,
     run_cli,
+    simulated,
     until,
 )
 
@@ -153,12 +151,6 @@ def test_a_secret_that_would_block_is_refused_at_once(
     assert "not a regular file" in line
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    with mosquitto(tmp_path) as b:
-        yield b
-
-
 @dataclass
 class Running:
     """A daemon polling one simulated point every 100 ms, and a recorder of its readings."""
@@ -177,17 +169,11 @@ class Running:
 async def running(tmp_path: Path, broker: Broker) -> AsyncIterator[Running]:
     doc = config_doc(broker.port, free_port(), state_dir=str(tmp_path / "state"))
     path = write_config(tmp_path, doc)
-    sim = Simulator(load_config(path))
-    await sim.start()
-    daemon = Daemon(path)
-    try:
-        async with recording(broker.port, "m2m/start/a/v") as rec:
+    async with simulated(path), recording(broker.port, "m2m/start/a/v") as rec:
+        with Daemon(path) as daemon:
             daemon.start()
             await rec.wait_for(lambda: len(rec.payloads("m2m/start/a/v")) >= 3)
             yield Running(doc, path, daemon, rec)
-    finally:
-        daemon.stop()
-        await sim.stop()
 
 
 async def test_a_slow_reload_never_stalls_polling(running: Running) -> None:

@@ -15,9 +15,17 @@ import aiomqtt
 import pytest
 import yaml
 
-from bridge.config import load_config
 from bridge.sim.tcp import Simulator
-from tests.helpers import Daemon, Recorder, free_port, metrics, mosquitto, recording, until
+from tests.helpers import (
+    Daemon,
+    Recorder,
+    free_port,
+    metrics,
+    mosquitto,
+    recording,
+    simulated,
+    until,
+)
 
 pytestmark = pytest.mark.integration  # starts processes or socket servers
 
@@ -47,12 +55,8 @@ def write_config(tmp_path: Path, broker: int, device: int, **extra: Any) -> Path
 @pytest.fixture
 async def device(tmp_path: Path) -> AsyncIterator[tuple[Simulator, int]]:
     port = free_port()
-    sim = Simulator(load_config(write_config(tmp_path, 1, port)))
-    await sim.start()
-    try:
+    async with simulated(write_config(tmp_path, 1, port)) as sim:
         yield sim, port
-    finally:
-        await sim.stop()
 
 
 async def count_up(sim: Simulator, stop: asyncio.Event) -> None:

@@ -24,11 +24,11 @@ import aiomqtt
 import pytest
 import yaml
 
-from bridge.config import load_config
-from bridge.sim.tcp import Simulator
 from tests.helpers import (
+    VOLTAGE,
     Broker,
     Daemon,
+    Daemons,
     Pki,
     Recorder,
     free_port,
@@ -68,33 +68,6 @@ def broker(tmp_path: Path, pki: Pki) -> Iterator[Broker]:
         yield b
 
 
-@pytest.fixture
-async def device(tmp_path: Path) -> AsyncIterator[int]:
-    """A pymodbus slave whose input registers 0-1 hold 229.75 (float32); yields its port."""
-    port = free_port()
-    path = tmp_path / "device.yaml"
-    path.write_text(yaml.safe_dump({
-        "version": 1,
-        "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": port}],
-        "devices": [{"name": "dev", "link": "plc", "points": POINTS}],
-    }))
-    sim = Simulator(load_config(path))
-    await sim.start()
-    sim.set_value("dev", "voltage", 229.75)
-    try:
-        yield port
-    finally:
-        await sim.stop()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for d in started:
-        d.stop()
-
-
 def client_tls(pki: Pki, ca: Path | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca or pki.ca))
     context.load_cert_chain(pki.client_cert, pki.client_key)
@@ -123,7 +96,7 @@ def write_config(tmp: Path, broker: int, device: int, pki: Pki, *, metrics_port:
 
 
 def start_daemon(
-    daemons: list[Daemon], config: Path, password: str, log_level: str = "debug"
+    daemons: Daemons, config: Path, password: str, log_level: str = "debug"
 ) -> Daemon:
     """The daemon with its password in a credentials directory, as LoadCredential= does."""
     credentials = config.parent / "credentials"
@@ -131,10 +104,7 @@ def start_daemon(
     secret = credentials / "mqtt_password"
     secret.write_text(password + "\n")
     secret.chmod(0o600)
-    d = Daemon(config, log_level=log_level)
-    d.start(env={"CREDENTIALS_DIRECTORY": str(credentials)})
-    daemons.append(d)
-    return d
+    return daemons.start(config, {"CREDENTIALS_DIRECTORY": str(credentials)}, log_level)
 
 
 @contextlib.asynccontextmanager
@@ -159,6 +129,13 @@ def log_events(d: Daemon) -> list[dict[str, Any]]:
     return events
 
 
+def only_failure(d: Daemon, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The one warning or error the daemon logged: a failure is said once, not per attempt."""
+    failures = [e for e in events if e.get("level") in ("warning", "error")]
+    assert len(failures) == 1, d.output()
+    return failures[0]
+
+
 async def keeps_trying(d: Daemon, metrics_port: int, attempts: int, *events: str) -> None:
     """Wait until the daemon has failed to connect `attempts` times (its reconnect counter) and
     logged each of `events`, failing at once if it exits."""
@@ -174,14 +151,14 @@ async def keeps_trying(d: Daemon, metrics_port: int, attempts: int, *events: str
 
 
 async def test_bridge_publishes_over_mutual_tls_with_a_credential_password(
-    tmp_path: Path, broker: Broker, device: int, pki: Pki, daemons: list[Daemon]
+    tmp_path: Path, broker: Broker, voltage_device: int, pki: Pki, daemons: Daemons
 ) -> None:
-    config = write_config(tmp_path, broker.port, device, pki)
+    config = write_config(tmp_path, broker.port, voltage_device, pki)
     async with watching(broker, pki) as rec:
         d = start_daemon(daemons, config, BRIDGE_PASSWORD)
         await rec.wait_for(lambda: len(rec.payloads(f"{PREFIX}/dev/voltage")) >= 2)
         body = json.loads(rec.payloads(f"{PREFIX}/dev/voltage")[-1])
-        assert body["value"] == 229.75
+        assert body["value"] == VOLTAGE
         assert body["unit"] == "V"
         assert rec.last(f"{PREFIX}/status") == b"online"
         assert rec.last(f"{PREFIX}/dev/status") == b"online"
@@ -233,12 +210,12 @@ async def test_acl_confines_the_bridge_user_to_its_prefix(broker: Broker, pki: P
 
 
 async def test_wrong_ca_fails_cleanly_and_publishes_nothing(
-    tmp_path: Path, broker: Broker, device: int, pki: Pki, daemons: list[Daemon]
+    tmp_path: Path, broker: Broker, voltage_device: int, pki: Pki, daemons: Daemons
 ) -> None:
     """A CA that did not sign the broker's certificate: one line naming certificate
     verification, the daemon keeps running (and polling), nothing reaches the broker."""
     metrics_port = free_port()
-    config = write_config(tmp_path, broker.port, device, pki, metrics_port=metrics_port,
+    config = write_config(tmp_path, broker.port, voltage_device, pki, metrics_port=metrics_port,
                           ca_file=str(pki.other_ca))
     async with watching(broker, pki) as rec:
         d = start_daemon(daemons, config, BRIDGE_PASSWORD)
@@ -246,9 +223,7 @@ async def test_wrong_ca_fails_cleanly_and_publishes_nothing(
         await keeps_trying(d, metrics_port, 3, "broker certificate verification failed")
         assert not [t for t, _, _ in rec.messages if t.startswith(PREFIX)], rec.messages
     events = log_events(d)
-    failures = [e for e in events if e.get("level") in ("warning", "error")]
-    assert len(failures) == 1, d.output()
-    line = failures[0]
+    line = only_failure(d, events)
     assert line["event"] == "broker certificate verification failed", line
     assert "certificate verify failed" in line["error"], line
     assert "mqtt.tls.ca_file" in line["error"], line
@@ -256,19 +231,16 @@ async def test_wrong_ca_fails_cleanly_and_publishes_nothing(
 
 
 async def test_wrong_password_fails_cleanly_naming_authorization(
-    tmp_path: Path, broker: Broker, device: int, pki: Pki, daemons: list[Daemon]
+    tmp_path: Path, broker: Broker, voltage_device: int, pki: Pki, daemons: Daemons
 ) -> None:
     wrong = "not-the-Password-0b9d"
     metrics_port = free_port()
-    config = write_config(tmp_path, broker.port, device, pki, metrics_port=metrics_port)
+    config = write_config(tmp_path, broker.port, voltage_device, pki, metrics_port=metrics_port)
     async with watching(broker, pki) as rec:
         d = start_daemon(daemons, config, wrong)
         await keeps_trying(d, metrics_port, 3, "broker refused login")
         assert not [t for t, _, _ in rec.messages if t.startswith(PREFIX)], rec.messages
-    events = log_events(d)
-    failures = [e for e in events if e.get("level") in ("warning", "error")]
-    assert len(failures) == 1, d.output()
-    line = failures[0]
+    line = only_failure(d, log_events(d))
     assert line["event"] == "broker refused login", line
     assert "not authorized" in line["error"].lower(), line
     output = d.output()
@@ -277,19 +249,18 @@ async def test_wrong_password_fails_cleanly_naming_authorization(
 
 
 async def test_missing_ca_file_is_one_clear_line_and_the_daemon_keeps_polling(
-    tmp_path: Path, broker: Broker, device: int, pki: Pki, daemons: list[Daemon]
+    tmp_path: Path, broker: Broker, voltage_device: int, pki: Pki, daemons: Daemons
 ) -> None:
     """A CA file that is not there is a broker problem, not a crash: polling goes on."""
     missing = tmp_path / "no-such-ca.pem"
     metrics_port = free_port()
-    config = write_config(tmp_path, broker.port, device, pki, metrics_port=metrics_port,
+    config = write_config(tmp_path, broker.port, voltage_device, pki, metrics_port=metrics_port,
                           ca_file=str(missing))
     d = start_daemon(daemons, config, BRIDGE_PASSWORD)
     await keeps_trying(d, metrics_port, 2, "broker settings unusable", "device online")
     events = log_events(d)
-    failures = [e for e in events if e.get("level") in ("warning", "error")]
-    assert len(failures) == 1, d.output()
-    assert failures[0]["event"] == "broker settings unusable", failures[0]
-    assert str(missing) in failures[0]["error"]
-    assert "No such file" in failures[0]["error"]
+    line = only_failure(d, events)
+    assert line["event"] == "broker settings unusable", line
+    assert str(missing) in line["error"]
+    assert "No such file" in line["error"]
     assert any(e.get("event") == "device online" for e in events), d.output()

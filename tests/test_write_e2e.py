@@ -25,7 +25,16 @@ from paho.mqtt.properties import Properties
 from bridge.config import TcpLink, load_config
 from bridge.core.codec import Field, encode
 from bridge.sim.tcp import Simulator
-from tests.helpers import Broker, Daemon, Recorder, free_port, mosquitto, recording, run_cli
+from tests.helpers import (
+    Broker,
+    Daemon,
+    Recorder,
+    free_port,
+    mosquitto,
+    recording,
+    run_cli,
+    simulated,
+)
 from tests.test_e2e import NUMERIC, ORDERS, write_config
 
 pytestmark = pytest.mark.integration  # starts processes or socket servers
@@ -89,18 +98,16 @@ async def bridged(
 ) -> AsyncIterator[tuple[Simulator, Daemon, Recorder]]:
     """The config's device simulated, the daemon on it, and a recorder of every topic; once
     the device is online (its status goes out after the /set subscriptions are made)."""
-    sim = Simulator(load_config(config))
-    await sim.start()
-    daemon = Daemon(config)
-    try:
-        async with recording(broker.port, f"{PREFIX}/#") as rec:
-            daemon.start()
-            await rec.wait_for(lambda: rec.last(f"{PREFIX}/dev/status") == b"online")
-            yield sim, daemon, rec
-    finally:
-        daemon.stop()
-        await sim.stop()
-        assert "Traceback" not in daemon.output(), daemon.output()
+    async with simulated(config) as sim:
+        daemon = Daemon(config)
+        try:
+            with daemon:
+                async with recording(broker.port, f"{PREFIX}/#") as rec:
+                    daemon.start()
+                    await rec.wait_for(lambda: rec.last(f"{PREFIX}/dev/status") == b"online")
+                    yield sim, daemon, rec
+        finally:
+            assert "Traceback" not in daemon.output(), daemon.output()
 
 
 async def send(
@@ -398,27 +405,18 @@ async def test_on_change_does_not_publish_a_read_back_value_again(
          {"name": "ticker", "address": 1}],  # one block with setpoint: read in the same polls
         device={"interval": "200ms", "report": "on-change"},
     )
-    sim = Simulator(load_config(config))
-    await sim.start()
-    daemon = Daemon(config)
     setpoint, ticker = f"{PREFIX}/dev/setpoint", f"{PREFIX}/dev/ticker"
-    try:
-        async with recording(broker.port, f"{PREFIX}/#") as rec:
-            daemon.start()
-            await rec.wait_for(lambda: rec.payloads(setpoint))
-            await send(broker.port, f"{setpoint}/set", "42")
-            await rec.wait_for(lambda: results(rec, "setpoint"))
-            assert results(rec, "setpoint") == [{"ok": True, "value": 42}]
-            # Polls that start after the write: each ticker change proves one was published.
-            for value in (1, 2, 3):
-                sim.set_value("dev", "ticker", value)
+    async with bridged(config, broker) as (sim, _, rec):  # no Traceback in its log, after
+        await rec.wait_for(lambda: rec.payloads(setpoint))
+        await send(broker.port, f"{setpoint}/set", "42")
+        await rec.wait_for(lambda: results(rec, "setpoint"))
+        assert results(rec, "setpoint") == [{"ok": True, "value": 42}]
+        # Polls that start after the write: each ticker change proves one was published.
+        for value in (1, 2, 3):
+            sim.set_value("dev", "ticker", value)
 
-                def seen(wanted: int = value) -> bool:
-                    return wanted in [r["value"] for r in rec.values(ticker)]
+            def seen(wanted: int = value) -> bool:
+                return wanted in [r["value"] for r in rec.values(ticker)]
 
-                await rec.wait_for(seen)
-            assert [r["value"] for r in rec.values(setpoint)] == [100, 42]
-    finally:
-        daemon.stop()
-        await sim.stop()
-    assert "Traceback" not in daemon.output(), daemon.output()
+            await rec.wait_for(seen)
+        assert [r["value"] for r in rec.values(setpoint)] == [100, 42]
