@@ -361,6 +361,27 @@ def run_cli(
         )
 
 
+async def cli(
+    *args: str, cwd: Path | None = None, timeout: float = 30, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`run_cli` that does not block the event loop: for a CLI that talks to a server (a
+    simulated device) living in the test's own loop."""
+    with tempfile.TemporaryDirectory(prefix="m2m-cli-state-") as state:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", *args, cwd=cwd or ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=subprocess_env(Path(state), env),
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        finally:
+            if proc.returncode is None:  # timed out: not left running
+                proc.kill()
+                await proc.communicate()
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
 VOLTAGE = 229.75  # what the `voltage_device` fixture serves
 
 
@@ -495,6 +516,16 @@ class Socat:
             wait_until(lambda: not (self.a.exists() or self.b.exists()), 5, every=0.01)
         self.a.unlink(missing_ok=True)
         self.b.unlink(missing_ok=True)
+
+    def __enter__(self) -> Socat:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
 
     def kill(self) -> None:
         """Close the line abruptly, as an unplugged USB converter does (links stay behind)."""

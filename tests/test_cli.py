@@ -9,8 +9,6 @@ import json
 import math
 import random
 import struct
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from bridge.cli import build_parser
 from bridge.core.codec import shortest_float32
 from bridge.errors import TransportError
 from bridge.transports.modbus import Endpoint, ModbusClient
-from tests.helpers import ROOT, free_port, simulated
+from tests.helpers import cli, free_port, simulated
 
 POINTS = [
     {"name": "voltage", "table": "input", "address": 0, "type": "float32", "unit": "V"},
@@ -53,17 +51,6 @@ def config_file(tmp_path: Path, port: int, extra: list[dict[str, Any]] | None = 
                      "points": POINTS + (extra or [])}],
     }, allow_unicode=True))
     return path
-
-
-async def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run `m2m-bridge ARGS` without blocking the loop the simulated device runs in."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
 
 
 @pytest.fixture

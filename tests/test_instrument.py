@@ -12,7 +12,6 @@ import contextlib
 import json
 import shutil
 import signal
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from bridge.config import Device, LineLink, MqttSettings, Point
 from bridge.core.messages import Message
 from bridge.instrument import InstrumentPoller, parse_text
 from bridge.transports.line import LinePort
-from tests.helpers import Daemon, Socat, mosquitto, recording, until
+from tests.helpers import Daemon, Socat, cli, mosquitto, recording, until
 
 pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat")
 
@@ -281,16 +280,6 @@ async def test_daemon_publishes_instrument_readings(line: Socat, tmp_path: Path)
                 assert daemon.wait() == 0, daemon.output()
 
 
-async def _cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 def _scale_config(tmp_path: Path, dev: Path, *, request: bool) -> Path:
     lines = [
         "version: 1",
@@ -320,9 +309,9 @@ async def test_cli_reads_an_instrument_once(
     config = _scale_config(tmp_path, line.a, request=request_mode)
     stream = None if request_mode else 0.1
     async with instrument(line.b, stream_every=stream):
-        code, out, err = await _cli("read", "-c", str(config), "scale-1", "--json")
-    assert code == 0, err
-    rows = {row["point"]: row["value"] for row in json.loads(out)}
+        done = await cli("read", "-c", str(config), "scale-1", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {row["point"]: row["value"] for row in json.loads(done.stdout)}
     assert rows["stable"] is True
     assert rows["tag"] == "AB12"
     assert isinstance(rows["weight"], float)
@@ -333,8 +322,8 @@ async def test_cli_read_of_a_silent_instrument_is_one_line(tmp_path: Path, line:
     """No answer within the link timeout: exit 1 and one line naming the device."""
     config = _scale_config(tmp_path, line.a, request=True)
     async with instrument(line.b, answer=False):
-        code, _, err = await _cli("read", "-c", str(config), "scale-1")
-    assert code == 1
-    assert err.strip().splitlines() == [
+        done = await cli("read", "-c", str(config), "scale-1")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
         f"m2m-bridge: device 'scale-1': no line matching `response` within 2s on {line.a}"
     ]

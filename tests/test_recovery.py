@@ -119,15 +119,13 @@ class ScriptedSlave:
 
 @contextlib.asynccontextmanager
 async def line_with_slave(tmp: Path) -> AsyncIterator[tuple[Socat, ScriptedSlave]]:
-    line = Socat(tmp / "slave-end", tmp / "master-end")
-    line.start()
-    slave = ScriptedSlave(line.a)
-    slave.start()
-    try:
-        yield line, slave
-    finally:
-        slave.stop()
-        line.stop()
+    with Socat(tmp / "slave-end", tmp / "master-end") as line:
+        slave = ScriptedSlave(line.a)
+        slave.start()
+        try:
+            yield line, slave
+        finally:
+            slave.stop()
 
 
 def _config(tmp_path: Path, port: Path, devices: list[dict[str, object]]) -> Config:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +31,14 @@ from bridge.service import warn_overloaded_links
 from bridge.transports.link import Link, Priority
 from bridge.transports.links import build_links, link_silence
 from bridge.transports.modbus import Endpoint, LinkKind, ModbusClient
-from tests.helpers import ROOT, Socat, free_port
+from tests.helpers import Socat, cli, free_port
 
 HOLDING_BASE = 1000  # unit u's holding register i holds u * HOLDING_BASE + i
 
 
-@contextlib.contextmanager
-def pty_pair(tmp: Path) -> Iterator[Socat]:
-    line = Socat(tmp / "slave-end", tmp / "master-end")
-    line.start()
-    try:
-        yield line
-    finally:
-        line.stop()
+def pty_pair(tmp: Path) -> Socat:
+    """Two linked ptys, started on `with` and stopped after."""
+    return Socat(tmp / "slave-end", tmp / "master-end")
 
 
 def sim_device(unit: int) -> SimDevice:
@@ -76,6 +70,15 @@ async def serial_server(port: Path, units: tuple[int, ...] = (1,), *,
         [sim_device(u) for u in units], framer=framer, port=str(port), baudrate=19200,
         trace_packet=silence_others,
     )
+    async with serving(server):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    server: ModbusSerialServer | ModbusTcpServer | ModbusUdpServer,
+) -> AsyncIterator[None]:
+    """A pymodbus server serving in this loop until the block ends."""
     await server.serve_forever(background=True)
     try:
         yield
@@ -113,73 +116,57 @@ async def test_rtu_over_tcp(tmp_path: Path) -> None:
     """A transparent serial server: RTU frames, no MBAP header, over a TCP socket."""
     port = free_port()
     server = ModbusTcpServer([sim_device(1)], framer=FramerType.RTU, address=("127.0.0.1", port))
-    await server.serve_forever(background=True)
-    client = ModbusClient(Endpoint("rtu-over-tcp", "127.0.0.1", port, 0.5))
-    try:
-        assert await _read_all(client, 1) == EXPECTED_UNIT_1
-    finally:
-        client.close()
-        await server.shutdown()  # type: ignore[no-untyped-call]
+    async with serving(server):
+        client = ModbusClient(Endpoint("rtu-over-tcp", "127.0.0.1", port, 0.5))
+        try:
+            assert await _read_all(client, 1) == EXPECTED_UNIT_1
+        finally:
+            client.close()
 
 
 @pytest.mark.integration
 async def test_udp(tmp_path: Path) -> None:
     port = free_port()
-    server = ModbusUdpServer([sim_device(1)], address=("127.0.0.1", port))
-    await server.serve_forever(background=True)
-    client = ModbusClient(Endpoint("udp", "127.0.0.1", port, 0.5))
-    try:
-        assert await _read_all(client, 1) == EXPECTED_UNIT_1
-    finally:
-        client.close()
-        await server.shutdown()  # type: ignore[no-untyped-call]
-
-
-async def _cli(*args: str) -> tuple[int, str, str]:
-    # A subprocess that does not block this loop: the server under test lives in it.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge", *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    async with serving(ModbusUdpServer([sim_device(1)], address=("127.0.0.1", port))):
+        client = ModbusClient(Endpoint("udp", "127.0.0.1", port, 0.5))
+        try:
+            assert await _read_all(client, 1) == EXPECTED_UNIT_1
+        finally:
+            client.close()
 
 
 @pytest.mark.integration
 async def test_read_cli_with_rtu_and_udp_urls(tmp_path: Path) -> None:
+    # The CLI as a subprocess that does not block this loop: the server under test lives in it.
     with pty_pair(tmp_path) as line:
         async with serial_server(line.a):
-            code, out, err = await _cli(
+            done = await cli(
                 "read", f"rtu://{line.b}?baudrate=19200&parity=N&stopbits=1&bytesize=8",
                 "--unit", "1", "--table", "holding", "--address", "2", "--count", "2", "--json",
             )
-    assert code == 0, err
-    assert json.loads(out) == [{"address": 2, "value": 1002}, {"address": 3, "value": 1003}]
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"address": 2, "value": 1002},
+                                       {"address": 3, "value": 1003}]
     port = free_port()
-    server = ModbusUdpServer([sim_device(1)], address=("127.0.0.1", port))
-    await server.serve_forever(background=True)
-    try:
-        code, out, err = await _cli(
+    async with serving(ModbusUdpServer([sim_device(1)], address=("127.0.0.1", port))):
+        done = await cli(
             "read", f"udp://127.0.0.1:{port}", "--unit", "1", "--table", "input",
             "--address", "0", "--json",
         )
-    finally:
-        await server.shutdown()  # type: ignore[no-untyped-call]
-    assert code == 0, err
-    assert json.loads(out) == [{"address": 0, "value": 7}]
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"address": 0, "value": 7}]
 
 
 @pytest.mark.integration
 async def test_read_cli_names_bad_serial_settings() -> None:
-    code, _, err = await _cli("read", "rtu:///dev/ttyUSB0?baudrate=fast&parity=E",
-                              "--unit", "1", "--table", "holding", "--address", "0")
-    assert code == 2
-    assert "baudrate='fast'" in err
-    code, _, err = await _cli("read", "ascii:///dev/ttyS0?parity=Q",
-                              "--unit", "1", "--table", "holding", "--address", "0")
-    assert code == 2
-    assert "parity='Q'" in err
+    done = await cli("read", "rtu:///dev/ttyUSB0?baudrate=fast&parity=E",
+                     "--unit", "1", "--table", "holding", "--address", "0")
+    assert done.returncode == 2
+    assert "baudrate='fast'" in done.stderr
+    done = await cli("read", "ascii:///dev/ttyS0?parity=Q",
+                     "--unit", "1", "--table", "holding", "--address", "0")
+    assert done.returncode == 2
+    assert "parity='Q'" in done.stderr
 
 
 def _line_config(tmp_path: Path, port: Path, *, interval: str, timeout: str,
