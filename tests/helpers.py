@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -401,6 +402,66 @@ async def simulated(
         yield sim
     finally:
         await sim.stop()
+
+
+@dataclass(frozen=True)
+class Hangup:
+    """An `Answer` that sends `last` (if anything) and then closes the connection."""
+
+    last: bytes = b""
+
+
+# (transaction id, unit, request PDU) -> the bytes to send; None: hang up without a word.
+Answer = Callable[[int, int, bytes], "bytes | Hangup | None"]
+
+
+@dataclass
+class MbapServer:
+    """A raw Modbus TCP server on 127.0.0.1, for replies no real slave would send: `answer`
+    gives each request's reply, sent in one write (byte by byte with `split`). Records every
+    request PDU."""
+
+    answer: Answer
+    split: bool = False
+    requests: list[bytes] = field(default_factory=list)
+    server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def function_codes(self) -> list[int]:
+        return [pdu[0] if pdu else 0 for pdu in self.requests]
+
+    async def start(self, port: int = 0) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), 5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
+                    pdu = await reader.readexactly(max(0, length - 1))
+                    self.requests.append(pdu)
+                    out = self.answer(tid, unit, pdu)
+                    data = out.last if isinstance(out, Hangup) else out or b""
+                    chunks = [data[i : i + 1] for i in range(len(data))] if self.split else [data]
+                    for chunk in chunks:
+                        writer.write(chunk)
+                        await writer.drain()
+                    if not isinstance(out, bytes):  # None or Hangup
+                        break
+        finally:  # also when the test's loop cancels it: else its socket outlives the loop
+            writer.close()
 
 
 @dataclass(frozen=True)

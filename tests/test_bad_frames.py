@@ -2,9 +2,9 @@
 traceback, and the failures counted as what they are (DESIGN.md, "Failure semantics": garbage,
 short or CRC-failed frames are flushed, counted, and polling goes on).
 
-Three raw Modbus TCP slaves, one per link (the connection is the link's: a slave that hangs up
-must not take its neighbours with it), written here because they must misbehave on every
-request:
+Three raw Modbus TCP slaves (helpers.MbapServer), one per link (the connection is the link's:
+a slave that hangs up must not take its neighbours with it), whose answers are written here
+because they must misbehave on every request:
 - `count`: a reply whose byte count does not match the data that follows it. pymodbus raised
   out of data_received on it; asyncio logged "Fatal error: protocol.data_received() call failed"
   with a traceback, once per reply, and dropped the connection (counted `link`);
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,12 +26,19 @@ import yaml
 
 from bridge.device import DeviceStats, poll_on_grid
 from bridge.health import Activity
-from tests.helpers import Daemon, free_port, metrics, mosquitto, recording, until
+from tests.helpers import (
+    Daemon,
+    Hangup,
+    MbapServer,
+    free_port,
+    metrics,
+    mosquitto,
+    recording,
+    until,
+)
 
 PREFIX = "m2m/hostile"
 OCCURRENCES = 6  # bad frames each device must have sent before its log is judged
-
-Answer = Callable[[int, int, bytes], bytes | None]  # (tid, unit, request PDU) -> bytes; None: close
 
 
 def wrong_byte_count(tid: int, unit: int, pdu: bytes) -> bytes:
@@ -42,55 +48,13 @@ def wrong_byte_count(tid: int, unit: int, pdu: bytes) -> bytes:
     return struct.pack(">HHHB", tid, 0, len(reply) + 1, unit) + reply
 
 
-def header_then_close(tid: int, unit: int, pdu: bytes) -> None:
-    return None  # the header is written by the slave before it hangs up
+def header_then_close(tid: int, unit: int, pdu: bytes) -> Hangup:
+    return Hangup(struct.pack(">HHHB", tid, 0, 7, unit))  # announces 2 registers, sends none
 
 
 def refuse(tid: int, unit: int, pdu: bytes) -> bytes:
     reply = bytes([pdu[0] | 0x80, 2])  # illegal data address
     return struct.pack(">HHHB", tid, 0, len(reply) + 1, unit) + reply
-
-
-class RawSlave:
-    """A Modbus TCP server whose every answer comes from `answer`; None: write a header that
-    announces a 2-register reply, then close."""
-
-    def __init__(self, answer: Answer) -> None:
-        self.answer = answer
-        self.requests = 0
-        self.server: asyncio.Server | None = None
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), 5)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-                while True:
-                    tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
-                    pdu = await reader.readexactly(length - 1)
-                    self.requests += 1
-                    out = self.answer(tid, unit, pdu)
-                    if out is None:
-                        writer.write(struct.pack(">HHHB", tid, 0, 7, unit))
-                        await writer.drain()
-                        break
-                    writer.write(out)
-                    await writer.drain()
-        finally:  # also when the test's loop cancels it: else its socket outlives the loop
-            writer.close()
 
 
 def device(name: str, points: int = 1) -> dict[str, object]:
@@ -106,8 +70,8 @@ def device(name: str, points: int = 1) -> dict[str, object]:
 async def test_bad_frames_and_refusals_log_one_line_each_and_count_as_bad_frame(
     tmp_path: Path,
 ) -> None:
-    slaves = {"count": RawSlave(wrong_byte_count), "cut": RawSlave(header_then_close),
-              "refuser": RawSlave(refuse)}
+    slaves = {"count": MbapServer(wrong_byte_count), "cut": MbapServer(header_then_close),
+              "refuser": MbapServer(refuse)}
     for slave in slaves.values():
         await slave.start()
     metrics_port = free_port()
@@ -164,7 +128,7 @@ async def test_bad_frames_and_refusals_log_one_line_each_and_count_as_bad_frame(
         assert [e["event"] for e in lines] == ["device offline"], lines
     [refuser] = [e for e in daemon.events("device offline") if e["device"] == "refuser"]
     assert "refuses every point" in refuser["error"], refuser
-    assert slaves["refuser"].requests >= 20
+    assert len(slaves["refuser"].requests) >= 20
 
 
 async def test_back_off_after_a_day_of_failures_still_polls(

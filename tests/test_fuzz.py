@@ -13,14 +13,13 @@ daemon, never writes to a device):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import json
 import random
 import shutil
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from hypothesis import strategies as st
 from bridge.config import load_config
 from bridge.core.codec import BYTE_ORDERS, POINT_TYPES, BlockLayout, Field, decode, encode
 from bridge.errors import CodecError, ConfigError, DeviceError, TransportError
-from tests.helpers import ROOT, VOLTAGE, Broker, Daemon, recording, until
+from tests.helpers import ROOT, VOLTAGE, Broker, Daemon, MbapServer, recording, until
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 READ_FCS = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
@@ -317,52 +316,16 @@ def replies(draw: st.DrawFn) -> tuple[str, Reply]:
     return kind, answer
 
 
-@dataclass
-class HostileSlave:
-    """A raw MBAP server whose answers come from `answer`; records every function code."""
+def hostile_slave(answer: Reply, *, split: bool = False) -> MbapServer:
+    """A raw MBAP server on 127.0.0.1 whose answers come from `answer` (None: hang up); its
+    `function_codes` are those of every request."""
 
-    answer: Reply = correct
-    function_codes: list[int] = field(default_factory=list)
-    split: bool = False
-    server: asyncio.Server | None = None
+    def reply(tid: int, unit: int, pdu: bytes) -> bytes | None:
+        fc = pdu[0] if pdu else 0
+        address, count = struct.unpack(">HH", pdu[1:5]) if len(pdu) >= 5 else (0, 0)
+        return answer(Request(tid, unit, fc, address, count))
 
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        port: int = self.server.sockets[0].getsockname()[1]
-        return port
-
-    async def start(self, port: int = 0) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 2)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
-                pdu = await reader.readexactly(max(0, length - 1))
-                fc = pdu[0] if pdu else 0
-                self.function_codes.append(fc)
-                address, count = struct.unpack(">HH", pdu[1:5]) if len(pdu) >= 5 else (0, 0)
-                out = self.answer(Request(tid, unit, fc, address, count))
-                if out is None:
-                    break
-                if self.split:
-                    for i in range(len(out)):
-                        writer.write(out[i : i + 1])
-                        await writer.drain()
-                else:
-                    writer.write(out)
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    return MbapServer(reply, split=split)
 
 
 TIMEOUT = 0.15
@@ -384,7 +347,7 @@ def test_modbus_client_read_against_a_hostile_slave(
     from bridge.transports.modbus import Endpoint, ModbusClient
 
     async def scenario() -> None:
-        slave = HostileSlave(answer, split=kind == "split")
+        slave = hostile_slave(answer, split=kind == "split")
         await slave.start()
         client = ModbusClient(Endpoint("tcp", "127.0.0.1", slave.port, TIMEOUT))
         try:
@@ -420,7 +383,7 @@ async def test_reply_with_another_read_function_code_is_refused() -> None:
     def input_reply(req: Request) -> bytes:
         return mbap(req.tid, req.unit, bytes([4]) + req.good_pdu()[1:])
 
-    slave = HostileSlave(input_reply)
+    slave = hostile_slave(input_reply)
     await slave.start()
     client = ModbusClient(Endpoint("tcp", "127.0.0.1", slave.port, TIMEOUT))
     try:
@@ -459,7 +422,7 @@ async def test_daemon_keeps_polling_beside_a_hostile_slave_and_never_writes(
         calls += 1
         return HOSTILE_CYCLE[calls % len(HOSTILE_CYCLE)](req)
 
-    slave = HostileSlave(cycle)
+    slave = hostile_slave(cycle)
     await slave.start()
     hostile_points = [
         {"name": "a", "address": 0, "type": "float32"},

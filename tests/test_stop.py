@@ -27,7 +27,7 @@ from bridge.device import DeviceStats, poll_on_grid
 from bridge.health import Activity
 from bridge.sim.tcp import Simulator
 from bridge.transports.modbus import Endpoint, ModbusClient
-from tests.helpers import Daemon, Recorder, free_port, mosquitto, recording, until
+from tests.helpers import Daemon, MbapServer, Recorder, free_port, mosquitto, recording, until
 
 GATEWAY = "big"
 PREFIX = f"m2m/{GATEWAY}"
@@ -143,28 +143,21 @@ def _polls(text: str) -> float:
 # --- the race itself, made certain -----------------------------------------------------------
 
 
-async def _answer_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A Modbus TCP slave whose registers all read 7."""
-    try:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
-                pdu = await reader.readexactly(length - 1)
-                count = struct.unpack(">H", pdu[3:5])[0]
-                data = struct.pack(f">{count}H", *[7] * count)
-                reply = bytes([pdu[0], len(data)]) + data
-                writer.write(struct.pack(">HHHB", tid, 0, len(reply) + 1, unit) + reply)
-    finally:  # also when the test's loop cancels it: else its socket outlives the loop
-        writer.close()
+def sevens(tid: int, unit: int, pdu: bytes) -> bytes:
+    """A Modbus TCP slave's answer to a read when its registers all read 7."""
+    count = struct.unpack(">H", pdu[3:5])[0]
+    data = struct.pack(f">{count}H", *[7] * count)
+    reply = bytes([pdu[0], len(data)]) + data
+    return struct.pack(">HHHB", tid, 0, len(reply) + 1, unit) + reply
 
 
 @pytest.mark.integration
 async def test_a_read_cancelled_as_its_reply_arrives_is_cancelled() -> None:
     """The cancel lands in the very turn the reply is read (from pymodbus' receive hook, just
     before it completes the request): the read must raise CancelledError, not return."""
-    server = await asyncio.start_server(_answer_reads, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    client = ModbusClient(Endpoint("tcp", "127.0.0.1", port, 2.0))
+    server = MbapServer(sevens)
+    await server.start()
+    client = ModbusClient(Endpoint("tcp", "127.0.0.1", server.port, 2.0))
     reading: asyncio.Task[list[int]] | None = None
     armed = False
     plain_trace = client._trace_packet
@@ -184,8 +177,7 @@ async def test_a_read_cancelled_as_its_reply_arrives_is_cancelled() -> None:
         assert reading.cancelled()
     finally:
         client.close()
-        server.close()
-        await server.wait_closed()
+        await server.stop()
 
 
 @pytest.mark.integration
