@@ -6,8 +6,11 @@ addresses 0..M-1, one device per unit, all on one tcp link), 1 s polls, a fast M
 127.0.0.1. Only the daemon's own CPU (utime + stime from /proc/PID/stat) is measured; the
 subscriber that counts what arrives runs in this process.
 
-    .venv/bin/python bench/pipeline.py                     # both modes, 3 runs each, 20 s windows
+    .venv/bin/python bench/pipeline.py                     # every mode, 3 runs each, 20 s windows
     .venv/bin/python bench/pipeline.py --mode per-device --seconds 10 --repeat 1
+
+Modes: per-point and per-device JSON messages, and `sparkplug` (Sparkplug B DDATA, one
+message per poll like per-device, counted by decoding each with bridge.core.sparkplug_pb2).
 """
 
 from __future__ import annotations
@@ -38,12 +41,16 @@ from paho.mqtt.reasoncodes import ReasonCode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for tests.helpers: the private mosquitto the e2e tests use
 
+from bridge.core import sparkplug_pb2 as pb  # noqa: E402  (our generated Sparkplug B classes)
+
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 GATEWAY = "bench"
 PREFIX = f"m2m/{GATEWAY}"
-MODES = ("per-point", "per-device")
+MODES = ("per-point", "per-device", "sparkplug")
 TARGET_US = {"per-point": 9.0, "per-device": 3.0}  # DESIGN.md: CPU µs per value, at most
+SPARKPLUG_GROUP = "bench-group"
+SPARKPLUG_PREFIX = f"spBv1.0/{SPARKPLUG_GROUP}/DDATA/{GATEWAY}/"
 TARGET_RSS_MIB = 35.0  # DESIGN.md: the whole daemon under this
 INTERVAL = 1.0  # seconds between polls of every device
 FIRST_VALUES_TIMEOUT = 30.0  # daemon start to the first value received
@@ -60,10 +67,15 @@ def write_config(
 ) -> Path:
     """`units` devices of `registers` uint16 holding points each, on one tcp link."""
     points = [{"name": f"r{a:03d}", "address": a, "type": "uint16"} for a in range(registers)]
+    mqtt_settings: dict[str, Any] = {"host": "127.0.0.1", "port": broker, "qos": 1}
+    if mode == "sparkplug":  # one DDATA per poll; NBIRTH/DBIRTH/DDATA go out at QoS 0 (spec)
+        mqtt_settings |= {"format": "sparkplug", "sparkplug": {"group_id": SPARKPLUG_GROUP}}
+    else:
+        mqtt_settings["messages"] = mode
     doc: dict[str, Any] = {
         "version": 1,
         "gateway": {"id": GATEWAY, "state_dir": str(path.parent / "state")},
-        "mqtt": {"host": "127.0.0.1", "port": broker, "qos": 1, "messages": mode},
+        "mqtt": mqtt_settings,
         "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": device,
                    "timeout": "1s"}],
         "devices": [
@@ -163,15 +175,25 @@ def simulated_device(config: Path, port: int) -> Iterator[subprocess.Popen[bytes
 
 
 class Counter:
-    """Values received on `m2m/bench/#` for one mode; status topics are ignored."""
+    """Values received for one mode (on `m2m/bench/#`, status topics ignored; in sparkplug
+    mode the metrics of DDATA on `spBv1.0/#`, births and deaths ignored)."""
 
     def __init__(self, mode: str) -> None:
         self.per_device = mode == "per-device"
+        self.sparkplug = mode == "sparkplug"
         self.values = 0
         self.last_arrival = 0.0  # time.monotonic() of the last counted message
         self._lock = threading.Lock()
 
     def count(self, topic: str, payload: bytes | bytearray) -> None:
+        if self.sparkplug:
+            if not topic.startswith(SPARKPLUG_PREFIX):
+                return
+            n = len(pb.Payload.FromString(bytes(payload)).metrics)
+            with self._lock:
+                self.values += n
+                self.last_arrival = time.monotonic()
+            return
         levels = topic.split("/")
         if levels[-1] == "status":  # m2m/bench/status and m2m/bench/<device>/status
             return
@@ -194,7 +216,8 @@ class Counter:
 
 @contextlib.contextmanager
 def subscriber(port: int, counter: Counter) -> Iterator[mqtt.Client]:
-    """A paho client (its own network thread) subscribed to the bench prefix."""
+    """A paho client (its own network thread) subscribed to the bench prefix (and to the
+    Sparkplug namespace)."""
     subscribed = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}",
                          protocol=MQTTProtocolVersion.MQTTv311)
@@ -203,7 +226,8 @@ def subscriber(port: int, counter: Counter) -> Iterator[mqtt.Client]:
         client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags, reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        client.subscribe(f"{PREFIX}/#", qos=0)  # QoS 0 down: keep the broker and this cheap
+        # QoS 0 down: keep the broker and this cheap
+        client.subscribe([(f"{PREFIX}/#", 0), ("spBv1.0/#", 0)])
 
     def on_subscribe(
         client: mqtt.Client, userdata: object, mid: int, reasons: list[ReasonCode],
@@ -306,7 +330,8 @@ def fmt_us(value: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--mode", choices=[*MODES, "both"], default="both")
+    parser.add_argument("--mode", choices=[*MODES, "all", "both"], default="all",
+                        help="one mode, all three (default), or both JSON modes")
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="measurement window per run (default 20)")
     parser.add_argument("--warmup", type=float, default=5.0,
@@ -322,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--registers must be 1..65536")
     if args.repeat < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--repeat must be >= 1, --seconds > 0, --warmup >= 0")
-    modes = list(MODES) if args.mode == "both" else [args.mode]
+    modes = (list(MODES) if args.mode == "all" else ["per-point", "per-device"]
+             if args.mode == "both" else [args.mode])
 
     from tests.helpers import free_port, mosquitto
 
@@ -360,15 +386,21 @@ def main(argv: list[str] | None = None) -> int:
               f"only {fewest.ticks}, so one tick is {100 / max(1, fewest.ticks):.0f}% of it: "
               f"use a longer --seconds or more --units")
     print()
-    print(f"median of {args.repeat} run(s)   µs/value (target)   RSS MiB (target)   "
-          f"MQTT bytes/value")
+    print(f"median of {args.repeat} run(s)   µs/value (target)     RSS MiB (target)   "
+          f"MQTT bytes/value   µs/value vs per-device")
+    medians = {
+        mode: statistics.median(r.us_per_value for r in results if r.mode == mode)
+        for mode in modes
+    }
     for mode in modes:
         mine = [r for r in results if r.mode == mode]
-        us = statistics.median(r.us_per_value for r in mine)
+        us = medians[mode]
         rss = statistics.median(r.rss for r in mine)
         sent = statistics.median(r.bytes_per_value for r in mine)
-        print(f"  {mode:<10}             {fmt_us(us):>8} (<= {TARGET_US[mode]:g})      "
-              f"{rss:>7.1f} (< {TARGET_RSS_MIB:g})      {sent:>7.1f}")
+        target = f"<= {TARGET_US[mode]:g}" if mode in TARGET_US else "<= per-device"
+        ratio = f"{us / medians['per-device']:.2f}x" if "per-device" in medians else "n/a"
+        print(f"  {mode:<10}             {fmt_us(us):>8} ({target:<13})  "
+              f"{rss:>7.1f} (< {TARGET_RSS_MIB:g})      {sent:>7.1f}            {ratio:>6}")
     return 0
 
 

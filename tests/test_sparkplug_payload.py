@@ -30,6 +30,7 @@ from bridge.core.sparkplug_commands import (
     parse_dcmd,
     parse_ncmd,
 )
+from bridge.core.sparkplug_types import datatype
 from bridge.core.writes import CommandRefused, check_value
 from tests.helpers import ROOT
 
@@ -147,13 +148,13 @@ def test_datatype_per_point(kind: str) -> None:
     """DESIGN.md: uint16 -> UInt16, float32 -> Float, …; an enum is a String, a scaled integer a
     Double (tck-id-payloads-metric-datatype-value: one of the enumerated datatypes)."""
     fields, _, expected = KINDS[kind]
-    assert sp.datatype(Point(name="p", **fields)) == expected
+    assert datatype(Point(name="p", **fields)) == expected
 
 
 def test_a_scaled_float32_stays_float_and_a_bit_keeps_its_register_type() -> None:
-    assert sp.datatype(Point(name="p", type="float32", scale=0.1)) == pb.Float
-    assert sp.datatype(Point(name="p", type="uint16", bit=3)) == pb.UInt16
-    assert sp.datatype(Point(name="p", type="int16", offset=-40)) == pb.Double
+    assert datatype(Point(name="p", type="float32", scale=0.1)) == pb.Float
+    assert datatype(Point(name="p", type="uint16", bit=3)) == pb.UInt16
+    assert datatype(Point(name="p", type="int16", offset=-40)) == pb.Double
 
 
 @given(data=st.data(), kind=st.sampled_from(list(KINDS)))
