@@ -29,7 +29,8 @@ from bridge.health import Activity
 from bridge.mqtt.connection import Dispatch, Reconnector
 from bridge.mqtt.delivery import Counters, Delivery, Drain, Wake
 from bridge.mqtt.session import PUBLISH_TIMEOUT, Session
-from bridge.mqtt.sparkplug import EdgeNode, NodeGateway, SeqSession, SparkplugStatuses
+from bridge.mqtt.sparkplug import EdgeNode
+from bridge.mqtt.sparkplug_publish import NodeGateway, SeqSession, SparkplugStatuses
 from bridge.mqtt.statuses import DeviceStatuses, GatewayStatus
 from bridge.mqtt.wire import Incoming
 

@@ -8,13 +8,15 @@ the numbers that tie them together (DESIGN.md "Northbound standards"):
   the last one; NDEATH (QoS 1, not retained) is the will, and a clean stop publishes it too.
 - `seq`: one counter for the node, 0 in NBIRTH, +1 per NBIRTH/DBIRTH/DDATA/DDEATH, 255 wraps.
   Readings wait in the buffer as DDATA without seq (bridge.core.sparkplug_stored); `SeqSession`
-  appends it as they are written to the connection, so seq follows the wire order.
+  (bridge.mqtt.sparkplug_publish) appends it as they are written to the connection, so seq
+  follows the wire order.
 - Births (`births`, the publisher's connect step): NBIRTH, then a DBIRTH for every online
   device, after the primary host (if any) said `online`; again on an NCMD rebirth or a reload
   that changes the metrics, without reconnecting (same bdSeq, seq 0 again). A device going
-  offline publishes DDEATH, back online DBIRTH (`SparkplugStatuses`, in place of the JSON
-  status topics). A reading of a device not born (replayed after an outage, or read before its
-  status said online) gets its DBIRTH first, its values Quality stale unless it is online, and
+  offline publishes DDEATH, back online DBIRTH (`SparkplugStatuses` in
+  bridge.mqtt.sparkplug_publish, in place of the JSON status topics). A reading of a device
+  not born (replayed after an outage, or read before its status said online) gets its DBIRTH
+  first, its values Quality stale unless it is online, and
   a device that is not online dies again (DDEATH) after the batch.
 - Replayed readings are re-encoded with `is_historical` (`historical`).
 - Commands: NCMD rebirth; DCMD metrics parsed and checked (bridge.core.sparkplug_commands),
@@ -28,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -37,14 +39,13 @@ import structlog
 from bridge.config import Config
 from bridge.core import sparkplug as sp
 from bridge.core.codec import Value
-from bridge.core.messages import Message, Topics
+from bridge.core.messages import Message
 from bridge.core.sparkplug_commands import Refusal, Write, parse_dcmd, parse_ncmd
 from bridge.core.sparkplug_stored import DeviceData, historical, sequenced
 from bridge.core.writes import CommandRefused
 from bridge.errors import BrokerError
 from bridge.mqtt.delivery import Wake
 from bridge.mqtt.session import Session, Will
-from bridge.mqtt.statuses import DeviceStatuses
 from bridge.mqtt.wireevents import Incoming
 
 log = structlog.get_logger("bridge.mqtt.sparkplug")
@@ -334,78 +335,3 @@ def _parse_state(payload: bytes) -> tuple[bool, int] | None:
     if not isinstance(online, bool) or not isinstance(ts, int):
         return None
     return online, ts
-
-
-class SparkplugStatuses(DeviceStatuses):
-    """Device statuses as Sparkplug says them: DBIRTH when online, DDEATH when offline; the
-    connect step is the births, and changes also carry rebirths."""
-
-    def __init__(self, node: EdgeNode, *, on_change: Callable[[], None]) -> None:
-        super().__init__(Topics(""), on_change=on_change)
-        self.node = node
-
-    @property
-    def leaving(self) -> bool:
-        return self.node.leaving
-
-    async def publish_all(self, session: Session) -> None:
-        self._dirty = set()
-        await self.node.births(session, self.current)
-
-    async def publish_changes(self, session: Session) -> None:
-        node = self.node
-        if node.rebirth and node.node_born:
-            self._dirty = set()
-            await node.births(session, self.current)
-            return
-        if not self._dirty or not node.node_born:
-            return  # the births tell every status
-        dirty, self._dirty = self._dirty, set()
-        for device in sorted(dirty):
-            online = self._statuses[device]
-            if online and device not in node.born:
-                await node.device_birth(session, device)
-            elif not online and device in node.born:
-                message = node.ddeath(device)
-                await session.publish(message.topic, message.payload, 0, False)
-
-
-class NodeGateway:
-    """In place of the gateway's status topic: nothing on connect (births are a connect step),
-    NDEATH on a clean stop or when the primary host goes offline."""
-
-    def __init__(self, node: EdgeNode) -> None:
-        self.node = node
-        self.topic = node.ndeath_topic
-
-    async def online(self, session: Session) -> None:
-        self.node.leaving = False
-
-    async def offline(self, session: Session) -> None:
-        await self.node.death(session)
-
-
-class SeqSession:
-    """A session whose batches are buffered DDATA: `EdgeNode.sequence` numbers them."""
-
-    def __init__(self, session: Session, node: EdgeNode, statuses: DeviceStatuses) -> None:
-        self.session = session
-        self.node = node
-        self.statuses = statuses
-        self.batch = session.batch
-
-    async def publish(
-        self, topic: str, payload: bytes, qos: int, retain: bool,
-        *, correlation_data: bytes | None = None,
-    ) -> None:
-        await self.session.publish(topic, payload, qos, retain,
-                                   correlation_data=correlation_data)
-
-    async def publish_batch(self, messages: Sequence[Message]) -> None:
-        await self.session.publish_batch(self.node.sequence(messages, self.statuses.current))
-
-    async def subscribe(self, topics: Sequence[str]) -> None:
-        await self.session.subscribe(topics)
-
-    def incoming(self) -> AsyncIterator[Incoming]:
-        return self.session.incoming()
