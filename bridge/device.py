@@ -43,12 +43,22 @@ async def poll_on_grid(
     stats: DeviceStats,
     log: structlog.typing.FilteringBoundLogger,
     failures: Callable[[], int] | None,
+    work_conserving: bool = True,
 ) -> None:
     """Call `poll` forever on a drift-free grid: poll k is due at start + k * interval.
 
-    A slow poll shifts nothing after it; a tick missed while the bus was busy is skipped, not
-    queued. After a failed poll the next one waits min(BACKOFF_CAP, interval * 2^(n-1)) times
-    a random 0.5-1.0 (n = `failures()`, None: no back-off), still on the grid.
+    A slow poll shifts nothing after it. With slack (a poll ends before the next tick) the
+    next poll waits for that tick. A successful poll that overran its next tick (the bus was
+    busy, or the poll itself takes longer than the interval) is work-conserving: the next poll
+    starts at once, for the latest tick passed (the others are skipped, not queued), so a bus
+    whose polls exceed its capacity never idles to a grid slot. Fairness between the devices
+    of one link is the link's: a poll asks for its turn behind those already waiting
+    (bridge.transports.link). `work_conserving=False` keeps the grid even then (a streaming
+    instrument's polls cost no line time and wait for a line to arrive).
+
+    After a failed poll the next one waits min(BACKOFF_CAP, interval * 2^(n-1)) times a
+    random 0.5-1.0 (n = `failures()`, None: no back-off), still on the grid: a failing device
+    never catches up, so it cannot hog the line.
     """
     start = time.monotonic()
     tick = 0
@@ -66,9 +76,14 @@ async def poll_on_grid(
             # A cancel that something below swallowed (Python 3.11's wait_for drops one that
             # lands with its result): stop now, or the poller outlives the daemon's stop.
             raise asyncio.CancelledError
+        now = time.monotonic()
+        if ok and work_conserving and now >= start + (tick + 1) * interval:
+            tick = math.floor((now - start) / interval)  # overran: poll again at once
+            await asyncio.sleep(0)  # no wait; only a turn for the other tasks
+            continue
         if not ok and failures is not None:
             delay = backoff(failures(), first=interval, cap=BACKOFF_CAP)
-        due = time.monotonic() + delay
+        due = now + delay
         tick = max(tick + 1, math.ceil((due - start) / interval))
         await asyncio.sleep(max(0.0, start + tick * interval - time.monotonic()))
 

@@ -140,10 +140,11 @@ class InstrumentPoller(Generic[PortT]):
             if self.streaming:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self.listen(), name=f"listen {self.device.name}")
-                    # Listening costs the line nothing: no back-off while it is silent.
+                    # Listening costs the line nothing: no back-off while it is silent, and
+                    # no catching up either (a poll waits for a line, the line is not busy).
                     tg.create_task(poll_on_grid(
                         interval, self.poll_stream, activity=self.activity, stats=self.stats,
-                        log=self._log, failures=None,
+                        log=self._log, failures=None, work_conserving=False,
                     ))
             else:
                 await poll_on_grid(

@@ -1,10 +1,13 @@
 """Poller: reads one device on its schedule and turns blocks into buffered messages.
 
 Schedules are drift-free: poll k of a group is due at `start + k * interval`, so a slow read
-shifts nothing after it; a tick missed while the bus was busy is skipped, not queued (a backlog
-of stale polls helps nobody). A failing device backs off exponentially with jitter, capped,
-and on the same tick grid; its status goes `offline` after `offline_after` failed polls in a
-row and `online` on the next success, logged once per change, not once per failure.
+shifts nothing after it. A poll that overran its next tick (a bus with more polls than time)
+is followed at once by one for the latest tick passed: the others are skipped, not queued (a
+backlog of stale polls helps nobody), and the bus never idles to a grid slot; the link's FIFO
+turns keep that fair between its devices (bridge.device.poll_on_grid). A failing device backs
+off exponentially with jitter, capped, and on the same tick grid (it never catches up); its
+status goes `offline` after `offline_after` failed polls in a row and `online` on the next
+success, logged once per change, not once per failure.
 
 Recovery (DESIGN.md "Failure semantics"):
 - Exception 02/03 on a read: the request is split (binary, between address clusters) until

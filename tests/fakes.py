@@ -24,15 +24,19 @@ bridge.transports.modbus fails:
 
 FakeGrid stands in for the clock, the sleep and the jitter of bridge.device.poll_on_grid, so a
 device loop's `run()` shows the waits between its polls (back-off included) without waiting.
+VirtualClock does the same for several loops at once, and VirtualBus is a link on it whose reads
+take line time, one at a time through the real LinkScheduler: a bus's schedule, exactly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Literal
@@ -46,7 +50,7 @@ from bridge.core.codec import Table
 from bridge.core.planner import ReadRequest
 from bridge.errors import DeviceError, TransportError
 from bridge.transports.line import LineReader
-from bridge.transports.link import Priority
+from bridge.transports.link import LinkScheduler, Priority
 from bridge.transports.modbus_errors import EXCEPTION_NAMES, NoResponse
 
 Fault = Literal["ok", "refuse", "busy", "silent", "down"]
@@ -259,3 +263,89 @@ class FakeGrid:
         self.now += delay
         if len(self.sleeps_taken) >= self._stop_after:
             raise GridDone
+
+
+class VirtualClock:
+    """Virtual time for several loops at once (FakeGrid serves one): bridge.device's clock and
+    sleep, and the line time of a `VirtualBus`.
+
+    A sleep suspends its task until the clock reaches its end; `run_for` lets every task run
+    until all of them wait (a fixed number of event loop turns: the code under test reaches its
+    next wait in a handful), then jumps to the earliest wake-up, and so on. Nothing really
+    sleeps, so an hour of a bus takes milliseconds and the schedule is exact.
+    """
+
+    TURNS = 100  # event loop turns that let every task reach its next wait
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 500.0
+        self._timers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+        monkeypatch.setattr(bridge.device, "time", self)
+        monkeypatch.setattr(bridge.device, "asyncio", SimpleNamespace(
+            sleep=self.sleep, current_task=asyncio.current_task,
+            CancelledError=asyncio.CancelledError))
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        if delay <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._timers, (self.now + delay, next(self._order), fut))
+        await fut
+
+    async def run_for(self, seconds: float) -> None:
+        end = self.now + seconds
+        while True:
+            for _ in range(self.TURNS):
+                await asyncio.sleep(0)
+            if not self._timers or self._timers[0][0] > end:
+                self.now = end
+                return
+            at, _, fut = heapq.heappop(self._timers)
+            self.now = max(self.now, at)
+            if not fut.done():
+                fut.set_result(None)
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """One read on a VirtualBus: who, and when it held the line."""
+
+    unit: int
+    start: float
+    end: float
+
+
+class VirtualBus:
+    """A PollPort whose reads take `seconds(request)` of line time on a VirtualClock, one at a
+    time through the daemon's own LinkScheduler (priorities, FIFO turns; no silence, so line
+    time is all there is). Every unit answers zeros, but those in `silent`, which cost the line
+    `timeout` and raise NoResponse; `transactions` logs who held the line."""
+
+    def __init__(self, clock: VirtualClock, seconds: Callable[[ReadRequest], float]) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.timeout = 1.0  # only reported (the poller's watchdog bound)
+        self.scheduler = LinkScheduler()
+        self.silent: set[int] = set()
+        self.transactions: list[Transaction] = []
+
+    async def read(
+        self, unit: int, request: ReadRequest, priority: Priority = Priority.POLL
+    ) -> list[int]:
+        async with self.scheduler.turn(priority):
+            start = self.clock.now
+            silent = unit in self.silent
+            await self.clock.sleep(self.timeout if silent else self.seconds(request))
+            self.transactions.append(Transaction(unit, start, self.clock.now))
+        if silent:
+            raise NoResponse(f"virtual unit {unit}: no response within {self.timeout:g}s")
+        return [0] * request.count
+
+    def busy(self, since: float, until: float) -> float:
+        """Seconds of line time used between `since` and `until`."""
+        return sum(max(0.0, min(t.end, until) - max(t.start, since)) for t in self.transactions)
