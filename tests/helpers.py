@@ -183,6 +183,51 @@ def mosquitto(tmp: Path, extra: str = "", port: int | None = None) -> Iterator[B
         yield broker
 
 
+@dataclass
+class Nats:
+    """A nats-server with JetStream and an MQTT listener on 127.0.0.1; its store survives a
+    restart on the same ports (sessions and retained messages live in JetStream)."""
+
+    directory: Path
+    port: int  # MQTT
+    client_port: int  # NATS protocol, unused by the tests but it must not collide
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        conf = self.directory / "nats.conf"
+        conf.write_text(
+            f"listen: 127.0.0.1:{self.client_port}\nserver_name: test-{self.port}\n"
+            f'jetstream {{ store_dir: "{self.directory / "js"}" }}\n'
+            f"mqtt {{ listen: 127.0.0.1:{self.port} }}\n"
+        )
+        exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        log = (self.directory / "nats.log").open("ab")
+        with log:
+            self.process = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=log)
+        try:
+            wait_for_port(self.port, process=self.process)
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+        self.process = None
+
+
+@contextlib.contextmanager
+def nats(tmp: Path, port: int | None = None, client_port: int | None = None) -> Iterator[Nats]:
+    directory = tmp / "nats"
+    directory.mkdir(exist_ok=True)
+    server = Nats(directory, port or free_port(), client_port or free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @contextlib.contextmanager
 def _running(broker: Broker) -> Iterator[Broker]:
     broker.start()

@@ -17,9 +17,7 @@ import aiomqtt
 import pytest
 import yaml
 
-from bridge.config import load_config
-from bridge.sim.tcp import Simulator
-from tests.helpers import Daemon, free_port, mosquitto, recording, until
+from tests.helpers import Daemon, free_port, mosquitto, recording, simulated, until
 
 pytestmark = pytest.mark.integration  # starts processes or socket servers
 
@@ -58,12 +56,8 @@ def write_config(tmp_path: Path, broker: int, device: int, *, pump: bool = True)
 @pytest.fixture
 async def device(tmp_path: Path) -> AsyncIterator[int]:
     port = free_port()
-    sim = Simulator(load_config(write_config(tmp_path, 1, port)), seed=1)
-    await sim.start()
-    try:
+    async with simulated(write_config(tmp_path, 1, port), seed=1):
         yield port
-    finally:
-        await sim.stop()
 
 
 async def retained(port: int, topic: str) -> bytes | None:

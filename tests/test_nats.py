@@ -10,13 +10,10 @@ its own `nats-server` (Debian package) with JetStream on free loopback ports.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import signal
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +21,8 @@ import aiomqtt
 import pytest
 import yaml
 
-from bridge.config import load_config
 from bridge.sim.tcp import Simulator
-from tests.helpers import (
-    Daemon,
-    Recorder,
-    free_port,
-    metrics,
-    recording,
-    stop_process,
-    until,
-    wait_for_port,
-)
+from tests.helpers import Daemon, Recorder, free_port, metrics, nats, recording, simulated, until
 
 pytestmark = [
     pytest.mark.integration,  # starts processes and socket servers
@@ -45,51 +32,6 @@ pytestmark = [
 
 PREFIX = "m2m/nats"
 FALLBACK = "broker does not speak MQTT 5: using MQTT 3.1.1 (mqtt.protocol: auto)"
-
-
-@dataclass
-class Nats:
-    """A nats-server with JetStream and an MQTT listener on 127.0.0.1; its store survives a
-    restart on the same ports (sessions and retained messages live in JetStream)."""
-
-    directory: Path
-    port: int  # MQTT
-    client_port: int  # NATS protocol, unused by the tests but it must not collide
-    process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        conf = self.directory / "nats.conf"
-        conf.write_text(
-            f"listen: 127.0.0.1:{self.client_port}\nserver_name: test-{self.port}\n"
-            f'jetstream {{ store_dir: "{self.directory / "js"}" }}\n'
-            f"mqtt {{ listen: 127.0.0.1:{self.port} }}\n"
-        )
-        exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
-        log = (self.directory / "nats.log").open("ab")
-        with log:
-            self.process = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=log)
-        try:
-            wait_for_port(self.port, process=self.process)
-        except (RuntimeError, TimeoutError):
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-        self.process = None
-
-
-@contextlib.contextmanager
-def nats(tmp: Path, port: int | None = None, client_port: int | None = None) -> Iterator[Nats]:
-    directory = tmp / "nats"
-    directory.mkdir(exist_ok=True)
-    server = Nats(directory, port or free_port(), client_port or free_port())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def write_config(tmp_path: Path, broker: int, device: int, **extra: Any) -> Path:
@@ -113,12 +55,8 @@ def write_config(tmp_path: Path, broker: int, device: int, **extra: Any) -> Path
 @pytest.fixture
 async def device(tmp_path: Path) -> AsyncIterator[tuple[Simulator, int]]:
     port = free_port()
-    sim = Simulator(load_config(write_config(tmp_path, 1, port)))
-    await sim.start()
-    try:
+    async with simulated(write_config(tmp_path, 1, port)) as sim:
         yield sim, port
-    finally:
-        await sim.stop()
 
 
 def fell_back_once(daemon: Daemon) -> bool:
@@ -222,14 +160,18 @@ async def test_store_and_forward_across_a_nats_restart(
         daemon.stop()
     readings = rec.values(topic)
     stamps = [r["ts"] for r in readings]
-    assert len(stamps) == len(set(stamps)), "a reading was delivered twice"
+    # At least once (README): a reading in flight when the broker stopped may come twice.
+    twice = sorted({s for s in stamps if stamps.count(s) > 1})
+    assert all(outage_start - 2000 <= s <= outage_start + 1000 for s in twice), (
+        f"delivered twice away from the broker's stop at {outage_start}: {twice}")
     outage = [r for r in readings if outage_start + 500 <= r["ts"] < restarted]
     assert len(outage) >= 10, f"{len(outage)} readings from the outage arrived"
     assert [r["ts"] for r in outage] == sorted(r["ts"] for r in outage), "backlog out of order"
     values = [r["value"] for r in sorted(readings, key=lambda r: r["ts"])]
     assert values == sorted(values)
-    assert all(e["protocol"] == "3.1.1" for e in daemon.events("broker connected"))
-    assert len(daemon.events(FALLBACK)) == 1  # remembered across the reconnect
+    connects = daemon.events("broker connected")
+    assert [e["protocol"] for e in connects] == ["3.1.1"] * len(connects), daemon.output()
+    assert len(daemon.events(FALLBACK)) == 1, daemon.output()  # remembered across reconnects
 
 
 async def _polled(port: int, count: float, daemon: Daemon) -> bool:
