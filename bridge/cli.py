@@ -13,12 +13,12 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 from bridge import __version__
-from bridge.config import Config, config_json_schema, load_config
+from bridge.config import Config, config_json_schema, load_config, parse_duration
 from bridge.core.codec import BYTE_ORDERS, POINT_TYPES, Value
 from bridge.daemon import run_daemon
 from bridge.errors import BridgeError, ConfigError, UsageError
@@ -123,12 +123,59 @@ def build_parser() -> argparse.ArgumentParser:
                           "own baudrate with 'config' (default: no pacing; a pty is instant)")
     sim.add_argument("--turnaround", type=float, default=0.0, metavar="MS",
                      help="with --baud: the slave's delay before replying, in ms (default 0)")
+    _commissioning_args(command)
     demo = command("demo", "simulated devices -> bridge -> broker, with a live view",
                    "m2m-bridge demo")
     demo.add_argument("-c", "--config", type=Path, default=None,
                       help="config to demo (default: configs/bridge.yaml)")
     demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
     return parser
+
+
+def _commissioning_args(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    """scan, identify and probe: finding out what is on a link, without a config."""
+    scan = command(
+        "scan", "list the unit ids that answer on a link (any reply, exceptions included)",
+        "m2m-bridge scan 'rtu:///dev/ttyUSB0?baudrate=9600' --units 1-247 --timeout 100ms\n"
+        "         m2m-bridge scan tcp://192.168.1.20 --units 1-10,20,30-32 --json",
+    )
+    scan.add_argument("url", help="link URL (tcp://host[:port], rtu:///dev/ttyUSB0?baudrate=…)")
+    scan.add_argument("--units", default="1-247", metavar="LIST",
+                      help="unit ids and ranges, e.g. 1-10,20,30-32 (default 1-247)")
+    scan.add_argument("--timeout", type=_duration, default=0.2, metavar="T",
+                      help="wait for each unit, e.g. 100ms or 0.5 (default 200ms)")
+    scan.add_argument("--json", action="store_true",
+                      help='print only JSON: [{"unit": N, "answer": …, "ms": …}]')
+
+    identify = command(
+        "identify", "read a device's identification (FC43/14) and server id (FC17)",
+        "m2m-bridge identify tcp://192.168.1.20 --unit 3\n"
+        "         m2m-bridge identify 'rtu:///dev/ttyUSB0?baudrate=19200&parity=E' --unit 1 --json",
+    )
+    identify.add_argument("url", help="link URL (tcp://host[:port], rtu:///dev/ttyUSB0?…)")
+    identify.add_argument("--unit", type=int, required=True, help="slave id, 1-247")
+    identify.add_argument("--timeout", type=_duration, default=2.0, metavar="T",
+                          help="wait for each answer, e.g. 500ms (default 2s)")
+    identify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    probe = command(
+        "probe", "rank every type x byte order some registers could be, most plausible first",
+        "m2m-bridge probe tcp://192.168.1.20 --unit 3 --table input --address 0 --count 2 "
+        "--expect 200..250",
+    )
+    probe.add_argument("url", help="link URL (tcp://host[:port], rtu:///dev/ttyUSB0?…)")
+    probe.add_argument("--unit", type=int, required=True, help="slave id, 1-247")
+    probe.add_argument("--table", default="holding", choices=["holding", "input"],
+                       help="register table (default holding)")
+    probe.add_argument("--address", type=int, required=True, help="0-based PDU address")
+    probe.add_argument("--count", type=int, default=2,
+                       help="registers to read (default 2; 1, 2 and 4 hold numbers)")
+    probe.add_argument("--expect", type=_expect, default=None, metavar="LOW..HIGH",
+                       help="the range the value should lie in, e.g. 200..250 (mains volts)")
+    probe.add_argument("--timeout", type=_duration, default=2.0, metavar="T",
+                       help="wait for each answer, e.g. 500ms (default 2s)")
+    probe.add_argument("--json", action="store_true",
+                       help='print JSON: [{"type", "byte_order", "value", …}], best first')
 
 
 def _device_args(parser: argparse.ArgumentParser, *, tables: list[str]) -> None:
@@ -278,6 +325,92 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _duration(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a duration above 0 such as 200ms or 0.5, "
+                                         f"not {text!r}")
+    return value
+
+
+def _expect(text: str) -> tuple[float, float]:
+    from bridge.core.plausibility import parse_expect  # noqa: PLC0415 - the CLI starts fast
+
+    try:
+        return parse_expect(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    from bridge.tools.scan import parse_units, scan  # noqa: PLC0415 - the CLI starts fast
+
+    units = parse_units(args.units)
+    bar = _progress_bar(len(units))
+    try:
+        result = asyncio.run(scan(args.url, units=units, timeout=args.timeout,
+                                  progress=None if bar is None else lambda *_: bar.update()))
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps([a.as_json() for a in result.found]))
+    elif result.found:
+        _table([("unit", "answer", "ms")]
+               + [(str(a.unit), a.answer, f"{a.seconds * 1000:.0f}") for a in result.found])
+    summary = (f"{len(result.found)} of {result.probed} units answered in "
+               f"{result.seconds:.1f}s")
+    if not result.found:
+        return _fail(f"no unit answered ({result.probed} asked in {result.seconds:.1f}s)")
+    if not args.json:
+        print(summary, file=sys.stderr)
+    return EXIT_OK
+
+
+def _progress_bar(total: int) -> Any:
+    """A tqdm bar on stderr when it is a terminal; None otherwise (pipes, logs, tests)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm  # type: ignore[import-untyped]  # noqa: PLC0415 - only on a tty
+
+    return tqdm(total=total, unit="unit", file=sys.stderr, leave=False)
+
+
+def _cmd_identify(args: argparse.Namespace) -> int:
+    from bridge.tools.identify import identify  # noqa: PLC0415 - the CLI starts fast
+
+    found = asyncio.run(identify(args.url, unit=args.unit, timeout=args.timeout))
+    if args.json:
+        print(json.dumps(found.as_json(), ensure_ascii=False))
+    else:
+        _table([("object", "value"), *found.rows()])
+    return EXIT_OK
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from bridge.tools.probe import probe, sizes_note  # noqa: PLC0415 - the CLI starts fast
+
+    ranked = asyncio.run(probe(
+        args.url, unit=args.unit, table=args.table, address=args.address, count=args.count,
+        expect=args.expect, timeout=args.timeout,
+    ))
+    if args.json:
+        print(json.dumps([c.as_json() for c in ranked], ensure_ascii=False))
+        return EXIT_OK
+    _table([("rank", "type", "byte_order", "value", "second read", "score", "why")] + [
+        (str(i), c.type, c.byte_order, _cell(c.value), _cell(c.second), str(c.score),
+         ", ".join(c.reasons))
+        for i, c in enumerate(ranked, 1)
+    ])
+    note = sizes_note(args.count)
+    if note:
+        print(note, file=sys.stderr)
+    return EXIT_OK
+
+
 def _baud(text: str) -> int | Literal["config"]:
     if text == "config":
         return "config"
@@ -300,4 +433,7 @@ _COMMANDS = {
     "write": _cmd_write,
     "simulate": _cmd_simulate,
     "demo": _cmd_demo,
+    "scan": _cmd_scan,
+    "identify": _cmd_identify,
+    "probe": _cmd_probe,
 }

@@ -2,7 +2,8 @@
 
 `Protocol` is what plays the devices of one simulated line (bridge.sim.serial paces the bytes);
 `RtuSlaves` and `AsciiSlaves` answer FC 1-6, 15 and 16 from the TCP simulator's register
-tables, so `tick`, `set_value` and writes behave as for TCP devices.
+tables, so `tick`, `set_value` and writes behave as for TCP devices, and FC43/14 and FC17 with
+the device's identification (bridge.sim.identity), three objects a frame, as small devices do.
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ from __future__ import annotations
 import struct
 from array import array
 
+from bridge.sim.identity import (
+    FC_IDENTIFY,
+    FC_SERVER_ID,
+    identification_reply,
+    server_id_reply,
+)
 from bridge.sim.tcp import DeviceStore
+
+OBJECTS_PER_FRAME = 3  # FC43 objects a simulated serial device sends a reply
 
 
 def crc16(data: bytes) -> int:
@@ -82,6 +91,10 @@ def answer_pdu(store: DeviceStore, pdu: bytes) -> bytes:
                 store.tables["holding"][address : address + count] = new
                 store.written["holding"].update(range(address, address + count))
             return pdu[:5]
+        if fc == FC_IDENTIFY:
+            return identification_reply(store.identity, pdu, objects_per_reply=OBJECTS_PER_FRAME)
+        if fc == FC_SERVER_ID:
+            return server_id_reply(store.unit, store.identity)
     except (struct.error, IndexError):
         return _exception(fc, 3)
     return _exception(fc, 1)
@@ -120,6 +133,10 @@ class RtuSlaves(Protocol):
         fc = buffer[1]
         if fc in (1, 2, 3, 4, 5, 6):
             size = 8
+        elif fc == FC_IDENTIFY:
+            size = 7  # unit, 0x2B, MEI type, read code, object id, CRC
+        elif fc == FC_SERVER_ID:
+            size = 4  # unit, 0x11, CRC
         elif fc in (15, 16):
             if len(buffer) < 7:
                 return None

@@ -25,6 +25,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from bridge.config import Config, Device, Point, SerialLink
 from bridge.core.codec import Field, Value, encode
 from bridge.errors import BridgeError, CodecError, TransportError
+from bridge.sim.identity import device_objects, identity_pdus
 from bridge.transports.links import modbus_link
 
 log = structlog.get_logger(__name__)
@@ -64,6 +65,8 @@ class DeviceStore:
         default_factory=lambda: {"holding": set(), "coil": set()}
     )
     points: dict[str, _SimPoint] = field(default_factory=dict)
+    # FC43 objects by id (bridge.sim.identity): the device's or its map's manufacturer/model.
+    identity: dict[int, bytes] = field(default_factory=dict)
     write_requests: int = 0  # client write requests received, so tests can prove "none"
 
     async def action(  # noqa: PLR0917  (pymodbus calls it positionally: SimAction)
@@ -114,6 +117,11 @@ def _regs_block() -> list[SimData]:
     return [SimData(0, count=_SPACE, values=0, datatype=DataType.REGISTERS)]
 
 
+def _store(device: Device) -> DeviceStore:
+    identity = device_objects(device.name, device.manufacturer, device.model)
+    return DeviceStore(device.name, device.unit, identity=identity)
+
+
 def _is_counter(point: Point) -> bool:
     name = point.name.lower()
     return point.type in _COUNTER_TYPES and any(w in name for w in _COUNTER_WORDS)
@@ -151,7 +159,7 @@ class Simulator:
                         f"devices {peer.name!r} and {device.name!r} both use unit {device.unit}"
                         f" on {endpoint[0]}:{endpoint[1]}"
                     )
-            store = DeviceStore(device.name, device.unit)
+            store = _store(device)
             peers.append(store)
             self._stores[device.name] = store
             self._seed_points(store, device)
@@ -163,7 +171,7 @@ class Simulator:
                 f"devices {units[device.unit].name!r} and {device.name!r} both use unit"
                 f" {device.unit} on {link}"
             )
-        store = DeviceStore(device.name, device.unit)
+        store = _store(device)
         units[device.unit] = store
         self._stores[device.name] = store
         self._seed_points(store, device)
@@ -220,7 +228,10 @@ class Simulator:
                     )
                     for s in stores
                 ]
-                server = ModbusTcpServer(devices, address=(host, port))
+                server = ModbusTcpServer(
+                    devices, address=(host, port),
+                    custom_pdu=identity_pdus({s.unit: s.identity for s in stores}),
+                )
                 try:
                     await server.serve_forever(background=True)
                 except RuntimeError:
