@@ -10,15 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import NoReturn
 
 from bridge import __version__
-from bridge.config import Config, config_json_schema, load_config, parse_duration
+from bridge.config import Config, config_json_schema, load_config
 from bridge.core.codec import BYTE_ORDERS, POINT_TYPES, Value
 from bridge.daemon import run_daemon
 from bridge.errors import BridgeError, ConfigError, UsageError
@@ -26,6 +25,7 @@ from bridge.logs import configure, redact, redact_secrets
 from bridge.service import Service
 from bridge.sim.demo import run_demo
 from bridge.sim.run import run_simulator
+from bridge.tools import argtypes
 from bridge.tools.oneshot import read_config_points, read_url, write_config_point, write_url
 from bridge.tools.plan import plan_report
 
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "(serial links and line instruments on ptys)",
                   "m2m-bridge simulate -c configs/bridge.yaml --baud 9600")
     config_arg(sim)
-    sim.add_argument("--baud", type=_baud, default=None, metavar="N|config",
+    sim.add_argument("--baud", type=argtypes.baud, default=None, metavar="N|config",
                      help="pace serial links like a real line at N baud, or at each link's "
                           "own baudrate with 'config' (default: no pacing; a pty is instant)")
     sim.add_argument("--turnaround", type=float, default=0.0, metavar="MS",
@@ -142,7 +142,7 @@ def _commissioning_args(command: Callable[[str, str, str], argparse.ArgumentPars
     scan.add_argument("url", help="link URL (tcp://host[:port], rtu:///dev/ttyUSB0?baudrate=…)")
     scan.add_argument("--units", default="1-247", metavar="LIST",
                       help="unit ids and ranges, e.g. 1-10,20,30-32 (default 1-247)")
-    scan.add_argument("--timeout", type=_duration, default=0.2, metavar="T",
+    scan.add_argument("--timeout", type=argtypes.duration, default=0.2, metavar="T",
                       help="wait for each unit, e.g. 100ms or 0.5 (default 200ms)")
     scan.add_argument("--json", action="store_true",
                       help='print only JSON: [{"unit": N, "answer": …, "ms": …}]')
@@ -154,7 +154,7 @@ def _commissioning_args(command: Callable[[str, str, str], argparse.ArgumentPars
     )
     identify.add_argument("url", help="link URL (tcp://host[:port], rtu:///dev/ttyUSB0?…)")
     identify.add_argument("--unit", type=int, required=True, help="slave id, 1-247")
-    identify.add_argument("--timeout", type=_duration, default=2.0, metavar="T",
+    identify.add_argument("--timeout", type=argtypes.duration, default=2.0, metavar="T",
                           help="wait for each answer, e.g. 500ms (default 2s)")
     identify.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -170,9 +170,9 @@ def _commissioning_args(command: Callable[[str, str, str], argparse.ArgumentPars
     probe.add_argument("--address", type=int, required=True, help="0-based PDU address")
     probe.add_argument("--count", type=int, default=2,
                        help="registers to read (default 2; 1, 2 and 4 hold numbers)")
-    probe.add_argument("--expect", type=_expect, default=None, metavar="LOW..HIGH",
+    probe.add_argument("--expect", type=argtypes.expect, default=None, metavar="LOW..HIGH",
                        help="the range the value should lie in, e.g. 200..250 (mains volts)")
-    probe.add_argument("--timeout", type=_duration, default=2.0, metavar="T",
+    probe.add_argument("--timeout", type=argtypes.duration, default=2.0, metavar="T",
                        help="wait for each answer, e.g. 500ms (default 2s)")
     probe.add_argument("--json", action="store_true",
                        help='print JSON: [{"type", "byte_order", "value", …}], best first')
@@ -191,7 +191,7 @@ def _device_args(parser: argparse.ArgumentParser, *, tables: list[str]) -> None:
     parser.add_argument("--byte-order", default="ABCD", choices=list(BYTE_ORDERS),
                         help="order of the bytes of a 32/64-bit value as they arrive "
                              "(default ABCD, big-endian)")
-    parser.add_argument("--timeout", type=_seconds, default=2.0, metavar="S",
+    parser.add_argument("--timeout", type=argtypes.seconds, default=2.0, metavar="S",
                         help="seconds to wait for each answer (default 2; URL form)")
 
 
@@ -315,41 +315,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):  # 0 would wait forever in some layers
-        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, not {text!r}")
-    return value
-
-
-def _duration(text: str) -> float:
-    try:
-        value = parse_duration(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a duration above 0 such as 200ms or 0.5, "
-                                         f"not {text!r}")
-    return value
-
-
-def _expect(text: str) -> tuple[float, float]:
-    from bridge.core.plausibility import parse_expect  # noqa: PLC0415 - the CLI starts fast
-
-    try:
-        return parse_expect(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from bridge.tools.scan import parse_units, scan  # noqa: PLC0415 - the CLI starts fast
+    from bridge.tools.scan import parse_units, progress_bar, scan  # noqa: PLC0415 - starts fast
 
     units = parse_units(args.units)
-    bar = _progress_bar(len(units))
+    bar = progress_bar(len(units))
     try:
         result = asyncio.run(scan(args.url, units=units, timeout=args.timeout,
                                   progress=None if bar is None else lambda *_: bar.update()))
@@ -368,15 +338,6 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     if not args.json:
         print(summary, file=sys.stderr)
     return EXIT_OK
-
-
-def _progress_bar(total: int) -> Any:
-    """A tqdm bar on stderr when it is a terminal; None otherwise (pipes, logs, tests)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm  # type: ignore[import-untyped]  # noqa: PLC0415 - only on a tty
-
-    return tqdm(total=total, unit="unit", file=sys.stderr, leave=False)
 
 
 def _cmd_identify(args: argparse.Namespace) -> int:
@@ -409,14 +370,6 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     return EXIT_OK
-
-
-def _baud(text: str) -> int | Literal["config"]:
-    if text == "config":
-        return "config"
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a baud rate or 'config', not {text!r}")
-    return int(text)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

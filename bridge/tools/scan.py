@@ -13,9 +13,11 @@ line therefore costs its timeout plus that settle (50 ms, or 40 characters on sl
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from bridge.core.bustime import silence
 from bridge.core.planner import ReadRequest
@@ -28,6 +30,15 @@ from bridge.transports.modbus_errors import EXCEPTION_NAMES, BadFrame, NoRespons
 MAX_UNIT = 247  # 0 is broadcast (nobody answers), 248-255 are reserved
 GATEWAY_NO_TARGET = (10, 11)  # "gateway path unavailable", "target device failed to respond"
 PROBE = ReadRequest(table="holding", address=0, count=1, points=(), layout=None)
+
+
+def progress_bar(total: int) -> Any:
+    """A tqdm bar on stderr when it is a terminal; None otherwise (pipes, logs, tests)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm  # type: ignore[import-untyped]  # noqa: PLC0415 - only on a tty
+
+    return tqdm(total=total, unit="unit", file=sys.stderr, leave=False)
 
 
 def parse_units(text: str) -> list[int]:
