@@ -152,6 +152,19 @@ def test_topics_get_the_aliases_the_broker_allows_and_then_travel_as_aliases() -
                      ("", 1), ("a/p", None), ("", 2), ("", 1)]
 
 
+def test_no_more_aliases_than_the_receive_maximum() -> None:
+    """mosquitto 2.0.11 refuses an alias above its Receive Maximum (max_inflight_messages)
+    even when it announced a larger Topic Alias Maximum."""
+    state = WireState("unit")
+    state.connect()
+    state.take_out()
+    state.receive(mqtt5.ConnAckPacket(receive_max=2, topic_alias_max=100).write())
+    for topic in ("a", "b", "c"):
+        state.publish(topic, b"1", 0, False)
+    assert [(p.topic, p.topic_alias) for p in publishes(state)] == [
+        ("a", 1), ("b", 2), ("c", None)]
+
+
 def test_no_aliases_when_the_broker_allows_none() -> None:
     state = connected()
     state.publish("a/v", b"1", 1, False)

@@ -90,10 +90,8 @@ class WireState:
         self.max_packet_size: int | None = None
         self.max_qos = 1
         self.retain_available = True
-        # MQTT 5 topic aliases (the broker's Topic Alias Maximum, from CONNACK): the first
-        # topics published get one, for this connection; later PUBLISHes of a topic send its
-        # 2-byte alias instead of its name. First come, kept: replacing aliases would cost
-        # the name again on every publish once a gateway has more topics than aliases.
+        # MQTT 5 topic aliases, first come and kept for the connection (replacing them would
+        # resend names on every publish once there are more topics than aliases).
         self.topic_alias_max = 0
         self.aliases: dict[str, int] = {}
         self._inbuf = bytearray()
@@ -392,7 +390,9 @@ class WireState:
         self.max_packet_size = packet.max_packet_size
         self.max_qos = min(1, int(packet.max_qos))
         self.retain_available = packet.retain_available
-        self.topic_alias_max = packet.topic_alias_max
+        # No more aliases than the Receive Maximum: mosquitto 2.0.11 disconnects a client whose
+        # alias exceeds it (protocol error), whatever Topic Alias Maximum it announced.
+        self.topic_alias_max = min(packet.topic_alias_max, self.window)
         if packet.server_keep_alive is not None:
             self.keepalive = packet.server_keep_alive
         self.connected = True
