@@ -29,6 +29,14 @@ from tests.helpers import ROOT, VOLTAGE, Broker, Daemons, free_port, mosquitto, 
 settings.register_profile("m2m", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("m2m")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The fast tier (`-m "not integration"`) runs property tests with a third of their
+    examples (tests.helpers.examples), so it stays a quick check; the full suite, which CI
+    runs, keeps every example. Set M2M_EXAMPLES_SCALE=1 to run the fast tier in full."""
+    if config.getoption("markexpr") == "not integration":
+        os.environ.setdefault("M2M_EXAMPLES_SCALE", "0.33")
+
 # What tools and Python write by themselves in the checkout (never a test's leftover).
 CACHES = {".venv", "__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache"}
 # New untracked files of these kinds are someone's work in progress, not a test's output.

@@ -95,6 +95,14 @@ async def metrics(port: int) -> dict[str, float]:
         return {}
 
 
+def examples(n: int) -> int:
+    """A property test's example count: `n` in the full suite; a third of it (at least 20)
+    in the fast tier (`-m "not integration"`, which sets M2M_EXAMPLES_SCALE; see conftest),
+    where the slowest property tests were most of its time."""
+    scale = float(os.environ.get("M2M_EXAMPLES_SCALE", "1"))
+    return n if scale >= 1 else max(20, round(n * scale))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (the kernel's pick, released)."""
     with socket.socket() as s:

@@ -27,6 +27,7 @@ from hypothesis.stateful import (
 
 from bridge.buffer import DiskBuffer, Stored
 from bridge.core.messages import Message
+from tests.helpers import examples
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_764_000_000.0  # the injected clock's "now", in s
@@ -358,7 +359,7 @@ step = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     steps=st.lists(step, max_size=25),
     max_messages=st.integers(1, 60),
@@ -497,7 +498,8 @@ class BufferMachine(RuleBasedStateMachine):
         self.dir.cleanup()
 
 
-BufferMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+BufferMachine.TestCase.settings = settings(
+    max_examples=examples(150), stateful_step_count=40, deadline=None)
 test_buffer_matches_its_model = BufferMachine.TestCase
 
 

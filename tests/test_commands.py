@@ -21,7 +21,7 @@ from bridge.mqtt.wire import Incoming
 from bridge.sim.tcp import Simulator
 from bridge.transports.link import Link
 from bridge.transports.modbus import Endpoint, ModbusClient
-from tests.helpers import free_port, simulated
+from tests.helpers import examples, free_port, simulated
 
 NUMERIC_TYPES: tuple[PointType, ...] = (
     "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"
@@ -137,7 +137,7 @@ class TestRefusals:
         assert len(refused(FLOAT, "x" * 1_000_000)) < 120
 
     @given(payload=st.binary(max_size=200), index=st.integers(0, len(POINTS) - 1))
-    @settings(max_examples=600, deadline=None)
+    @settings(max_examples=examples(600), deadline=None)
     def test_arbitrary_bytes_raise_nothing_but_refusals(self, payload: bytes, index: int) -> None:
         """Whatever arrives, the answer is a value or CommandRefused, never a crash."""
         with contextlib.suppress(CommandRefused):
@@ -149,7 +149,7 @@ class TestRefusals:
                                                                       max_size=3),
         max_leaves=8,
     ), index=st.integers(0, len(POINTS) - 1), wrap=st.booleans())
-    @settings(max_examples=600, deadline=None)
+    @settings(max_examples=examples(600), deadline=None)
     def test_arbitrary_json_raises_nothing_but_refusals(
         self, value: Any, index: int, wrap: bool
     ) -> None:

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from bridge.config import load_config
 from bridge.core.codec import BYTE_ORDERS, POINT_TYPES, BlockLayout, Field, decode, encode
 from bridge.errors import CodecError, ConfigError, DeviceError, TransportError
-from tests.helpers import ROOT, VOLTAGE, Broker, Daemon, MbapServer, recording, until
+from tests.helpers import ROOT, VOLTAGE, Broker, Daemon, MbapServer, examples, recording, until
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 READ_FCS = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
@@ -76,7 +76,7 @@ def load_only_config_errors(path: Path) -> None:
     assert all(issue.message and "Traceback" not in issue.message for issue in issues)
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=examples(150))
 @given(text=st.one_of(
     st.text(max_size=300),
     st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
@@ -153,7 +153,7 @@ def mutated_example(draw: st.DrawFn) -> Any:
     return data
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=examples(150))
 @given(data=mutated_example())
 def test_config_loader_on_mutated_example(example_dir: Path, data: Any) -> None:
     path = example_dir / "mutated.yaml"
@@ -177,7 +177,7 @@ WORDS = st.lists(
 )
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=examples(400))
 @given(field_=fields(), words=WORDS)
 def test_decode_gives_a_value_or_codec_error(field_: Field, words: list[int]) -> None:
     try:
@@ -191,7 +191,7 @@ def test_decode_gives_a_value_or_codec_error(field_: Field, words: list[int]) ->
         assert value in (0, 1)
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=examples(200))
 @given(
     fields_=st.lists(fields(), min_size=1, max_size=4),
     extra=st.integers(0, 3),
@@ -220,7 +220,7 @@ COMMAND_VALUES = st.one_of(
 )
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=examples(400))
 @given(field_=fields(), value=COMMAND_VALUES)
 def test_encode_gives_words_or_codec_error(field_: Field, value: bool | int | float | str) -> None:
     """What a command payload turns into before it may reach the wire."""
@@ -331,7 +331,7 @@ def hostile_slave(answer: Reply, *, split: bool = False) -> MbapServer:
 TIMEOUT = 0.15
 
 
-@settings(FUZZ, max_examples=80)
+@settings(FUZZ, max_examples=examples(80))
 @given(
     reply=replies(),
     table=st.sampled_from(["holding", "input", "coil", "discrete"]),

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from bridge.config import load_config
 from bridge.errors import ConfigError
 from bridge.logs import configure
-from tests.helpers import Broker, Daemon, free_port, metrics, mosquitto, until
+from tests.helpers import Broker, Daemon, examples, free_port, metrics, mosquitto, until
 
 MARK = "ZZ9q"
 PASSWORD = f"pw-{MARK}-correct-horse"
@@ -127,7 +127,7 @@ class SecretWorld:
         return f"${{credential:{name}}}"
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=examples(150), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     substitutions=st.lists(

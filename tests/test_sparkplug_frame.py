@@ -20,6 +20,7 @@ from bridge.config import Device, Point
 from bridge.core import sparkplug as sp
 from bridge.core import sparkplug_pb2 as pb
 from bridge.core.codec import Value
+from tests.helpers import examples
 
 # point fields, and values a reading may take (in range, out of range, of another type)
 KINDS: dict[str, tuple[dict[str, Any], st.SearchStrategy[Any]]] = {
@@ -65,7 +66,7 @@ def _by_alias(raw: bytes) -> tuple[int, list[bytes]]:
 POLL = st.fixed_dictionaries({name: values for name, (_, values) in POINTS.items()})
 
 
-@settings(max_examples=150)
+@settings(max_examples=examples(150))
 @given(st.lists(POLL, min_size=1, max_size=5))
 def test_the_frame_writes_what_the_general_path_writes(polls: list[dict[str, Value]]) -> None:
     device = _device(POINTS)
