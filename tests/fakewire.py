@@ -20,6 +20,7 @@ only the waits the code itself makes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
 from collections import deque
@@ -34,6 +35,7 @@ import pytest
 import bridge.mqtt.connection
 from bridge.config import MqttSettings
 from bridge.core.messages import Message
+from bridge.mqtt.publisher import Publisher
 from bridge.mqtt.session import Version
 from bridge.mqtt.wireevents import Incoming, WireError
 from bridge.mqtt.wirelink import WireLink
@@ -364,3 +366,18 @@ class ByteBroker(asyncio.Transport):
     def sent(self, kind: type[Any]) -> list[Any]:
         """The packets of one kind the client sent."""
         return [p for p in self.packets if isinstance(p, kind)]
+
+
+@contextlib.asynccontextmanager
+async def running(publisher: Publisher) -> AsyncIterator[asyncio.Task[None]]:
+    """The publisher's run() as a task; stopped (and, if it hangs, cancelled) on the way out."""
+    task = asyncio.create_task(publisher.run())
+    try:
+        yield task
+    finally:
+        publisher.stop()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        if not done:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

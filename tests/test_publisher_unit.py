@@ -10,9 +10,8 @@ that reach their handler and replies that say whether they went out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +24,7 @@ from bridge.config import BufferSettings, MqttSettings
 from bridge.core.messages import Message
 from bridge.mqtt.publisher import Publisher
 from bridge.mqtt.wireevents import Incoming, VersionRefused, WireError
-from tests.fakewire import FakeBroker, eventually
+from tests.fakewire import FakeBroker, eventually, running
 
 PREFIX = "m2m/gw"
 STATUS = f"{PREFIX}/status"
@@ -69,21 +68,6 @@ def buffer(tmp_path: Path) -> Iterator[DiskBuffer]:
                      max_age=86400)
     yield buf
     buf.close()
-
-
-@contextlib.asynccontextmanager
-async def running(publisher: Publisher) -> AsyncIterator[asyncio.Task[None]]:
-    """The publisher's run() as a task; stopped (and, if it hangs, cancelled) on the way out."""
-    task = asyncio.create_task(publisher.run())
-    try:
-        yield task
-    finally:
-        publisher.stop()
-        done, _ = await asyncio.wait({task}, timeout=10)
-        if not done:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def connected(publisher: Publisher) -> None:

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pysparkplug as ps
@@ -23,7 +21,7 @@ from bridge.core.sparkplug_stored import DeviceData
 from bridge.mqtt.publisher import Publisher
 from bridge.mqtt.sparkplug import BD_SEQ_FILE, BdSeq, EdgeNode
 from bridge.mqtt.wireevents import Incoming
-from tests.fakewire import FakeBroker, eventually
+from tests.fakewire import FakeBroker, eventually, running
 
 NS = "spBv1.0/g1"
 NBIRTH, NDEATH = f"{NS}/NBIRTH/n1", f"{NS}/NDEATH/n1"
@@ -91,20 +89,6 @@ def buffer(tmp_path: Path) -> Iterator[DiskBuffer]:
                      max_age=86400)
     yield buf
     buf.close()
-
-
-@contextlib.asynccontextmanager
-async def running(publisher: Publisher) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(publisher.run())
-    try:
-        yield task
-    finally:
-        publisher.stop()
-        done, _ = await asyncio.wait({task}, timeout=10)
-        if not done:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def kinds(broker: FakeBroker, connection: int | None = None) -> list[str]:

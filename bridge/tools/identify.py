@@ -7,7 +7,9 @@ command fails only when the unit did not answer at all (or the link itself faile
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from bridge.errors import DeviceError, UsageError
 from bridge.tools.oneshot import parse_url
@@ -20,6 +22,8 @@ from bridge.transports.identification import (
 from bridge.transports.link import Link
 from bridge.transports.modbus import ModbusClient
 from bridge.transports.modbus_errors import NoResponse
+
+T = TypeVar("T")
 
 _CATEGORIES = {1: "basic", 2: "regular", 3: "extended"}
 
@@ -81,6 +85,25 @@ def _why(exc: DeviceError) -> str:
     return text[at:] if at >= 0 else text.split(": ", 1)[-1]
 
 
+async def _ask(call: Awaitable[T], what: str, found: Identity, silent: list[str]) -> T | None:
+    """`call`'s reply, or None: a refusal is noted in `found` (the device answered), silence
+    (or a gateway saying its target is silent) in `silent`."""
+    try:
+        reply = await call
+    except NoResponse as exc:
+        silent.append(str(exc))
+        return None
+    except DeviceError as exc:
+        if exc.code in GATEWAY_NO_TARGET:
+            silent.append(str(exc))
+        else:
+            found.answered = True
+            found.refused[what] = _why(exc)
+        return None
+    found.answered = True
+    return reply
+
+
 async def identify(url: str, *, unit: int, timeout: float) -> Identity:  # noqa: ASYNC109
     """Ask `unit` at `url` for its identification and its server id."""
     endpoint = parse_url(url, timeout=timeout)
@@ -90,33 +113,13 @@ async def identify(url: str, *, unit: int, timeout: float) -> Identity:  # noqa:
     found = Identity(unit)
     silent: list[str] = []
     try:
-        try:
-            ident = await read_device_identification(link, unit)
-        except NoResponse as exc:
-            silent.append(str(exc))
-        except DeviceError as exc:
-            if exc.code in GATEWAY_NO_TARGET:
-                silent.append(str(exc))
-            else:
-                found.answered = True
-                found.refused["FC43"] = _why(exc)
-        else:
-            found.answered = True
+        ident = await _ask(read_device_identification(link, unit), "FC43", found, silent)
+        if ident is not None:
             found.category = _CATEGORIES.get(ident.read_code)
             found.conformity = ident.conformity
             found.objects = {object_name(k): _text(v) for k, v in sorted(ident.objects.items())}
-        try:
-            server = await report_server_id(link, unit)
-        except NoResponse as exc:
-            silent.append(str(exc))
-        except DeviceError as exc:
-            if exc.code in GATEWAY_NO_TARGET:
-                silent.append(str(exc))
-            else:
-                found.answered = True
-                found.refused["FC17"] = _why(exc)
-        else:
-            found.answered = True
+        server = await _ask(report_server_id(link, unit), "FC17", found, silent)
+        if server is not None:
             found.server_id = server.data.hex(" ")
             found.server_text = _printable(server.data)
             found.running = server.running
