@@ -121,7 +121,7 @@ class TestRead:
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1, lines
         assert "unit 9" in lines[0]
-        assert "Modbus exception 04 (server device failure)" in lines[0]
+        assert "Modbus exception 11 (gateway target device failed to respond)" in lines[0]
 
     @pytest.mark.integration
     async def test_url_read_string(self, device: tuple[Path, int]) -> None:

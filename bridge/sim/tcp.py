@@ -15,10 +15,13 @@ import errno
 import random
 import socket
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
 import structlog
+from pymodbus.constants import ExcCodes
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -127,6 +130,20 @@ def _is_counter(point: Point) -> bool:
     return point.type in _COUNTER_TYPES and any(w in name for w in _COUNTER_WORDS)
 
 
+def _as_a_gateway(units: set[int]) -> Callable[[bool, ModbusPDU], ModbusPDU]:
+    """A unit nobody serves here is answered as a Modbus TCP gateway answers it: exception
+    0B, "gateway target device failed to respond" (pymodbus' simulator says 04, "server
+    device failure", which a bus scan would take for a device that is there)."""
+
+    def trace(sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+        if (sending and pdu.dev_id not in units and isinstance(pdu, ExceptionResponse)
+                and pdu.exception_code == ExcCodes.DEVICE_FAILURE):
+            pdu.exception_code = ExcCodes.GATEWAY_NO_RESPONSE
+        return pdu
+
+    return trace
+
+
 class Simulator:
     """The configured `tcp` devices as Modbus slaves on their links' host:port."""
 
@@ -231,6 +248,7 @@ class Simulator:
                 server = ModbusTcpServer(
                     devices, address=(host, port),
                     custom_pdu=identity_pdus({s.unit: s.identity for s in stores}),
+                    trace_pdu=_as_a_gateway({s.unit for s in stores}),
                 )
                 try:
                     await server.serve_forever(background=True)
