@@ -422,3 +422,32 @@ async def test_broker_outage_replayed_as_historical_after_the_births(
             daemon.signal(signal.SIGTERM)
             assert daemon.wait() == 0
 
+
+async def test_over_mqtt_3_1_1(
+    tmp_path: Path, device: tuple[Simulator, int], daemons: list[Daemon]
+) -> None:
+    """The edge node on an MQTT 3.1.1 session (`protocol: 3.1.1`; aiomqtt under the session,
+    where MQTT 5 uses our wire client): births and DDATA decode, seq runs on, and the NDEATH
+    will carries the NBIRTH's bdSeq after `kill -9` (tck-id-payloads-ndeath-will-message,
+    tck-id-payloads-ndeath-bdseq)."""
+    _, port = device
+    with mosquitto(tmp_path) as broker:
+        config = write_config(tmp_path, broker.port, port)
+        doc = yaml.safe_load(config.read_text())
+        doc["mqtt"]["protocol"] = "3.1.1"
+        config.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+        async with recording(broker.port, f"{NS}/#") as rec:
+            daemon = start(daemons, config)
+            await until(lambda: len(ddata(rec)) >= 3,
+                        what=lambda: f"3 DDATA; log:\n{daemon.output()}")
+            assert [e["protocol"] for e in daemon.events("broker connected")] == ["3.1.1"]
+            [nbirth] = [ps.NBirth.decode(p) for p in rec.payloads(NBIRTH)]
+            [dbirth] = births(rec, dtopic("DBIRTH"))
+            assert {m.name for m in dbirth.metrics} == set(VALUES)
+            assert values(ddata(rec)[-1])["voltage"] == pytest.approx(230.5)
+            assert seqs_are_continuous(rec) >= 3
+            daemon.signal(signal.SIGKILL)
+            daemon.wait()
+            await rec.wait_for(lambda: rec.payloads(NDEATH))
+            [will] = [ps.NDeath.decode(p) for p in rec.payloads(NDEATH)]
+            assert will.bd_seq_metric.value == bd_seq(nbirth.metrics)
