@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -187,15 +187,7 @@ class CommandHandler:
     ) -> None:
         """One command from receipt to result; every outcome is answered and audited."""
         shown = payload.decode("utf-8", "replace")
-        try:
-            outcome = await asyncio.wait_for(self._execute(topic, payload), HANDLE_TIMEOUT)
-        except TimeoutError:
-            outcome = _Outcome(False, error=f"no answer within {HANDLE_TIMEOUT:g}s",
-                               kind="failed")
-        except Exception as exc:  # never let one command take the daemon down
-            log.exception("command failed unexpectedly", topic=topic)
-            outcome = _Outcome(False, error=f"internal error: {type(exc).__name__}",
-                               kind="failed")
+        outcome = await _bounded(self._execute(topic, payload), topic)
         self._count(outcome)
         _audit(topic, shown, outcome.kind, outcome.error)
         await self._answer(topic, outcome, response_topic, correlation_data)
@@ -261,19 +253,10 @@ class CommandHandler:
     async def _apply(self, source: str, device: str, point: str, value: Value) -> None:
         key = self._topics.command(device, point)
         target = self._targets.get(key)
-        try:
-            if target is None or target.readback is None:
-                outcome = _refused(f"{device}/{point} cannot be written")
-            else:
-                outcome = await asyncio.wait_for(self._write(key, target, value),
-                                                 HANDLE_TIMEOUT)
-        except TimeoutError:
-            outcome = _Outcome(False, error=f"no answer within {HANDLE_TIMEOUT:g}s",
-                               kind="failed")
-        except Exception as exc:  # never let one command take the daemon down
-            log.exception("command failed unexpectedly", topic=source)
-            outcome = _Outcome(False, error=f"internal error: {type(exc).__name__}",
-                               kind="failed")
+        if target is None or target.readback is None:
+            outcome = _refused(f"{device}/{point} cannot be written")
+        else:
+            outcome = await _bounded(self._write(key, target, value), source)
         self._count(outcome)
         _audit(source, f"{point}={value!r}", outcome.kind, outcome.error)
 
@@ -343,6 +326,18 @@ class CommandHandler:
         """Whether `topic` matches our subscription `<prefix>/+/+/set`."""
         parts = topic.removeprefix(self._prefix).split("/")
         return topic.startswith(self._prefix) and len(parts) == 3 and parts[2] == "set"
+
+
+async def _bounded(work: Coroutine[Any, Any, _Outcome], topic: str) -> _Outcome:
+    """`work`'s outcome within HANDLE_TIMEOUT; a timeout or a bug is a failed outcome, never
+    an exception: one command must not take the daemon down."""
+    try:
+        return await asyncio.wait_for(work, HANDLE_TIMEOUT)
+    except TimeoutError:
+        return _Outcome(False, error=f"no answer within {HANDLE_TIMEOUT:g}s", kind="failed")
+    except Exception as exc:
+        log.exception("command failed unexpectedly", topic=topic)
+        return _Outcome(False, error=f"internal error: {type(exc).__name__}", kind="failed")
 
 
 def _publishable(topic: str) -> bool:
