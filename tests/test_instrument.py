@@ -263,7 +263,9 @@ async def test_daemon_publishes_instrument_readings(line: Socat, tmp_path: Path)
         async with recording(broker.port, "m2m/gw-test/#") as rec, instrument(line.b):
             daemon.start()
             try:
-                await rec.wait_for(lambda: rec.last("m2m/gw-test/scale-1/weight") is not None)
+                # A poll's points are separate messages: wait for each, not only the first.
+                points = [f"m2m/gw-test/scale-1/{p}" for p in ("weight", "count", "stable", "tag")]
+                await rec.wait_for(lambda: all(rec.last(t) is not None for t in points))
                 await rec.wait_for(lambda: rec.last("m2m/gw-test/scale-1/status") == b"online")
                 weight = rec.values("m2m/gw-test/scale-1/weight")[0]
                 assert weight["value"] == 12.3
