@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,11 +63,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def write_config(
-    path: Path, *, broker: int, device: int, mode: str, units: int, registers: int
+    path: Path, *, broker: int, device: int, mode: str, units: int, registers: int, qos: int = 1
 ) -> Path:
     """`units` devices of `registers` uint16 holding points each, on one tcp link."""
     points = [{"name": f"r{a:03d}", "address": a, "type": "uint16"} for a in range(registers)]
-    mqtt_settings: dict[str, Any] = {"host": "127.0.0.1", "port": broker, "qos": 1}
+    mqtt_settings: dict[str, Any] = {"host": "127.0.0.1", "port": broker, "qos": qos}
     if mode == "sparkplug":  # one DDATA per poll; NBIRTH/DBIRTH/DDATA go out at QoS 0 (spec)
         mqtt_settings |= {"format": "sparkplug", "sparkplug": {"group_id": SPARKPLUG_GROUP}}
     else:
@@ -147,10 +147,12 @@ def tail(path: Path, lines: int = 15) -> str:
 
 
 @contextlib.contextmanager
-def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    args: list[str], log: Path, *, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """`args` as a child with stderr in `log`, stopped by its id on the way out."""
     with log.open("wb") as err:
-        child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+        child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd, env=env)
     try:
         yield child
     finally:
@@ -174,40 +176,55 @@ def simulated_device(config: Path, port: int) -> Iterator[subprocess.Popen[bytes
 # --- the subscriber -------------------------------------------------------------------------
 
 
-class Counter:
-    """Values received for one mode (on `m2m/bench/#`, status topics ignored; in sparkplug
-    mode the metrics of DDATA on `spBv1.0/#`, births and deaths ignored)."""
+def values_per_point(topic: str, payload: bytes) -> int:
+    """One value a message on `m2m/bench/<device>/<point>` (status topics are not values)."""
+    levels = topic.split("/")
+    return 1 if len(levels) == 4 and levels[-1] != "status" else 0
 
-    def __init__(self, mode: str) -> None:
-        self.per_device = mode == "per-device"
-        self.sparkplug = mode == "sparkplug"
+
+def values_per_device(topic: str, payload: bytes) -> int:
+    """The `values` of a message on `m2m/bench/<device>` (`m2m/bench/status` is not one)."""
+    levels = topic.split("/")
+    if len(levels) != 3 or levels[-1] == "status":
+        return 0
+    return len(json.loads(payload)["values"])
+
+
+def values_sparkplug(topic: str, payload: bytes) -> int:
+    """The metrics of a DDATA (births and deaths are not counted)."""
+    if not topic.startswith(SPARKPLUG_PREFIX):
+        return 0
+    return len(pb.Payload.FromString(payload).metrics)
+
+
+VALUES_IN: dict[str, Callable[[str, bytes], int]] = {
+    "per-point": values_per_point,
+    "per-device": values_per_device,
+    "sparkplug": values_sparkplug,
+}
+TOPICS = [f"{PREFIX}/#", "spBv1.0/#"]  # what the daemon publishes, in every mode
+
+
+class Counter:
+    """Values received: `values_in(topic, payload)` says how many a message holds. paho's
+    network thread counts, the bench reads."""
+
+    def __init__(self, values_in: Callable[[str, bytes], int]) -> None:
+        self.values_in = values_in
         self.values = 0
         self.last_arrival = 0.0  # time.monotonic() of the last counted message
         self._lock = threading.Lock()
 
-    def count(self, topic: str, payload: bytes | bytearray) -> None:
-        if self.sparkplug:
-            if not topic.startswith(SPARKPLUG_PREFIX):
-                return
-            n = len(pb.Payload.FromString(bytes(payload)).metrics)
-            with self._lock:
-                self.values += n
-                self.last_arrival = time.monotonic()
+    def count(self, topic: str, payload: bytes) -> None:
+        n = self.values_in(topic, payload)
+        if not n:
             return
-        levels = topic.split("/")
-        if levels[-1] == "status":  # m2m/bench/status and m2m/bench/<device>/status
-            return
-        if self.per_device:
-            if len(levels) != 3:  # m2m/bench/<device>
-                return
-            n = len(json.loads(payload)["values"])
-        else:
-            if len(levels) != 4:  # m2m/bench/<device>/<point>
-                return
-            n = 1
         with self._lock:
             self.values += n
             self.last_arrival = time.monotonic()
+
+    def on_message(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
+        self.count(message.topic, bytes(message.payload))
 
     def snapshot(self) -> tuple[int, float]:
         with self._lock:
@@ -215,9 +232,11 @@ class Counter:
 
 
 @contextlib.contextmanager
-def subscriber(port: int, counter: Counter) -> Iterator[mqtt.Client]:
-    """A paho client (its own network thread) subscribed to the bench prefix (and to the
-    Sparkplug namespace)."""
+def subscriber(
+    port: int, topics: list[str], on_message: Callable[[mqtt.Client, mqtt.MQTTMessage], None]
+) -> Iterator[mqtt.Client]:
+    """A paho client (its own network thread) subscribed to `topics` at QoS 0 (cheap for the
+    broker and for this process), handing each message to `on_message`."""
     subscribed = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}",
                          protocol=MQTTProtocolVersion.MQTTv311)
@@ -226,8 +245,7 @@ def subscriber(port: int, counter: Counter) -> Iterator[mqtt.Client]:
         client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags, reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        # QoS 0 down: keep the broker and this cheap
-        client.subscribe([(f"{PREFIX}/#", 0), ("spBv1.0/#", 0)])
+        client.subscribe([(topic, 0) for topic in topics])
 
     def on_subscribe(
         client: mqtt.Client, userdata: object, mid: int, reasons: list[ReasonCode],
@@ -235,12 +253,12 @@ def subscriber(port: int, counter: Counter) -> Iterator[mqtt.Client]:
     ) -> None:
         subscribed.set()
 
-    def on_message(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        counter.count(message.topic, message.payload)
+    def handle(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        on_message(client, message)
 
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
-    client.on_message = on_message
+    client.on_message = handle
     client.connect("127.0.0.1", port, keepalive=60)
     client.loop_start()
     try:
@@ -296,9 +314,9 @@ def wait_quiet(counter: Counter, limit: float) -> None:
 
 
 def run_once(config: Path, broker: int, mode: str, warmup: float, seconds: float) -> Result:
-    counter = Counter(mode)
+    counter = Counter(VALUES_IN[mode])
     log = config.with_suffix(".log")
-    with subscriber(broker, counter), process(
+    with subscriber(broker, TOPICS, counter.on_message), process(
         [PYTHON, "-m", "bridge", "--log-json", "run", "-c", str(config)], log
     ) as daemon:
         deadline = time.monotonic() + FIRST_VALUES_TIMEOUT
