@@ -3,31 +3,32 @@
 Exit codes (DESIGN.md): 0 ok, 1 the device or broker failed, 2 usage, 78 config error
 (EX_CONFIG from sysexits.h, which systemd's RestartPreventExitStatus= users know).
 Expected failures print one line on stderr, never a traceback.
+
+Each command imports what it needs at the top of its `_cmd_*` function, never here: the parser
+and `--help` load no pydantic, pymodbus, aiomqtt or prometheus_client, and `read URL` none of
+the config models (DESIGN.md: `--help` under 100 ms, a one-off `read` under 150 ms).
+tests/test_cli_imports.py holds each command to that.
 """
+# ruff: noqa: PLC0415 - the imports inside functions are the point (see above)
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from bridge import __version__
-from bridge.config import Config, config_json_schema, load_config
-from bridge.core.codec import BYTE_ORDERS, POINT_TYPES, Value
-from bridge.daemon import run_daemon
 from bridge.errors import BridgeError, ConfigError, UsageError
-from bridge.logs import configure, redact, redact_secrets
-from bridge.service import Service
-from bridge.sim.demo import run_demo
-from bridge.sim.run import run_simulator
+from bridge.registers import BYTE_ORDERS, POINT_TYPES
 from bridge.tools import argtypes
-from bridge.tools.oneshot import read_config_points, read_url, write_config_point, write_url
-from bridge.tools.plan import plan_report
+
+if TYPE_CHECKING:
+    from bridge.config import Config
+    from bridge.registers import Value
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
@@ -39,12 +40,17 @@ class _Parser(argparse.ArgumentParser):
 
 def _load(path: Path, *, check_state_dir: bool = False) -> Config:
     """The config at `path`; from here on its secret values never reach output or logs."""
+    from bridge.config import load_config
+    from bridge.logs import redact_secrets
+
     config = load_config(path, check_state_dir=check_state_dir)
     redact_secrets(config.secrets)
     return config
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
+    from bridge.logs import redact
+
     print(f"m2m-bridge: {redact(message)}", file=sys.stderr)
     return code
 
@@ -197,6 +203,8 @@ def _device_args(parser: argparse.ArgumentParser, *, tables: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from bridge.logs import configure  # after parsing: `--help` and usage errors need no logging
+
     # Daemons log their life at info; one-off commands print their answer and warn only.
     quiet = args.command not in ("run", "simulate")
     configure(level=args.log_level or ("warning" if quiet else "info"), json=args.log_json)
@@ -229,17 +237,25 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    from bridge.config import config_json_schema
+
     print(json.dumps(config_json_schema(), indent=2))
     return EXIT_OK
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from bridge.tools.plan import plan_report
+
     print(plan_report(_load(args.config)))
     return EXIT_OK
 
 
 def _cmd_read(args: argparse.Namespace) -> int:
+    import asyncio
+
     if args.config is not None:
+        from bridge.tools.points import read_config_points
+
         config = _load(args.config)
         rows = asyncio.run(read_config_points(config, args.target, args.points))
         if args.json:
@@ -250,6 +266,8 @@ def _cmd_read(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.points:
         return _fail("point names need -c FILE; with a URL use --address", EXIT_USAGE)
+    from bridge.tools.oneshot import read_url  # no config models: the URL form starts fastest
+
     values = asyncio.run(read_url(
         args.target, unit=args.unit, table=args.table, address=args.address, count=args.count,
         type_=args.type_, byte_order=args.byte_order, timeout=args.timeout,
@@ -262,6 +280,10 @@ def _cmd_read(args: argparse.Namespace) -> int:
 
 
 def _cmd_write(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bridge.tools.points import write_config_point, write_url
+
     # The value is checked before any connection is made: a refused write opens no socket.
     if args.config is not None:
         if len(args.rest) != 2:
@@ -295,6 +317,11 @@ def _table(rows: Sequence[Sequence[str]]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bridge.daemon import run_daemon
+    from bridge.service import Service
+
     # A bad config or an unusable state_dir stops here (exit 78), before any device is touched.
     config = _load(args.config, check_state_dir=True)
     asyncio.run(run_daemon(args.config, Service(config)))
@@ -302,6 +329,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bridge.sim.run import run_simulator
+
     config = _load(args.config)
 
     def ready() -> None:
@@ -316,7 +347,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_scan(args: argparse.Namespace) -> int:
-    from bridge.tools.scan import parse_units, progress_bar, scan  # noqa: PLC0415 - starts fast
+    import asyncio
+
+    from bridge.tools.scan import parse_units, progress_bar, scan
 
     units = parse_units(args.units)
     bar = progress_bar(len(units))
@@ -341,7 +374,9 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 
 
 def _cmd_identify(args: argparse.Namespace) -> int:
-    from bridge.tools.identify import identify  # noqa: PLC0415 - the CLI starts fast
+    import asyncio
+
+    from bridge.tools.identify import identify
 
     found = asyncio.run(identify(args.url, unit=args.unit, timeout=args.timeout))
     if args.json:
@@ -352,7 +387,9 @@ def _cmd_identify(args: argparse.Namespace) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from bridge.tools.probe import probe, sizes_note  # noqa: PLC0415 - the CLI starts fast
+    import asyncio
+
+    from bridge.tools.probe import probe, sizes_note
 
     ranked = asyncio.run(probe(
         args.url, unit=args.unit, table=args.table, address=args.address, count=args.count,
@@ -373,6 +410,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bridge.sim.demo import run_demo
+
     code: int = asyncio.run(run_demo(args.config, duration=args.duration))
     return code
 
