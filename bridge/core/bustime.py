@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from bridge.config import SerialLink
 from bridge.core.planner import PollGroup, ReadRequest
+
+if TYPE_CHECKING:  # annotations only: the transports need these times without pydantic's models
+    from bridge.config import SerialLink
 
 BITS_PER_CHAR = 11  # RTU: start + 8 data + parity (or a 2nd stop) + stop
 FAST_LINE_SILENCE = 0.00175  # the spec's fixed 1.75 ms above 19200 baud

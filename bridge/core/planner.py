@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from bridge.config import Point
 from bridge.core.codec import BIT_TABLES, BlockLayout, Field, Table, Value
 from bridge.errors import CodecError
+
+if TYPE_CHECKING:  # annotations only: `read URL` plans without loading pydantic's models
+    from bridge.config import Point
 
 MAX_READ_REGISTERS = 125  # Modbus spec: FC3/FC4 read at most 125 registers
 MAX_READ_BITS = 2000  # Modbus spec: FC1/FC2 read at most 2000 coils/inputs
