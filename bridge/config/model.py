@@ -39,10 +39,9 @@ from bridge.config.fields import (
     Name,
     Size,
     _Model,
-    parse_duration,
-    parse_size,
 )
 from bridge.errors import ConfigIssue
+from bridge.units import parse_duration, parse_size
 
 # The links, devices and points (bridge.config.devices) and the value types
 # (bridge.config.fields) are part of the format too: importable from here as before.

@@ -7,7 +7,7 @@ import argparse
 import math
 from typing import Literal
 
-from bridge.config import parse_duration
+from bridge.units import parse_duration
 
 
 def seconds(text: str) -> float:
