@@ -2,7 +2,8 @@
 devices and points; fields: durations, sizes, names), how it is read (loader), YAML with line
 numbers (yamlsource) and secret references (secrets). Import what you need from here."""
 
-from bridge.config.loader import load_config, state_dir_problem
+from bridge.config.library import library_names, library_path, unknown_map
+from bridge.config.loader import load_config, load_library_map, state_dir_problem
 from bridge.config.model import (
     BufferSettings,
     Config,
@@ -43,8 +44,12 @@ __all__ = [
     "TcpLink",
     "Tls",
     "config_json_schema",
+    "library_names",
+    "library_path",
     "load_config",
+    "load_library_map",
     "parse_duration",
     "parse_size",
     "state_dir_problem",
+    "unknown_map",
 ]

@@ -208,6 +208,9 @@ class DeviceMap(_Model):
     description: str | None = None
     manufacturer: str | None = None
     model: str | None = None
+    source: str | None = Field(
+        default=None, description="where the register facts come from (manual and version)"
+    )
     byte_order: ByteOrder | None = None
     points: list[Point] = []  # noqa: RUF012 - pydantic copies defaults
 
@@ -219,7 +222,9 @@ class Device(_Model):
     link: str
     unit: int = Field(default=1, ge=0, le=247)
     interval: Duration = Field(default=5.0, gt=0)
-    map: str | None = Field(default=None, description="map file, relative to this file")
+    map: str | None = Field(
+        default=None, description="map file, relative to this file, or library:NAME"
+    )
     byte_order: ByteOrder | None = None
     report: Literal["always", "on-change"] = "always"
     heartbeat: Duration | None = 300.0

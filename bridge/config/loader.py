@@ -26,6 +26,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from bridge.config.library import PREFIX as LIBRARY
+from bridge.config.library import library_path, unknown_map
 from bridge.config.model import (
     Config,
     Device,
@@ -135,6 +137,18 @@ def state_dir_problem(directory: Path) -> str | None:
     return None
 
 
+def load_library_map(name: str) -> DeviceMap:
+    """The packaged map `name` (`library:NAME` in a device), checked as any map file is;
+    ConfigError if there is no such map or it has problems."""
+    maps = _Maps(Path(), {})
+    loaded = maps.get(LIBRARY + name)
+    if isinstance(loaded, str):
+        raise ConfigError([ConfigIssue(LIBRARY + name, 0, "", loaded)])
+    if loaded is None or maps.issues:
+        raise ConfigError(maps.issues)
+    return loaded[0]
+
+
 class _Maps:
     """Map files, each read and validated once however many devices use it."""
 
@@ -143,11 +157,20 @@ class _Maps:
         self.environ = environ
         self.issues: list[ConfigIssue] = []
         self._loaded: dict[Path, tuple[DeviceMap, Document] | str | None] = {}
+        self.library: set[str] = set()  # files of library maps that loaded (Document.file)
 
     def get(self, name: str) -> tuple[DeviceMap, Document] | str | None:
-        """The map at `name` (relative to the main file); why it is unreadable; or None if
-        it has problems (already in `issues`)."""
-        file = self.base / name
+        """The map at `name` (relative to the main file, or `library:NAME`); why it is
+        unreadable (for a library name, the whole message); or None if it has problems
+        (already in `issues`)."""
+        if name.startswith(LIBRARY):
+            packaged = library_path(name.removeprefix(LIBRARY))
+            if packaged is None:
+                return unknown_map(name.removeprefix(LIBRARY))
+            self.library.add(str(packaged))
+            file = packaged
+        else:
+            file = self.base / name
         if file not in self._loaded:
             self._loaded[file] = self._load(file)
         return self._loaded[file]
@@ -187,7 +210,9 @@ def _complete(
     at: Loc = ("devices", index)
     issues: list[ConfigIssue] = []
     loaded = maps.get(device.map) if device.map is not None else None
-    if isinstance(loaded, str):
+    if isinstance(loaded, str) and device.map is not None and device.map.startswith(LIBRARY):
+        issues.append(main.issue((*at, "map"), loaded))
+    elif isinstance(loaded, str):
         shown = main.show((*at, "map"), device.map)  # `<secret>` if a secret named it
         issues.append(main.issue((*at, "map"), f"cannot read map file {shown}: {loaded}"))
     device_map, map_doc = loaded if isinstance(loaded, tuple) else (DeviceMap(), main)
@@ -245,10 +270,11 @@ def _complete(
         for key in ("description", "manufacturer", "model")
         if getattr(device, key) is None
     }
+    # Library maps' high addresses are the vendor's (Janitza's 19000s, SunSpec's 40000s).
     warnings = [] if isinstance(link, LineLink) else [
         doc.issue((*path, "address"), message)
         for point, doc, path in entries
-        if (message := _modicon_warning(point)) is not None
+        if doc.file not in maps.library and (message := _modicon_warning(point)) is not None
     ]
     return device.model_copy(update={"points": points, **described}), issues, warnings
 

@@ -12,9 +12,43 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Literal
 
-from bridge.config import Config, LineLink, SerialLink
+from bridge.config import (
+    Config,
+    LineLink,
+    SerialLink,
+    library_path,
+    load_library_map,
+    unknown_map,
+)
+from bridge.errors import UsageError
 from bridge.sim.serial import SerialSimulator
 from bridge.sim.tcp import Simulator
+
+DEFAULT_PORT = 5020  # not 502: serving that needs root, and a real gateway may hold it
+
+
+def library_config(
+    name: str, *, unit: int, host: str = "127.0.0.1", port: int = DEFAULT_PORT
+) -> Config:
+    """A config serving library map `name` as `unit` on a Modbus TCP endpoint (`simulate --map
+    library:NAME`): no file to write, the map's manufacturer and model answer FC43/FC17."""
+    if library_path(name) is None:
+        raise UsageError(unknown_map(name))
+    if not 1 <= unit <= 247:
+        raise UsageError(f"--unit {unit}: a slave id is 1-247")
+    device_map = load_library_map(name)
+    order = device_map.byte_order or "ABCD"  # as the loader completes a device's points
+    points = [p if p.byte_order else p.model_copy(update={"byte_order": order})
+              for p in device_map.points]
+    return Config.model_validate({
+        "version": 1,
+        "links": [{"name": "sim", "type": "tcp", "host": host, "port": port}],
+        "devices": [{
+            "name": name, "link": "sim", "unit": unit, "points": points,
+            "description": device_map.description, "manufacturer": device_map.manufacturer,
+            "model": device_map.model,
+        }],
+    })
 
 
 async def run_simulator(

@@ -1,0 +1,45 @@
+"""The device library: register maps of real devices shipped in the package (`bridge/maps/`).
+
+A device names one with `map: library:NAME`. The files are read by path, like any map file, so
+a problem in one is located `file:line: path: message` in that file; each names the source of
+its register facts (`source:`, and bridge/maps/NOTICE).
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib.resources import files
+from pathlib import Path
+
+PREFIX = "library:"
+
+
+def library_dir() -> Path:
+    """Where the packaged maps are. setuptools installs package data as plain files (wheel,
+    editable and checkout alike), so the Traversable is a filesystem path."""
+    return Path(str(files("bridge") / "maps"))
+
+
+def library_names() -> list[str]:
+    """Every map in the library, by name (its file name without `.yaml`), sorted."""
+    return sorted(path.stem for path in library_dir().glob("*.yaml"))
+
+
+def library_path(name: str) -> Path | None:
+    """The file of library map `name`, or None if there is none (names are looked up, never
+    joined blindly, so `library:../x` cannot reach outside the library)."""
+    return library_dir() / f"{name}.yaml" if name in library_names() else None
+
+
+def unknown_map(name: str) -> str:
+    """A one-line message for a name the library lacks, with the nearest names if any."""
+    names = library_names()
+    # "sdm630" is in "eastron-sdm630" but only 60 % similar to it: containment first.
+    near = [n for n in names if name.lower() in n] or difflib.get_close_matches(
+        name.lower(), names, n=3, cutoff=0.5
+    )
+    hint = (
+        f"did you mean {' or '.join(near[:3])}?" if near
+        else f"'m2m-bridge maps list' shows the {len(names)} maps"
+    )
+    return f"unknown library map {name!r} ({hint})"
