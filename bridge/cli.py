@@ -121,15 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="0-based PDU address (required with a URL)")
 
     sim = command("simulate", "serve the configured devices as Modbus slaves "
-                  "(serial links and line instruments on ptys)",
-                  "m2m-bridge simulate -c configs/bridge.yaml --baud 9600")
-    config_arg(sim)
+                  "(serial links and line instruments on ptys), or one library map",
+                  "m2m-bridge simulate -c configs/bridge.yaml --baud 9600\n"
+                  "         m2m-bridge simulate --map library:eastron-sdm630 --unit 1 --port 5020")
+    what = sim.add_mutually_exclusive_group(required=True)
+    what.add_argument("-c", "--config", type=Path, help="bridge YAML file")
+    what.add_argument("--map", metavar="library:NAME",
+                      help="serve this library map over Modbus TCP (see 'm2m-bridge maps')")
+    sim.add_argument("--unit", type=int, default=None, help="with --map: slave id (default 1)")
+    sim.add_argument("--host", default=None,
+                     help="with --map: address to listen on (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, default=None, help="with --map: TCP port (default 5020)")
     sim.add_argument("--baud", type=argtypes.baud, default=None, metavar="N|config",
                      help="pace serial links like a real line at N baud, or at each link's "
                           "own baudrate with 'config' (default: no pacing; a pty is instant)")
     sim.add_argument("--turnaround", type=float, default=0.0, metavar="MS",
                      help="with --baud: the slave's delay before replying, in ms (default 0)")
     _commissioning_args(command)
+    maps = command(
+        "maps", "the device library shipped with the package: list it, or show one map "
+        "(a device uses one with `map: library:NAME`)",
+        "m2m-bridge maps\n"
+        "         m2m-bridge maps show eastron-sdm630 --json",
+    )
+    maps.add_argument("action", nargs="?", default="list", choices=["list", "show"],
+                      help="list (default) or show NAME")
+    maps.add_argument("name", nargs="?", help="with show: the map, e.g. eastron-sdm630")
+    maps.add_argument("--json", action="store_true", help="print JSON instead of a table")
     demo = command("demo", "simulated devices -> bridge -> broker, with a live view",
                    "m2m-bridge demo")
     demo.add_argument("-c", "--config", type=Path, default=None,
@@ -331,9 +349,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import asyncio
 
-    from bridge.sim.run import run_simulator
+    from bridge.sim.run import DEFAULT_PORT, library_config, run_simulator
 
-    config = _load(args.config)
+    mapped = {"--unit": args.unit, "--host": args.host, "--port": args.port}
+    if args.config is not None:
+        if given := [flag for flag, value in mapped.items() if value is not None]:
+            return _fail(f"{', '.join(given)} only with --map (a config names its own)",
+                         EXIT_USAGE)
+        config = _load(args.config)
+    elif not args.map.startswith("library:"):
+        return _fail(f"--map {args.map}: expected library:NAME (for a map file, write a config "
+                     "and use -c)", EXIT_USAGE)
+    else:
+        config = library_config(args.map.removeprefix("library:"),
+                                unit=1 if args.unit is None else args.unit,
+                                host=args.host or "127.0.0.1", port=args.port or DEFAULT_PORT)
 
     def ready() -> None:
         print("simulating; Ctrl-C stops", file=sys.stderr)
@@ -409,6 +439,36 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_maps(args: argparse.Namespace) -> int:
+    from bridge.tools.maps import POINT_COLUMNS, library, library_map, map_json, point_rows
+
+    if args.action == "list":
+        if args.name is not None:
+            return _fail(f"maps list takes no name; to see one: maps show {args.name}",
+                         EXIT_USAGE)
+        entries = library()
+        if args.json:
+            print(json.dumps([e.as_json() for e in entries], ensure_ascii=False))
+        else:
+            _table([("name", "manufacturer", "model", "points", "description")] + [
+                (e.name, e.manufacturer, e.model, str(e.points), e.description) for e in entries
+            ])
+        return EXIT_OK
+    if args.name is None:
+        return _fail("maps show needs a NAME (see 'm2m-bridge maps list')", EXIT_USAGE)
+    name = args.name.removeprefix("library:")
+    device_map = library_map(name)
+    if args.json:
+        print(json.dumps(map_json(name, device_map), ensure_ascii=False))
+        return EXIT_OK
+    print(f"{name}: {device_map.manufacturer} {device_map.model} - {device_map.description}")
+    print(f"source: {device_map.source}")
+    print(f"use: map: library:{name}")
+    print()
+    _table([POINT_COLUMNS, *point_rows(device_map)])
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -430,4 +490,5 @@ _COMMANDS = {
     "scan": _cmd_scan,
     "identify": _cmd_identify,
     "probe": _cmd_probe,
+    "maps": _cmd_maps,
 }

@@ -7,7 +7,10 @@ Parametrised over the library, so a new map file is tested without touching this
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +33,14 @@ from bridge.sim.run import library_config
 from bridge.tools.identify import identify
 from bridge.tools.maps import library, library_map, map_json, point_rows
 from bridge.tools.points import read_config_points
-from tests.helpers import free_port, simulated
+from tests.helpers import (
+    ROOT,
+    free_port,
+    run_cli,
+    simulated,
+    stop_process,
+    wait_for_port,
+)
 
 NAMES = library_names()
 NOTICE = (library_dir() / "NOTICE").read_text()
@@ -177,3 +187,84 @@ async def test_simulate_map_serves_the_library_map_with_its_identity() -> None:
         found = await identify(f"tcp://127.0.0.1:{port}", unit=7, timeout=2.0)
     assert read == {"voltage": 230.4}
     assert {"Eastron", "SDM120-Modbus"} <= set(found.objects.values())
+
+
+# --- the CLI: maps list/show and simulate --map -------------------------------------------
+
+
+@pytest.mark.integration
+def test_cli_maps_lists_the_library_as_a_table_and_as_json() -> None:
+    table = run_cli("maps")
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["name", "manufacturer", "model", "points", "description"]
+    assert [row.split()[0] for row in rows] == NAMES
+    listed = run_cli("maps", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = json.loads(listed.stdout)
+    assert [e["name"] for e in entries] == NAMES
+    assert {"name", "manufacturer", "model", "source"} <= set(entries[0])
+
+
+@pytest.mark.integration
+def test_cli_maps_show_prints_the_points_and_the_map_json() -> None:
+    shown = run_cli("maps", "show", "eastron-sdm630")
+    assert shown.returncode == 0, shown.stderr
+    assert "source: Eastron SDM630-Modbus V2 user manual" in shown.stdout
+    assert "use: map: library:eastron-sdm630" in shown.stdout
+    row = next(line for line in shown.stdout.splitlines() if line.startswith("frequency "))
+    assert row.split() == ["frequency", "input", "70", "float32", "ABCD", "Hz", "r"]
+    data = json.loads(run_cli("maps", "show", "eastron-sdm630", "--json").stdout)
+    assert data["name"] == "eastron-sdm630"
+    assert data["points"][0] == {
+        **data["points"][0], "name": "voltage_l1", "table": "input", "address": 0,
+        "type": "float32", "unit": "V"}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("args", "needle"), [
+    (["maps", "show", "sdm630"], "unknown library map 'sdm630' (did you mean eastron-sdm630?)"),
+    (["maps", "show"], "maps show needs a NAME"),
+    (["simulate"], "one of the arguments -c/--config --map is required"),
+    (["simulate", "--map", "eastron-sdm630"], "expected library:NAME"),
+    (["simulate", "--map", "library:sdm630"], "did you mean eastron-sdm630?"),
+    (["simulate", "--map", "library:eastron-sdm630", "--unit", "0"], "1-247"),
+    (["simulate", "-c", "bridge.yaml", "--map", "library:eastron-sdm630"], "not allowed with"),
+    (["simulate", "-c", "bridge.yaml", "--unit", "3"], "--unit only with --map"),
+])
+def test_cli_library_usage_errors_exit_2_in_one_line(args: list[str], needle: str) -> None:
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["maps", "simulate"])
+def test_cli_help_shows_an_example(command: str) -> None:
+    r = run_cli(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "example: m2m-bridge" in r.stdout
+    assert "library:" in r.stdout
+
+
+@pytest.mark.integration
+def test_cli_simulate_map_serves_a_unit_until_sigterm() -> None:
+    """`simulate --map library:NAME --unit N --port P` answers as unit N; SIGTERM stops it
+    with exit 0."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "simulate", "--map", "library:eastron-sdm120",
+         "--unit", "5", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )
+    try:
+        wait_for_port(port, process=process)
+        r = run_cli("read", f"tcp://127.0.0.1:{port}", "--unit", "5", "--table", "input",
+                    "--address", "0", "--type", "float32", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == [{"address": 0, "value": 230.4}]
+    finally:
+        _, err = stop_process(process)
+    assert process.returncode == 0, err
+    assert b"Traceback" not in err

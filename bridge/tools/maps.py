@@ -48,9 +48,9 @@ def library_map(name: str) -> DeviceMap:
 
 
 def map_json(name: str, device_map: DeviceMap) -> dict[str, Any]:
-    """The map's data as its file holds it (unset keys left out), under its library name."""
-    return {"name": name, **device_map.model_dump(mode="json", exclude_none=True,
-                                                  exclude_defaults=True)}
+    """The map's data, every point's defaults spelled out (unset keys left out), under its
+    library name."""
+    return {"name": name, **device_map.model_dump(mode="json", exclude_none=True)}
 
 
 POINT_COLUMNS = ("point", "table", "address", "type", "order", "unit", "scale", "access")
