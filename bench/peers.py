@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -157,9 +158,11 @@ def values_thingsboard(topic: str, payload: bytes) -> int:
     return n
 
 
-def thingsboard_server(counter: Counter) -> Callable[[mqtt.Client, mqtt.MQTTMessage], None]:
+def thingsboard_server(
+    counter: Counter, notes: list[str]
+) -> Callable[[mqtt.Client, mqtt.MQTTMessage], None]:
     """Count telemetry, and answer the gateway's RPCs to its server as ThingsBoard would:
-    getSessionLimits with no limits, anything else with an error."""
+    getSessionLimits with no limits, anything else with an error (each noted in `notes`)."""
 
     def on_message(client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
         if not message.topic.startswith(TB_RPC_REQUEST):
@@ -170,6 +173,7 @@ def thingsboard_server(counter: Counter) -> Callable[[mqtt.Client, mqtt.MQTTMess
         answer: dict[str, Any] = (SESSION_LIMITS if method == "getSessionLimits"
                                   else {"error": f"{method} is not served by the bench"})
         client.publish(TB_RPC_RESPONSE + request_id, json.dumps(answer), qos=1)
+        notes.append(f"answered the gateway's {method} RPC (request {request_id})")
 
     return on_message
 
@@ -256,8 +260,9 @@ def launch_thingsboard(work: Workload, stack: contextlib.ExitStack, *, ranged: b
     gateway = stack.enter_context(process(
         [str(venv / "bin" / "thingsboard-gateway")], log, cwd=directory, env=env))
     counter = Counter(values_thingsboard)
+    notes: list[str] = []
     return Launched([gateway], [log], counter, [TB_TELEMETRY, TB_RPC_REQUEST + "+"],
-                    on_message=thingsboard_server(counter))
+                    on_message=thingsboard_server(counter, notes), notes=notes)
 
 
 def launch_ours(work: Workload, stack: contextlib.ExitStack, *, mode: str, qos: int) -> Launched:
@@ -436,16 +441,18 @@ def print_table(results: list[Result], failed: dict[str, str], expected: float) 
         print(f"best peer: {best.contender.label}, {fmt(best.us_per_value)} µs/value; "
               f"\"best peer ÷ this\" > 1 means m2m-bridge spends less CPU per value")
     by_name = {r.contender.name: r for r in results if r.values}
-    targets = [  # DESIGN.md "Performance model"
-        ("point-qos0", "modbus4mqtt", "per-point at most 1/4 of modbus4mqtt's CPU per value", 4.0),
-        ("device-qos1", "tb-range", "per-device at least 30x cheaper than ThingsBoard's best",
-         30.0),
+    targets = [  # DESIGN.md "Performance model": (ours, the peer's best of, target, factor)
+        ("point-qos0", ["modbus4mqtt"], "per-point at most 1/4 of modbus4mqtt's CPU per value",
+         4.0),
+        ("device-qos1", ["tb-range", "tb-tags"],
+         "per-device at least 30x cheaper than ThingsBoard's best", 30.0),
     ]
-    for ours, peer, text, factor in targets:
-        if ours in by_name and peer in by_name:
-            times = by_name[peer].us_per_value / by_name[ours].us_per_value
+    for ours, peer_names, text, factor in targets:
+        theirs = [by_name[name].us_per_value for name in peer_names if name in by_name]
+        if ours in by_name and theirs:
+            times = min(theirs) / by_name[ours].us_per_value
             verdict = "met" if times >= factor else "not met"
-            print(f"target: {text}: {times:.2f}x ({verdict})")
+            print(f"target: {text}: {times:.2f}x cheaper ({verdict})")
     slow = [r for r in results if r.values and r.rate < 0.9 * expected]
     for r in slow:
         print(f"note: {r.contender.name} delivered {r.rate:.0f} values/s of the {expected:.0f} "
@@ -524,7 +531,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    # Ctrl-C, and a SIGTERM too, unwind every `with`: the processes are stopped by their ids and
+    # the temp dir removed. (A shell starts a background job with SIGINT ignored; undo that.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # every process was stopped and the temp dir removed on the way
