@@ -14,6 +14,7 @@ tests/test_cli_imports.py holds each command to that.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -242,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `m2m-bridge read … | head`: the reader left; say nothing more, as cat would.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    finally:
+        if argv is None:  # the process's own command line: it exits next
+            # Spare the interpreter's last collections a walk over every object the imports
+            # made (~20 ms of a one-off `read`): the OS takes the memory back either way.
+            gc.freeze()
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
