@@ -28,6 +28,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -415,6 +416,37 @@ def fmt(value: float, digits: int = 1) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+@dataclass(frozen=True)
+class Row:
+    """A contender's runs, summed up by their medians."""
+
+    contender: Contender
+    runs: list[Result]
+
+    @property
+    def us_per_value(self) -> float:
+        return statistics.median(r.us_per_value for r in self.runs)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(r.rate for r in self.runs)
+
+    @property
+    def bytes_per_value(self) -> float:
+        return statistics.median(r.bytes_per_value for r in self.runs)
+
+    @property
+    def us_cell(self) -> str:
+        us = [r.us_per_value for r in self.runs]
+        spread = f" ({fmt(min(us))}-{fmt(max(us))})" if len(us) > 1 else ""
+        return fmt(self.us_per_value) + spread
+
+    @property
+    def rss_cell(self) -> str:
+        run = sorted(self.runs, key=lambda r: sum(r.rss))[len(self.runs) // 2]
+        return rss_cell(run)
+
+
 def rss_cell(result: Result) -> str:
     total = sum(result.rss)
     if len(result.rss) > 1:
@@ -422,17 +454,20 @@ def rss_cell(result: Result) -> str:
     return f"{total:.1f}"
 
 
-def print_table(results: list[Result], failed: dict[str, str], expected: float) -> None:
-    peers = [r for r in results if not r.contender.ours and r.values]
-    best = min(peers, key=lambda r: r.us_per_value, default=None)
+def print_table(rows: list[Row], failed: dict[str, str], expected: float) -> None:
+    best = min((row for row in rows if not row.contender.ours), key=lambda row: row.us_per_value,
+               default=None)
+    repeat = max((len(row.runs) for row in rows), default=1)
     print()
+    if repeat > 1:
+        print(f"medians of {repeat} runs (µs/value: lowest-highest)")
     print("| contender | values/s | µs/value | RSS MiB | B/value | best peer ÷ this |")
     print("|---|--:|--:|--:|--:|--:|")
-    for r in results:
-        ratio = ("" if best is None or not r.contender.ours or not r.values
-                 else f"{best.us_per_value / r.us_per_value:.2f}x")
-        print(f"| {r.contender.label} | {r.rate:.0f} | {fmt(r.us_per_value)} | {rss_cell(r)} | "
-              f"{fmt(r.bytes_per_value)} | {ratio} |")
+    for row in rows:
+        ratio = ("" if best is None or not row.contender.ours
+                 else f"{best.us_per_value / row.us_per_value:.2f}x")
+        print(f"| {row.contender.label} | {row.rate:.0f} | {row.us_cell} | {row.rss_cell} | "
+              f"{fmt(row.bytes_per_value)} | {ratio} |")
     for name in failed:
         label = next(c.label for c in CONTENDERS if c.name == name)
         print(f"| {label} | did not run | | | | |")
@@ -440,7 +475,7 @@ def print_table(results: list[Result], failed: dict[str, str], expected: float) 
     if best is not None:
         print(f"best peer: {best.contender.label}, {fmt(best.us_per_value)} µs/value; "
               f"\"best peer ÷ this\" > 1 means m2m-bridge spends less CPU per value")
-    by_name = {r.contender.name: r for r in results if r.values}
+    by_name = {row.contender.name: row for row in rows}
     targets = [  # DESIGN.md "Performance model": (ours, the peer's best of, target, factor)
         ("point-qos0", ["modbus4mqtt"], "per-point at most 1/4 of modbus4mqtt's CPU per value",
          4.0),
@@ -453,14 +488,14 @@ def print_table(results: list[Result], failed: dict[str, str], expected: float) 
             times = min(theirs) / by_name[ours].us_per_value
             verdict = "met" if times >= factor else "not met"
             print(f"target: {text}: {times:.2f}x cheaper ({verdict})")
-    slow = [r for r in results if r.values and r.rate < 0.9 * expected]
-    for r in slow:
-        print(f"note: {r.contender.name} delivered {r.rate:.0f} values/s of the {expected:.0f} "
-              f"polled; its µs/value is per value delivered")
-    fewest = min((r for r in results if r.values), key=lambda r: r.cpu, default=None)
+    for row in rows:
+        if row.rate < 0.9 * expected:
+            print(f"note: {row.contender.name} delivered {row.rate:.0f} values/s of the "
+                  f"{expected:.0f} polled; its µs/value is per value delivered")
+    fewest = min((r for row in rows for r in row.runs), key=lambda r: r.cpu, default=None)
     if fewest is not None and fewest.cpu * pipeline.CLK_TCK < 100:
         print(f"note: CPU time comes in 1/{pipeline.CLK_TCK} s ticks; {fewest.contender.name} used "
-              f"{fewest.cpu * pipeline.CLK_TCK:.0f} in its window: lengthen --window")
+              f"{fewest.cpu * pipeline.CLK_TCK:.0f} in a window: lengthen --window")
     for name, why in failed.items():
         print(f"\n{name} did not run: {why}")
 
@@ -480,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--units", type=int, default=10, help="devices, unit ids 1..N (default 10)")
     parser.add_argument("--registers", type=int, default=100,
                         help="uint16 holding registers per device, addresses 0..N-1 (default 100)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every contender, one after another; the table shows "
+                             "medians (default 1)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help=f"where the peers' virtualenvs live (default {DEFAULT_CACHE})")
     args = parser.parse_args(argv)
@@ -491,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--units must be 1..247 (Modbus unit ids)")
     if not 1 <= args.registers <= 125:
         parser.error("--registers must be 1..125 (one read request a device)")
-    if args.window <= 0 or args.warmup < 0:
-        parser.error("--window must be > 0, --warmup >= 0")
+    if args.window <= 0 or args.warmup < 0 or args.repeat < 1:
+        parser.error("--window must be > 0, --warmup >= 0, --repeat >= 1")
 
     from tests.helpers import free_port, mosquitto  # pipeline put the repository on sys.path
 
@@ -504,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
           f"per contender; CPU and RSS of each contender's whole process tree")
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, load average {load}; "
           f"peers' venvs under {args.cache}")
-    results: list[Result] = []
+    runs: dict[str, list[Result]] = {name: [] for name in chosen}
     failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="m2m-peers-") as tmp_name:
         tmp = Path(tmp_name)
@@ -515,19 +553,25 @@ def main(argv: list[str] | None = None) -> int:
                                            registers=args.registers)
             work = Workload(tmp, broker.port, device, args.units, args.registers, args.cache)
             with pipeline.simulated_device(served, device):
-                for contender in (c for c in CONTENDERS if c.name in chosen):
-                    print(f"{contender.name}: {contender.label} ...", flush=True)
-                    try:
-                        r = run(contender, work, args.warmup, args.window)
-                    except (Unavailable, OSError, RuntimeError, ValueError) as error:
-                        failed[contender.name] = str(error)
-                        print(f"  did not run: {str(error).splitlines()[0]}", flush=True)
-                        continue
-                    results.append(r)
-                    print(f"  {r.rate:.0f} values/s, {fmt(r.us_per_value)} µs/value, "
-                          f"{r.cpu / r.seconds * 100:.1f}% CPU, RSS {rss_cell(r)} MiB, "
-                          f"{r.processes} process(es)", flush=True)
-    print_table(results, failed, expected)
+                for round_ in range(1, args.repeat + 1):
+                    for contender in (c for c in CONTENDERS if c.name in chosen):
+                        if contender.name in failed:
+                            continue
+                        print(f"{round_}/{args.repeat} {contender.name}: {contender.label} ...",
+                              flush=True)
+                        try:
+                            r = run(contender, work, args.warmup, args.window)
+                        except (Unavailable, OSError, RuntimeError, ValueError) as error:
+                            failed[contender.name] = str(error)
+                            print(f"  did not run: {str(error).splitlines()[0]}", flush=True)
+                            continue
+                        runs[contender.name].append(r)
+                        print(f"  {r.rate:.0f} values/s, {fmt(r.us_per_value)} µs/value, "
+                              f"{r.cpu / r.seconds * 100:.1f}% CPU, RSS {rss_cell(r)} MiB, "
+                              f"{r.processes} process(es)", flush=True)
+    rows = [Row(c, runs[c.name]) for c in CONTENDERS
+            if c.name in chosen and c.name not in failed and runs[c.name]]
+    print_table(rows, failed, expected)
     return 0
 
 
