@@ -27,7 +27,6 @@ from bridge.config import load_config
 from bridge.errors import BridgeError, ConfigError
 from bridge.health import Activity
 from bridge.logs import redact_secrets
-from bridge.metrics import serve_metrics
 from bridge.service import Service
 from bridge.systemd import notify, watchdog, watchdog_interval
 
@@ -95,6 +94,9 @@ async def _startup(service: Service) -> asyncio.Server | None:
     metrics = None
     settings = service.config.metrics
     if settings is not None:
+        # Only with `metrics:` configured: prometheus_client is ~1.5 MiB of RSS (bench/rss.py).
+        from bridge.metrics import serve_metrics  # noqa: PLC0415 - see above
+
         try:
             metrics = await serve_metrics(service, settings.host, settings.port)
         except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -19,17 +20,18 @@ from bridge.config import Config, Device, LineLink, SerialLink
 from bridge.core.bustime import bus_load
 from bridge.core.outbox import Outbox
 from bridge.core.planner import PollGroup, plan_device
-from bridge.core.sparkplug import NodeMetrics
-from bridge.core.sparkplug_stored import DeviceData
 from bridge.instrument import InstrumentPoller
 from bridge.mqtt.commands import CommandHandler
 from bridge.mqtt.discovery import Announcer
 from bridge.mqtt.publisher import Publisher
-from bridge.mqtt.sparkplug import EdgeNode
 from bridge.mqtt.wireevents import Incoming
 from bridge.poller import DevicePoller
 from bridge.transports.line import LinePort
 from bridge.transports.links import build_links, line_link, plan_for
+
+if TYPE_CHECKING:
+    from bridge.core.sparkplug_stored import DeviceData
+    from bridge.mqtt.sparkplug import EdgeNode
 
 log = structlog.get_logger("bridge.service")
 
@@ -86,6 +88,9 @@ class Service:
         commands = self._make_commands(config)
         self.node = None
         if config.mqtt.format == "sparkplug":
+            # Imported only here: a JSON daemon holds no protobuf (~2.3 MiB RSS, bench/rss.py).
+            from bridge.mqtt.sparkplug import EdgeNode  # noqa: PLC0415 - see above
+
             # DCMD writes go through the current command handler (the `/set` path).
             self.node = EdgeNode(config, data=self._device_data, writes=lambda: self.commands)
         publisher = Publisher(
@@ -114,6 +119,8 @@ class Service:
         (numbered across all devices: a reload that adds one may move others')."""
         if config.mqtt.format != "sparkplug":
             return
+        from bridge.core.sparkplug import NodeMetrics  # noqa: PLC0415 - as EdgeNode's
+
         metrics = NodeMetrics(config.devices)
         for name, poller in self.pollers.items():
             poller.status.outbox.use_metrics(metrics.device(name))

@@ -5,13 +5,15 @@ too noisy for a timed assertion, and an import is what costs the time."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from tests.helpers import cli, free_port, run_cli, simulated
+from tests.helpers import WAIT, Broker, Daemons, cli, free_port, run_cli, simulated, until
 
 # What the daemon and the config need, and `--help` or `read URL` never should: pydantic
 # (the config models), yaml (the config file), aiomqtt/paho (the broker), prometheus_client
@@ -113,3 +115,62 @@ def test_config_commands_still_load_the_config(
     assert r.returncode == 0, messages(r.stderr)
     assert r.stdout.strip() == f"{path}: ok (0 links, 0 devices, 0 points)"
     assert {"pydantic", "yaml"} <= imported(r.stderr)
+
+
+# The daemon holds only what its config uses (DESIGN.md: under 35 MiB RSS; bench/rss.py says
+# what each costs): protobuf with `format: sparkplug`, prometheus_client with `metrics:`,
+# aiomqtt and paho on an MQTT 3.1.1 session. A run's modules at exit prove it, both ways.
+OPTIONAL = frozenset({"google", "prometheus_client", "aiomqtt", "paho"})
+
+
+def daemon_config(tmp_path: Path, device: int, broker: int, **extra: Any) -> Path:
+    mqtt: dict[str, Any] = {"host": "127.0.0.1", "port": broker}
+    mqtt.update(extra.pop("mqtt", {}))
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1,
+        "gateway": {"id": "gw", "state_dir": str(tmp_path / "state")},
+        "mqtt": mqtt,
+        "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": device}],
+        "devices": [{"name": "meter", "link": "plc", "unit": 3, "interval": 0.2,
+                     "points": [{"name": "temp", "address": 10, "type": "int16"}]}],
+        **extra,
+    }))
+    return path
+
+
+async def run_until_polled(daemons: Daemons, config: Path, listing: dict[str, str]) -> set[str]:
+    """Run the daemon until it is connected and its device polled, stop it (SIGTERM, exit 0);
+    the top-level packages it held."""
+    daemon = daemons.start(config, env=listing)
+    await daemon.ready()
+    await until(lambda: bool(daemon.events("broker connected") and daemon.events("device online")),
+                WAIT, lambda: f"a connection and a poll; the log:\n{daemon.output()}")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0, daemon.output()
+    return imported(daemon.output())
+
+
+@pytest.mark.integration
+async def test_a_json_daemon_holds_no_protobuf_metrics_or_aiomqtt(
+    tmp_path: Path, device: int, broker: Broker, daemons: Daemons, listing: dict[str, str]
+) -> None:
+    """JSON messages on an MQTT 5 broker without `metrics:`: none of the optional packages."""
+    config = daemon_config(tmp_path, device, broker.port, mqtt={"messages": "per-device"})
+    modules = await run_until_polled(daemons, config, listing)
+    assert modules & OPTIONAL == set()
+    assert {"mqtt5", "pymodbus"} <= modules  # it ran on our wire client and the real Modbus
+
+
+@pytest.mark.integration
+async def test_a_daemon_loads_what_its_config_asks_for(
+    tmp_path: Path, device: int, broker: Broker, daemons: Daemons, listing: dict[str, str]
+) -> None:
+    """Sparkplug, metrics and MQTT 3.1.1 still load protobuf, prometheus_client and aiomqtt."""
+    config = daemon_config(
+        tmp_path, device, broker.port,
+        mqtt={"protocol": "3.1.1", "format": "sparkplug", "sparkplug": {"group_id": "g"}},
+        metrics={"host": "127.0.0.1", "port": free_port()},
+    )
+    modules = await run_until_polled(daemons, config, listing)
+    assert modules >= OPTIONAL

@@ -7,13 +7,16 @@ build their messages here, so the MQTT contract is built in one place.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bridge.config import Device, MqttSettings, Point
 from bridge.core.codec import Value
 from bridge.core.messages import Format, Message, PointPayload, Topics, device_payload
 from bridge.core.normalize import ChangeFilter
-from bridge.core.sparkplug import DeviceMetrics
-from bridge.core.sparkplug_stored import DeviceData
+
+if TYPE_CHECKING:
+    from bridge.core.sparkplug import DeviceMetrics
+    from bridge.core.sparkplug_stored import DeviceData
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +47,13 @@ class Outbox:
             p.name: _Out(p, topics.point(device.name, p.name), PointPayload(p.unit, fmt))
             for p in device.points
         }
-        # format: sparkplug: DDATA (without seq: bridge.core.sparkplug_stored) instead of JSON
-        self._sparkplug = (
-            DeviceData(device, mqtt.sparkplug) if mqtt.format == "sparkplug" and mqtt.sparkplug
-            else None
-        )
+        # format: sparkplug: DDATA (without seq: bridge.core.sparkplug_stored) instead of JSON.
+        # Imported only then: protobuf is ~2.3 MiB of RSS a JSON daemon need not hold.
+        self._sparkplug: DeviceData | None = None
+        if mqtt.format == "sparkplug" and mqtt.sparkplug:
+            from bridge.core.sparkplug_stored import DeviceData  # noqa: PLC0415 - see above
+
+            self._sparkplug = DeviceData(device, mqtt.sparkplug)
         self._changes = ChangeFilter() if device.report == "on-change" else None
 
     def messages(self, values: dict[str, Value], ts: int, now: float) -> list[Message]:

@@ -28,7 +28,6 @@ from bridge.core.codec import Value
 from bridge.core.messages import Message, Topics
 from bridge.core.outbox import Outbox
 from bridge.core.planner import ReadRequest
-from bridge.core.sparkplug import NodeMetrics
 from bridge.core.writes import CommandRefused, clip, parse_command, readback_or_none
 from bridge.errors import BridgeError
 from bridge.mqtt.wire import Incoming
@@ -119,7 +118,11 @@ class CommandHandler:
         self._targets: dict[str, _Target] = {}
         self._lines: set[str] = set()
         self._devices: set[str] = set()
-        aliases = NodeMetrics(config.devices) if self._sparkplug else None
+        aliases = None
+        if self._sparkplug:  # only then: protobuf is RSS a JSON daemon need not hold
+            from bridge.core.sparkplug import NodeMetrics  # noqa: PLC0415 - see above
+
+            aliases = NodeMetrics(config.devices)
         for device in config.devices:
             self._devices.add(device.name)
             if modbus_link(config, device) is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from bridge.buffer import DiskBuffer
 from bridge.config import MqttSettings
@@ -29,10 +30,12 @@ from bridge.health import Activity
 from bridge.mqtt.connection import Dispatch, Reconnector
 from bridge.mqtt.delivery import Counters, Delivery, Drain, Wake
 from bridge.mqtt.session import PUBLISH_TIMEOUT, Session
-from bridge.mqtt.sparkplug import EdgeNode
-from bridge.mqtt.sparkplug_publish import NodeGateway, SeqSession, SparkplugStatuses
 from bridge.mqtt.statuses import DeviceStatuses, GatewayStatus
 from bridge.mqtt.wire import Incoming
+
+if TYPE_CHECKING:
+    from bridge.mqtt.sparkplug import EdgeNode
+    from bridge.mqtt.sparkplug_publish import NodeGateway
 
 # A connect-time step: publishes on a fresh session, before the backlog and any reading.
 ConnectStep = Callable[[Session], Awaitable[None]]
@@ -66,6 +69,12 @@ class Publisher:
         self.delivery = Delivery(buffer, self.counters, self.activity)
         self.reconnector = Reconnector(settings, self.gateway.topic, self.wake, self.counters)
         if node is not None:
+            # Imported only with a node (format: sparkplug): a JSON daemon holds no protobuf.
+            from bridge.mqtt.sparkplug_publish import (  # noqa: PLC0415 - see above
+                NodeGateway,
+                SparkplugStatuses,
+            )
+
             node.attach(self.wake)
             self.gateway = NodeGateway(node)
             self.statuses = SparkplugStatuses(node, on_change=self.wake.set)
@@ -142,6 +151,8 @@ class Publisher:
         """One connection's life (see the module docstring); returns after `stop()`, or to
         be made again when the statuses say so (Sparkplug: the primary host went offline)."""
         if self.node is not None:
+            from bridge.mqtt.sparkplug_publish import SeqSession  # noqa: PLC0415 - as in __init__
+
             session = SeqSession(session, self.node, self.statuses)
         await self.gateway.online(session)
         await self.dispatch.subscribe(session)  # our own topics only; replies may go now

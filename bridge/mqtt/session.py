@@ -6,7 +6,8 @@ MQTT 3.1.1, which `mqtt5` does not speak, runs on aiomqtt: an awaited future per
 about 90 µs a message (DESIGN.md's performance model asks for the faster path where aiomqtt
 cannot meet the targets). Everything above this module sees `Session` and `Incoming` only.
 `mqtt.protocol: auto` (the default) starts with MQTT 5; the caller (bridge.mqtt.connection)
-moves to 3.1.1 when a broker answers with VersionRefused.
+moves to 3.1.1 when a broker answers with VersionRefused. aiomqtt and paho are imported on
+that path only: a daemon on an MQTT 5 broker never loads them (~1.8 MiB of RSS, bench/rss.py).
 """
 
 from __future__ import annotations
@@ -15,18 +16,16 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
-from typing import Literal, Protocol
-
-import aiomqtt
-from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.enums import MQTTProtocolVersion
-from paho.mqtt.reasoncodes import ReasonCode
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from bridge.config import MqttSettings
 from bridge.core.messages import Message
 from bridge.errors import BrokerError
 from bridge.mqtt.wire import Incoming, WindowFull, WireClient, WireError
 from bridge.mqtt.wireevents import VersionRefused
+
+if TYPE_CHECKING:
+    import aiomqtt
 
 Version = Literal[5, "3.1.1"]
 # A last will: (topic, payload, qos, retain). A bare topic is a retained `offline` there.
@@ -92,6 +91,8 @@ async def open_session(
         with suppress(WireError):
             await client.disconnect()  # a clean DISCONNECT: the broker drops the will
         return
+    import aiomqtt  # noqa: PLC0415 - MQTT 3.1.1 only (see the module docstring)
+
     last_will = aiomqtt.Will(topic, payload, qos=qos, retain=retain)
     with _mapped_errors():
         async with make_client(settings, will=last_will, version="3.1.1") as aio:
@@ -101,6 +102,10 @@ async def open_session(
 @contextmanager
 def _mapped_errors() -> Iterator[None]:
     """aiomqtt's errors as ours (httpcore's map_exceptions): nothing above sees aiomqtt."""
+    import aiomqtt  # noqa: PLC0415 - MQTT 3.1.1 only (see the module docstring)
+    from aiomqtt.exceptions import MqttConnectError  # noqa: PLC0415 - as aiomqtt
+    from paho.mqtt.reasoncodes import ReasonCode  # noqa: PLC0415 - as aiomqtt
+
     try:
         yield
     except aiomqtt.MqttError as exc:
@@ -187,6 +192,9 @@ def make_client(
     settings: MqttSettings, *, will: aiomqtt.Will | None = None, version: Version | None = None
 ) -> aiomqtt.Client:
     """An aiomqtt client for `settings` (also used by the demo); `auto` is MQTT 5 here."""
+    import aiomqtt  # noqa: PLC0415 - MQTT 3.1.1 only (see the module docstring)
+    from paho.mqtt.enums import MQTTProtocolVersion  # noqa: PLC0415 - as aiomqtt
+
     tls = tls_context(settings) if settings.tls is not None else None
     v5 = (version or first_version(settings)) == 5
     protocol = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
