@@ -121,18 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--address", type=int, default=None,
                        help="0-based PDU address (required with a URL)")
 
-    sim = command("simulate", "serve the configured devices as Modbus slaves "
-                  "(serial links and line instruments on ptys), or one library map",
+    sim = command("simulate", "serve the configured devices as Modbus slaves (serial links "
+                  "and line instruments on ptys), one library map or a SunSpec inverter",
                   "m2m-bridge simulate -c configs/bridge.yaml --baud 9600\n"
-                  "         m2m-bridge simulate --map library:eastron-sdm630 --unit 1 --port 5020")
+                  "         m2m-bridge simulate --map library:eastron-sdm630 --unit 1 --port 5020\n"
+                  "         m2m-bridge simulate --sunspec --unit 3")
     what = sim.add_mutually_exclusive_group(required=True)
     what.add_argument("-c", "--config", type=Path, help="bridge YAML file")
     what.add_argument("--map", metavar="library:NAME",
                       help="serve this library map over Modbus TCP (see 'm2m-bridge maps')")
-    sim.add_argument("--unit", type=int, default=None, help="with --map: slave id (default 1)")
+    what.add_argument("--sunspec", action="store_true",
+                      help="serve a SunSpec inverter over Modbus TCP (the 'SunS' marker at "
+                           "40000, models 1, 103 and 160), for 'm2m-bridge sunspec'")
+    sim.add_argument("--unit", type=int, default=None,
+                     help="with --map or --sunspec: slave id (default 1)")
     sim.add_argument("--host", default=None,
-                     help="with --map: address to listen on (default 127.0.0.1)")
-    sim.add_argument("--port", type=int, default=None, help="with --map: TCP port (default 5020)")
+                     help="with --map or --sunspec: address to listen on (default 127.0.0.1)")
+    sim.add_argument("--port", type=int, default=None,
+                     help="with --map or --sunspec: TCP port (default 5020)")
     sim.add_argument("--baud", type=argtypes.baud, default=None, metavar="N|config",
                      help="pace serial links like a real line at N baud, or at each link's "
                           "own baudrate with 'config' (default: no pacing; a pty is instant)")
@@ -158,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _commissioning_args(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
-    """scan, identify and probe: finding out what is on a link, without a config."""
+    """scan, identify, probe and sunspec: finding out what is on a link, without a config."""
     scan = command(
         "scan", "list the unit ids that answer on a link (any reply, exceptions included)",
         "m2m-bridge scan 'rtu:///dev/ttyUSB0?baudrate=9600' --units 1-247 --timeout 100ms\n"
@@ -201,6 +207,24 @@ def _commissioning_args(command: Callable[[str, str, str], argparse.ArgumentPars
                        help="wait for each answer, e.g. 500ms (default 2s)")
     probe.add_argument("--json", action="store_true",
                        help='print JSON: [{"type", "byte_order", "value", …}], best first')
+
+    sunspec = command(
+        "sunspec", "find a device's SunSpec marker (40000, 0 or 50000), walk its model chain "
+        "and show every point with its scale factor applied; --write saves the map",
+        "m2m-bridge sunspec tcp://192.168.1.30 --unit 1\n"
+        "         m2m-bridge sunspec 'rtu:///dev/ttyUSB0?baudrate=9600' --unit 2 "
+        "--write inverter.yaml",
+    )
+    sunspec.add_argument("url", help="link URL (tcp://host[:port], rtu:///dev/ttyUSB0?…)")
+    sunspec.add_argument("--unit", type=int, required=True, help="slave id, 1-247")
+    sunspec.add_argument("--base", type=int, default=None,
+                         help="look for the marker only here (default: 40000, then 0, 50000)")
+    sunspec.add_argument("--timeout", type=argtypes.duration, default=2.0, metavar="T",
+                         help="wait for each answer, e.g. 500ms (default 2s)")
+    sunspec.add_argument("--json", action="store_true",
+                         help='print JSON: {"base", "models", "points" (with values), "map"}')
+    sunspec.add_argument("-o", "--write", type=Path, default=None, metavar="FILE",
+                         help="write the map as YAML, for a device's `map: FILE`")
 
 
 def _device_args(parser: argparse.ArgumentParser, *, tables: list[str]) -> None:
@@ -360,9 +384,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     mapped = {"--unit": args.unit, "--host": args.host, "--port": args.port}
     if args.config is not None:
         if given := [flag for flag, value in mapped.items() if value is not None]:
-            return _fail(f"{', '.join(given)} only with --map (a config names its own)",
-                         EXIT_USAGE)
+            return _fail(f"{', '.join(given)} only with --map or --sunspec (a config names "
+                         "its own)", EXIT_USAGE)
         config = _load(args.config)
+    elif args.sunspec:
+        from bridge.sim.sunspec import sunspec_config
+
+        config = sunspec_config(unit=1 if args.unit is None else args.unit,
+                                host=args.host or "127.0.0.1", port=args.port or DEFAULT_PORT)
     elif not args.map.startswith("library:"):
         return _fail(f"--map {args.map}: expected library:NAME (for a map file, write a config "
                      "and use -c)", EXIT_USAGE)
@@ -445,6 +474,39 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_sunspec(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bridge.tools.sunspec import (
+        MODEL_COLUMNS,
+        POINT_COLUMNS,
+        chain_json,
+        model_rows,
+        point_rows,
+        source_text,
+        sunspec,
+        write_map,
+    )
+
+    chain = asyncio.run(sunspec(args.url, unit=args.unit, base=args.base, timeout=args.timeout))
+    source = source_text(args.url, args.unit, chain)
+    if args.write is not None:
+        command = f"m2m-bridge sunspec {args.url} --unit {args.unit}"
+        written = write_map(args.write, chain, source=source, command=command)
+        print(f"{args.write}: a map of {written} points (a device uses it with "
+              f"map: {args.write})", file=sys.stderr)
+    if args.json:
+        print(json.dumps(chain_json(chain, source=source), ensure_ascii=False))
+        return EXIT_OK
+    maker = " ".join(filter(None, (chain.common("Mn"), chain.common("Md"))))
+    print(f"SunSpec device at {chain.base}: {maker or '(no common model)'}")
+    print()
+    _table([MODEL_COLUMNS, *model_rows(chain)])
+    print()
+    _table([POINT_COLUMNS, *point_rows(chain)])
+    return EXIT_OK
+
+
 def _cmd_maps(args: argparse.Namespace) -> int:
     from bridge.tools.maps import POINT_COLUMNS, library, library_map, map_json, point_rows
 
@@ -497,4 +559,5 @@ _COMMANDS = {
     "identify": _cmd_identify,
     "probe": _cmd_probe,
     "maps": _cmd_maps,
+    "sunspec": _cmd_sunspec,
 }

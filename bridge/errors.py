@@ -10,8 +10,10 @@
     ├── DeviceError        the device answered, but not with data:      device
     │   │                  `refused` (02/03: not served), `busy`
     │   │                  (05/06: ask later), `code`
-    │   └── BadFrame           (transports.modbus_errors) bytes came
-    │                          back, but no valid reply
+    │   ├── BadFrame           (transports.modbus_errors) bytes came
+    │   │                      back, but no valid reply
+    │   └── SunSpecError       (core.sunspec) no "SunS" marker, or a
+    │                          model chain that does not hold up
     ├── TransportError     the link failed: refused, closed, nothing    transport
     │   │                  came back; `link_down`: the rest of a poll
     │   │                  cycle would fail the same way

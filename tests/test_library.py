@@ -225,7 +225,7 @@ def test_cli_maps_show_prints_the_points_and_the_map_json() -> None:
 @pytest.mark.parametrize(("args", "needle"), [
     (["maps", "show", "sdm630"], "unknown library map 'sdm630' (did you mean eastron-sdm630?)"),
     (["maps", "show"], "maps show needs a NAME"),
-    (["simulate"], "one of the arguments -c/--config --map is required"),
+    (["simulate"], "one of the arguments -c/--config --map --sunspec is required"),
     (["simulate", "--map", "eastron-sdm630"], "expected library:NAME"),
     (["simulate", "--map", "library:sdm630"], "did you mean eastron-sdm630?"),
     (["simulate", "--map", "library:eastron-sdm630", "--unit", "0"], "1-247"),

@@ -2,7 +2,7 @@
 devices and points; fields: durations, sizes, names), how it is read (loader), YAML with line
 numbers (yamlsource) and secret references (secrets). Import what you need from here."""
 
-from bridge.config.library import library_names, library_path, unknown_map
+from bridge.config.library import SUNSPEC, library_names, library_path, unknown_map
 from bridge.config.loader import load_config, load_library_map, state_dir_problem
 from bridge.config.model import (
     BufferSettings,
@@ -27,6 +27,7 @@ from bridge.config.model import (
 )
 
 __all__ = [
+    "SUNSPEC",
     "BufferSettings",
     "Config",
     "Device",

@@ -211,6 +211,12 @@ class DeviceMap(_Model):
     source: str | None = Field(
         default=None, description="where the register facts come from (manual and version)"
     )
+    # Written by `m2m-bridge sunspec --write`: the SunSpec marker's address. Such a map's high
+    # addresses are the device's own (SunSpec starts at 40000), never Modicon numbering.
+    sunspec_base: int | None = Field(
+        default=None, ge=0, le=65535,
+        description="the SunSpec base address this map was read from (m2m-bridge sunspec)",
+    )
     byte_order: ByteOrder | None = None
     points: list[Point] = []  # noqa: RUF012 - pydantic copies defaults
 

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from bridge.config.library import PREFIX as LIBRARY
-from bridge.config.library import library_path, unknown_map
+from bridge.config.library import SUNSPEC, library_path, unknown_map
 from bridge.config.model import (
     Config,
     Device,
@@ -209,7 +209,13 @@ def _complete(
     and its warnings."""
     at: Loc = ("devices", index)
     issues: list[ConfigIssue] = []
-    loaded = maps.get(device.map) if device.map is not None else None
+    loaded = maps.get(device.map) if device.map not in (None, SUNSPEC) else None
+    if device.map == SUNSPEC:
+        # Said plainly rather than polling nothing: mapping at start-up is not built yet.
+        issues.append(main.issue((*at, "map"), (
+            "map: sunspec (mapping the device when the daemon starts) is not available yet; "
+            "make the map once with 'm2m-bridge sunspec URL --unit N --write FILE' and use "
+            "map: FILE")))
     if isinstance(loaded, str) and device.map is not None and device.map.startswith(LIBRARY):
         issues.append(main.issue((*at, "map"), loaded))
     elif isinstance(loaded, str):
@@ -270,8 +276,10 @@ def _complete(
         for key in ("description", "manufacturer", "model")
         if getattr(device, key) is None
     }
-    # Library maps' high addresses are the vendor's (Janitza's 19000s, SunSpec's 40000s).
-    warnings = [] if isinstance(link, LineLink) else [
+    # Library maps' high addresses are the vendor's (Janitza's 19000s), and SunSpec maps'
+    # the device's own (the chain starts at 40000).
+    deliberate = isinstance(link, LineLink) or device_map.sunspec_base is not None
+    warnings = [] if deliberate else [
         doc.issue((*path, "address"), message)
         for point, doc, path in entries
         if doc.file not in maps.library and (message := _modicon_warning(point)) is not None

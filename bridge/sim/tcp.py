@@ -29,6 +29,7 @@ from bridge.config import Config, Device, Point, SerialLink
 from bridge.core.codec import Field, Value, encode
 from bridge.errors import BridgeError, CodecError, TransportError
 from bridge.sim.identity import device_objects, identity_pdus
+from bridge.sim.sunspec import served_device
 from bridge.transports.links import modbus_link
 
 log = structlog.get_logger(__name__)
@@ -155,7 +156,8 @@ class Simulator:
         self.endpoints: list[tuple[str, int]] = []
         # rtu/ascii link -> unit -> registers; bridge.sim.serial serves them on a pty.
         self.serial_units: dict[str, dict[int, DeviceStore]] = {}
-        for device in config.devices:
+        for configured in config.devices:
+            device = served_device(configured)  # `map: sunspec`: a simulated inverter
             link = modbus_link(config, device)
             if link is None:
                 continue  # line instruments have no registers: bridge.sim.serial answers them
