@@ -303,6 +303,10 @@ async def test_sunspec_tcp_table(tcp: str) -> None:
     assert rows["m103_TmpSnk"][3:5] == ["(not", "implemented)"]
     assert rows["m160_module2_DCW"][3] == "1410"
     assert r.stderr == ""
+    r = await cli("identify", tcp, "--unit", "1", "--json")  # FC43 says the same
+    assert r.returncode == 0, r.stderr
+    objects = json.loads(r.stdout)["objects"]
+    assert (objects["VendorName"], objects["ModelName"]) == (MANUFACTURER, MODEL)
 
 
 @pytest.mark.integration
