@@ -235,6 +235,22 @@ async def test_the_backlog_is_replayed_at_its_pace_behind_live_readings(
 # ------------------------------------------------------------------ reconnects
 
 
+async def test_a_live_reading_does_not_wait_out_the_backlogs_pause(
+    broker: FakeBroker, buffer: DiskBuffer
+) -> None:
+    # One a second: after the first batch (the burst) the replay pauses for BATCH seconds. A
+    # reading taken meanwhile goes out at once (well within half the pause), not after it.
+    buffer.put([reading(n, age_ms=60_000) for n in range(3 * BATCH)])
+    publisher = Publisher(settings(replay_rate=1), buffer)
+    async with running(publisher):
+        await eventually(lambda: len(broker.payloads(TOPIC)) >= BATCH,
+                         what="the backlog's first batch")
+        buffer.put([reading(999)])
+        await eventually(lambda: b"999" in broker.payloads(TOPIC), timeout=BATCH / 2,
+                         what="the live reading")
+        assert len(broker.payloads(TOPIC)) == BATCH + 1  # the backlog still pauses
+
+
 async def test_reconnect_back_off_doubles_to_its_cap_and_resets_after_a_connect(
     monkeypatch: pytest.MonkeyPatch, buffer: DiskBuffer
 ) -> None:

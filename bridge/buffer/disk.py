@@ -55,6 +55,15 @@ class FullDisk:
     _freed: int
     _direct: deque[Message]
     _ready: asyncio.Event
+    # Called whenever a row becomes available to take (the publisher's wake-up), beside
+    # `_ready`: a callback costs the waiting publisher no task of its own per wait.
+    on_ready: Callable[[], None] | None
+
+    def _signal(self) -> None:
+        """Something can be taken now: wake whoever waits."""
+        self._ready.set()
+        if self.on_ready is not None:
+            self.on_ready()
 
     def _size_wal(self, *, empty: bool) -> int:
         """Size the WAL to the file system; convert an empty old file to auto_vacuum. Bytes."""
@@ -165,7 +174,7 @@ class FullDisk:
         for _ in range(len(self._direct) - DIRECT_MAX):
             self._direct.popleft()
             self.lost += 1
-        self._ready.set()
+        self._signal()
 
     def take_direct(self, limit: int) -> list[Message]:
         """Up to `limit` readings put() could not store, oldest first: the caller's now."""
@@ -178,7 +187,7 @@ class FullDisk:
             self._direct.pop()
             self.lost += 1
         if self._direct:
-            self._ready.set()
+            self._signal()
 
     @property
     def disk_full(self) -> bool:

@@ -144,6 +144,7 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         self._starts: list[int] = []
         self._ends: list[int] = []
         self._ready = asyncio.Event()
+        self.on_ready = None
         self._last_sync = time.monotonic()
         self._dropping = False
         self._failing = False
@@ -218,8 +219,8 @@ class DiskBuffer(Bounds, FullDisk, Spans):
             self._failing = False
             log.info("buffer writes recovered", path=str(self.path), lost=self.lost)
         self._log_dropping(reasons)
-        if self._available():
-            self._ready.set()
+        if self.available():
+            self._signal()
 
     def _transaction(self, work: Callable[[], T]) -> T:
         """Run `work` in one write transaction; on failure undo it and its bookkeeping too."""
@@ -244,12 +245,14 @@ class DiskBuffer(Bounds, FullDisk, Spans):
 
     async def wait(self) -> None:
         """Return once there is a stored row that is not in flight."""
-        while not self._available():
+        while not self.available():
             self._ready.clear()
             await self._ready.wait()
 
     def take(self, limit: int, *, after: int = 0, upto: int | None = None) -> list[Stored]:
         """The oldest rows with `after < id <= upto` not in flight, up to `limit`: now in flight."""
+        if self._count <= len(self._inflight):
+            return []  # every stored row is in flight (or none is stored): no query
         if self.max_age and self._count:
             try:
                 cut = self._expired_through()
@@ -328,8 +331,8 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         if not self._inflight:
             self._starts.clear()
             self._ends.clear()
-        if self._available():
-            self._ready.set()
+        if self.available():
+            self._signal()
 
     def last_id(self) -> int:
         """The highest id stored so far (0 when nothing was ever stored)."""
@@ -354,7 +357,8 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         finally:
             self._db.close()
 
-    def _available(self) -> bool:
+    def available(self) -> bool:
+        """Whether a row (or a reading it could not store) is there to take."""
         return bool(self._direct) or self._count > len(self._inflight)
 
     @property

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from bridge.buffer import DiskBuffer, Stored
@@ -62,15 +62,12 @@ class Wake:
                 async with asyncio.timeout(delay):
                     await self._event.wait()
 
-    async def wait_for(self, work: Callable[[], Awaitable[None]]) -> None:
-        """Wait until `work()` returns, or until `set()` or `stop()`."""
+    async def until(self, ready: Callable[[], bool]) -> None:
+        """Wait until `set()` or `stop()`, unless `ready()` already: whatever makes it true
+        must call `set()` (the buffer does, through its `on_ready`)."""
         self._event.clear()
-        waiters = {asyncio.ensure_future(work()), asyncio.ensure_future(self._event.wait())}
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        if not self.stopping and not ready():
+            await self._event.wait()
 
 
 class Counters:
@@ -153,6 +150,9 @@ class Drain:
         self.backlog_end = self.buffer.last_id()  # 0: no backlog (left)
         self.batch_size = session.batch
         self.replay = TokenBucket(replay_rate, burst=self.batch_size)
+        # A reading stored (or requeued) wakes the pass: whether it waits for one or for the
+        # backlog's pace, a live reading goes out at once.
+        self.buffer.on_ready = wake.set
 
     async def step(self) -> bool:
         """Deliver the next batch, or wait for one (or for the backlog's pace); False once
@@ -182,7 +182,7 @@ class Drain:
             if stopping:
                 return False
             if pause is None:
-                await self.wake.wait_for(buffer.wait)
+                await self.wake.until(buffer.available)
             else:  # the backlog waits for tokens; a status change or stop cuts it short
                 await self.wake.sleep(pause)
             return True
