@@ -30,8 +30,9 @@ from bridge.transports.line import LinePort
 from bridge.transports.links import build_links, line_link, plan_for
 
 if TYPE_CHECKING:
+    from bridge.core.sparkplug import NodeMetrics
     from bridge.core.sparkplug_stored import DeviceData
-    from bridge.mqtt.sparkplug import EdgeNode
+    from bridge.mqtt.sparkplug import AliasBook, EdgeNode
 
 log = structlog.get_logger("bridge.service")
 
@@ -74,11 +75,15 @@ class Service:
             config, lambda *message: self.publisher.send(*message)  # noqa: PLW0108 - late-bound
         )
         self.node: EdgeNode | None = None  # with format: sparkplug
+        # Sparkplug aliases, kept in the state dir across reloads and restarts (one numbering
+        # for the node, the outboxes and DCMD).
+        self.aliases: AliasBook | None = None
+        self.metrics = self._number(config)
         self.publisher = self._make_publisher(config)
         self.links = build_links(config)
         self.line_ports: dict[LineLink, LinePort] = {}  # by definition: a changed link reopens
         self.pollers = {d.name: self._make_poller(config, d) for d in config.devices}
-        self._hand_out_aliases(config)
+        self._hand_out_aliases()
         warn_overloaded_links(config, {name: p.plan for name, p in self.pollers.items()})
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
@@ -92,7 +97,8 @@ class Service:
             from bridge.mqtt.sparkplug import EdgeNode  # noqa: PLC0415 - see above
 
             # DCMD writes go through the current command handler (the `/set` path).
-            self.node = EdgeNode(config, data=self._device_data, writes=lambda: self.commands)
+            self.node = EdgeNode(config, data=self._device_data, writes=lambda: self.commands,
+                                 metrics=self.metrics)
         publisher = Publisher(
             config.mqtt, self.buffer,
             subscriptions=[*commands.topics(), *self.announcer.subscriptions,
@@ -114,23 +120,29 @@ class Service:
         poller = self.pollers.get(device)
         return poller.status.outbox.sparkplug if poller is not None else None
 
-    def _hand_out_aliases(self, config: Config) -> None:
-        """With format: sparkplug, every poller's outbox encodes with the node's aliases
-        (numbered across all devices: a reload that adds one may move others')."""
+    def _number(self, config: Config) -> NodeMetrics | None:
+        """With format: sparkplug, the config's metrics with their aliases (saved first)."""
         if config.mqtt.format != "sparkplug":
-            return
-        from bridge.core.sparkplug import NodeMetrics  # noqa: PLC0415 - as EdgeNode's
+            return None
+        if self.aliases is None:
+            from bridge.mqtt.sparkplug import ALIASES_FILE, AliasBook  # noqa: PLC0415 - as EdgeNode's
 
-        metrics = NodeMetrics(config.devices)
+            self.aliases = AliasBook(Path(config.gateway.state_dir) / ALIASES_FILE)
+        return self.aliases.metrics(config.devices)
+
+    def _hand_out_aliases(self) -> None:
+        """With format: sparkplug, every poller's outbox encodes with the node's aliases."""
+        if self.metrics is None:
+            return
         for name, poller in self.pollers.items():
-            poller.status.outbox.use_metrics(metrics.device(name))
+            poller.status.outbox.use_metrics(self.metrics.device(name))
 
     def _make_commands(self, config: Config) -> CommandHandler:
         # Commands reach links and the current publisher through the service (as _set_status).
         self.commands = CommandHandler(
             config, lambda name: self.links[name],
             lambda *reply: self.publisher.respond(*reply),  # noqa: PLW0108 - late-bound
-            emit=self.buffer.put, outboxes=self._outbox,
+            emit=self.buffer.put, outboxes=self._outbox, metrics=self.metrics,
         )
         return self.commands
 
@@ -257,14 +269,15 @@ class Service:
             if _setting(old, key) != _setting(new, key):
                 changes.append(f"{key} changed: takes effect at the next start")
         self.announcer.update(new)  # before a publisher restart: it subscribes for HA's status
-        self._hand_out_aliases(new)
+        self.metrics = self._number(new)
+        self._hand_out_aliases()
         if new.mqtt != old.mqtt or new.gateway != old.gateway:
             self._restart_publisher(new)
             changes.append("mqtt publisher restarted")
         else:
             self._swap_commands(new)
             if self.node is not None:
-                self.node.update(new)  # births again if the metrics changed
+                self.node.update(new, self.metrics)  # births again if the metrics changed
         self.config = new
         return changes
 

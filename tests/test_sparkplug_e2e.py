@@ -423,6 +423,63 @@ async def test_broker_outage_replayed_as_historical_after_the_births(
             assert daemon.wait() == 0
 
 
+async def test_a_reload_during_an_outage_keeps_every_buffered_reading_on_its_metric(
+    tmp_path: Path, device: tuple[Simulator, int], daemons: list[Daemon]
+) -> None:
+    """Points added before others and one removed while readings wait in the buffer: every
+    alias keeps its metric (the node saves them in its state dir), so the replayed readings
+    decode against the new DBIRTHs as what they were (tck-id-payloads-alias-uniqueness;
+    tck-id-payloads-metric-historical), and the removed point's values are left out."""
+    _, port = device
+    broker_port = free_port()
+    extra = "max_queued_messages 100000\nqueue_qos0_messages true\n"
+    with mosquitto(tmp_path, extra, port=broker_port):
+        async with recording(broker_port, f"{NS}/#", session="sp-reload"):
+            pass  # a persistent session: the broker keeps what arrives while it is away
+    metrics_port = free_port()
+    config = write_config(tmp_path, broker_port, port, extra_device=True,
+                          metrics_port=metrics_port)
+    with mosquitto(tmp_path, extra, port=broker_port):
+        async with recording(broker_port, f"{NS}/#", session="sp-reload") as rec:
+            daemon = start(daemons, config)
+            await rec.wait_for(lambda: rec.payloads(dtopic("DDATA", "meter2")))
+    at = await polls(metrics_port)
+    await until(lambda: polled(metrics_port, at + 5, daemon), what="polls with no broker")
+    # Two points first (in config order they would take every later alias), `delta` gone.
+    doc = yaml.safe_load(config.read_text())
+    doc["devices"][0]["points"] = [
+        {"name": "volts_again", "address": 0, "type": "float32"},
+        {"name": "temp_raw", "address": 2, "type": "int16"},
+        *(p for p in POINTS if p["name"] != "delta"),
+    ]
+    config.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    reloaded = ps.get_current_timestamp()
+    daemon.signal(signal.SIGHUP)
+    await until(lambda: daemon.running() and bool(log_events(daemon, "reloaded")),
+                what="the reload")
+    at = await polls(metrics_port)
+    await until(lambda: polled(metrics_port, at + 5, daemon), what="polls after the reload")
+    with mosquitto(tmp_path, extra, port=broker_port):
+        async with recording(broker_port, f"{NS}/#", session="sp-reload") as rec:
+            def replayed(name: str) -> list[ps.DData]:
+                return [d for d in ddata(rec, name) if any(m.is_historical for m in d.metrics)]
+
+            await rec.wait_for(lambda: any(
+                m.timestamp is not None and m.timestamp > reloaded
+                for d in replayed("meter2") for m in d.metrics))
+            before = [d for d in replayed("meter2")
+                      if all((m.timestamp or 0) < reloaded for m in d.metrics)]
+            assert before, "no reading from before the reload was replayed"
+            assert all(values(d) == {"voltage": 1.5} for d in replayed("meter2"))
+            meter = [values(d) for d in replayed("meter")]
+            assert meter
+            assert all("delta" not in v for v in meter)
+            assert any(v.get("voltage") == VALUES["voltage"] and "volts_again" not in v
+                       for v in meter)  # read before the reload: the old points only
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait() == 0
+
+
 async def test_over_mqtt_3_1_1(
     tmp_path: Path, device: tuple[Simulator, int], daemons: list[Daemon]
 ) -> None:

@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pysparkplug as ps
 import pytest
+import structlog
 from pysparkplug import _protobuf as tahu
 
 import bridge.mqtt.connection
 from bridge.buffer import DiskBuffer
-from bridge.config import Config, load_config
+from bridge.config import Config, Device, Point, load_config
+from bridge.core import sparkplug as sp
 from bridge.core.outbox import Outbox
 from bridge.core.sparkplug import NodeMetrics
-from bridge.core.sparkplug_stored import DeviceData
+from bridge.core.sparkplug_stored import DeviceData, historical, known
 from bridge.mqtt.publisher import Publisher
-from bridge.mqtt.sparkplug import BD_SEQ_FILE, BdSeq, EdgeNode
+from bridge.mqtt.sparkplug import ALIASES_FILE, BD_SEQ_FILE, AliasBook, BdSeq, EdgeNode
 from bridge.mqtt.wireevents import Incoming
 from tests.fakewire import FakeBroker, eventually, running
 
@@ -123,6 +125,75 @@ def test_bdseq_starts_at_0_rises_survives_a_restart_and_wraps(tmp_path: Path) ->
     path.write_text("garbage")
     assert BdSeq(path).next() == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [BD_SEQ_FILE]  # no temp file left
+
+
+def devices(layout: dict[str, list[tuple[str, str]]]) -> list[Device]:
+    """Devices of (point, type) lists, four registers apart."""
+    return [
+        Device(name=name, link="plc", points=[
+            Point.model_validate({"name": point, "address": i * 4, "type": kind})
+            for i, (point, kind) in enumerate(points)
+        ])
+        for name, points in layout.items()
+    ]
+
+
+def aliases(metrics: NodeMetrics) -> dict[str, int]:
+    return {f"{d.name}.{m.name}": m.alias for d in metrics.devices.values() for m in d.metrics}
+
+
+def test_aliases_stay_with_their_metrics_across_config_changes_and_restarts(
+    tmp_path: Path,
+) -> None:
+    """A point added before others, one removed, one retyped: no alias moves to another
+    metric, in this process or the next (readings buffered before still name their own)."""
+    path = tmp_path / ALIASES_FILE
+    book = AliasBook(path)
+    first = book.metrics(devices({"a": [("x", "uint16"), ("y", "uint16")],
+                                  "b": [("v", "float32")]}))
+    assert aliases(first) == {"a.x": 1, "a.y": 2, "b.v": 3}  # config order the first time
+    changed = devices({"a": [("new", "uint16"), ("x", "uint16")],  # y gone, new first
+                       "b": [("v", "int32")]})  # retyped: another metric
+    second = book.metrics(changed)
+    assert aliases(second) == {"a.new": 4, "a.x": 1, "b.v": 5}
+    assert aliases(AliasBook(path).metrics(changed)) == aliases(second)  # a restart
+    back = AliasBook(path).metrics(devices({"a": [("y", "uint16")]}))
+    assert aliases(back) == {"a.y": 2}  # put back: its own alias again
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ALIASES_FILE]  # no temp file left
+
+
+def test_an_unreadable_or_unwritable_alias_file_is_one_warning(tmp_path: Path) -> None:
+    layout = devices({"a": [("x", "uint16")]})
+    path = tmp_path / ALIASES_FILE
+    path.write_text("{not json")
+    with structlog.testing.capture_logs() as logs:
+        assert aliases(AliasBook(path).metrics(layout)) == {"a.x": 1}
+    assert [e["event"] for e in logs] == ["sparkplug aliases unreadable, numbering from 1 again"]
+    book = AliasBook(tmp_path / "missing-dir" / ALIASES_FILE)
+    with structlog.testing.capture_logs() as logs:
+        book.metrics(layout)
+        assert aliases(book.metrics(devices({"a": [("x", "uint16"), ("y", "int16")]}))) == {
+            "a.x": 1, "a.y": 2}  # numbered on in memory
+    assert [e["event"] for e in logs] == ["sparkplug aliases not saved"]
+
+
+def test_replayed_and_late_readings_keep_only_the_metrics_still_born(tmp_path: Path) -> None:
+    """A reading stored before a reload removed one of its points goes out without it (the
+    DBIRTH no longer names its alias), historical or live; with none left, not at all."""
+    book = AliasBook(tmp_path / ALIASES_FILE)
+    before = book.metrics(devices({"m": [("a", "uint16"), ("b", "uint16")]}))
+    device = before.device("m")
+    assert device is not None
+    stored = sp.ddata(device, {"a": 1, "b": 2}, acquired=5, seq=None, ts=5)
+    only_b = sp.ddata(device, {"b": 2}, acquired=5, seq=None, ts=5)
+    after = book.metrics(devices({"m": [("a", "uint16")]})).device("m")
+    assert after is not None
+    kept = tahu.Payload.FromString(historical(stored, after.by_alias) or b"")
+    assert [(m.alias, m.int_value, m.is_historical) for m in kept.metrics] == [(1, 1, True)]
+    assert historical(only_b, after.by_alias) is None
+    late = tahu.Payload.FromString(known(stored, after.by_alias) or b"")
+    assert [(m.alias, m.int_value, m.is_historical) for m in late.metrics] == [(1, 1, False)]
+    assert known(stored, device.by_alias) == stored  # nothing to drop: the same bytes
 
 
 # --- the publisher with an edge node ----------------------------------------------------------

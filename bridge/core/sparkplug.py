@@ -9,8 +9,10 @@ Metrics (DESIGN.md "Northbound standards"): every point of a device is a metric 
 the point, with the datatype its engineering value has (`datatype`), an alias, and in births
 the properties `engUnit` (String, when the point has a unit) and `Quality` (Int32: 192 good,
 500 stale, 0 bad). Aliases are unique across the whole edge node, as the specification asks
-of them, and numbered from 1 in config order (every device's points in turn), so a restart
-with the same config keeps them; a config that changes any device or point changes
+of them, numbered from 1 in config order the first time, and kept for good: the edge node
+saves them in its state dir (bridge.mqtt.sparkplug.AliasBook) and a metric added later gets
+a number never given before, so readings buffered across a reload or a restart with another
+config still name their own metrics. A config that changes any device or point changes
 `NodeMetrics.table`, and the session must then republish every birth. The node's own metrics,
 bdSeq and Node Control/Rebirth, go by name only: a host must be able to ask for a rebirth
 knowing no alias (tck-id-operational-behavior-data-commands-rebirth-name-aliases).
@@ -113,6 +115,12 @@ def next_seq(seq: int) -> int:
 # --- aliases: the edge node's metrics ---------------------------------------------------------
 
 
+def metric_key(device: str, point: str, kind: int) -> str:
+    """What an alias is kept for: a device's point of one datatype (a point whose datatype
+    changes is a new metric, so a buffered reading of the old type never travels under it)."""
+    return f"{device}/{point}/{kind}"
+
+
 @dataclass(frozen=True, slots=True)
 class MetricSpec:
     """One point as a metric: its alias and datatype, fixed for a session."""
@@ -150,21 +158,41 @@ class DeviceMetrics:
 
 
 class NodeMetrics:
-    """Every metric of the edge node, aliased in config order (see the module docstring)."""
+    """Every metric of the edge node, with its alias (see the module docstring).
 
-    __slots__ = ("devices",)
+    `known`: aliases given before (`metric_key` → alias, from the state dir), which metrics
+    keep; any other metric gets the next alias not given yet (`next_alias` on), so a reload or
+    a restart with a changed config never moves an alias to another metric, and readings
+    buffered before it still name their own metrics. Without `known`, config order from 1.
+    """
 
-    def __init__(self, devices: Iterable[Device]) -> None:
-        alias = FIRST_ALIAS
+    __slots__ = ("devices", "keys", "next_alias")
+
+    def __init__(
+        self,
+        devices: Iterable[Device],
+        known: Mapping[str, int] | None = None,
+        next_alias: int = FIRST_ALIAS,
+    ) -> None:
+        known = known or {}
+        next_alias = max([next_alias, *(a + 1 for a in known.values())])
         found: dict[str, DeviceMetrics] = {}
+        self.keys: dict[str, int] = {}  # metric_key → alias of every metric here
+        used: set[int] = set()
         for device in devices:
             specs = []
             for point in device.points:
                 kind = datatype(point)
+                key = metric_key(device.name, point.name, kind)
+                alias = known.get(key)
+                if alias is None or alias in used:  # (a hand-edited file may repeat one)
+                    alias, next_alias = next_alias, next_alias + 1
+                used.add(alias)
+                self.keys[key] = alias
                 specs.append(MetricSpec(point, alias, kind, WIRE[kind]))
-                alias += 1
             found[device.name] = DeviceMetrics(device.name, tuple(specs))
         self.devices: Mapping[str, DeviceMetrics] = found
+        self.next_alias = next_alias
 
     def device(self, name: str) -> DeviceMetrics | None:
         return self.devices.get(name)

@@ -14,7 +14,7 @@ Readings replayed from the buffer after an outage are re-encoded once more, with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from bridge.config.model import Device, Sparkplug
 from bridge.core import sparkplug as sp
@@ -43,11 +43,33 @@ def sequenced(stored: bytes, seq: int) -> bytes:
     return stored + SEQ_FIELD[seq]
 
 
-def historical(stored: bytes) -> bytes:
-    """A stored payload with `is_historical` set on every metric (still without seq)."""
+def historical(stored: bytes, has: Callable[[int], object] | None = None) -> bytes | None:
+    """A stored payload with `is_historical` set on every metric (still without seq); with
+    `has`, only the metrics whose alias it knows (None when that leaves none)."""
+    return _rewrite(stored, has, historical=True)
+
+
+def known(stored: bytes, has: Callable[[int], object]) -> bytes | None:
+    """A stored payload with only the metrics whose alias `has` knows (None: none left)."""
+    return _rewrite(stored, has, historical=False)
+
+
+def _rewrite(stored: bytes, has: Callable[[int], object] | None, *, historical: bool
+             ) -> bytes | None:
     message = pb.Payload.FromString(stored)
-    for metric in message.metrics:
-        metric.is_historical = True
+    metrics = message.metrics
+    if has is not None:
+        kept = [m for m in metrics if has(m.alias)]
+        if not kept:
+            return None
+        if len(kept) == len(metrics) and not historical:
+            return stored
+        if len(kept) < len(metrics):
+            del metrics[:]
+            metrics.extend(kept)
+    if historical:
+        for metric in metrics:
+            metric.is_historical = True
     return message.SerializeToString()
 
 

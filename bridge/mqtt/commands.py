@@ -19,7 +19,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import structlog
 
@@ -34,6 +34,9 @@ from bridge.mqtt.wire import Incoming
 from bridge.transports.links import modbus_link
 from bridge.transports.ports import WritePort
 from bridge.transports.writestep import ReadBackFailed, write_point
+
+if TYPE_CHECKING:
+    from bridge.core.sparkplug import NodeMetrics
 
 log = structlog.get_logger("bridge.mqtt.commands")
 audit = structlog.get_logger("bridge.audit")
@@ -98,11 +101,13 @@ class CommandHandler:
         emit: Callable[[list[Message]], None],
         outboxes: Callable[[str], Outbox | None] | None = None,
         min_interval: float = MIN_INTERVAL,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         """`link(name)` and `respond` are looked up per command, not kept: a reload may replace
         the links and the publisher under a running handler. `outboxes(device)` is the running
         poller's Outbox: a read-back published through it counts as that poller's last
-        published value, so `report: on-change` does not publish it again."""
+        published value, so `report: on-change` does not publish it again. `metrics`: with
+        format: sparkplug, the node's (the service's AliasBook numbers them)."""
         self.link = link
         self.respond = respond
         self.emit = emit
@@ -118,8 +123,9 @@ class CommandHandler:
         self._targets: dict[str, _Target] = {}
         self._lines: set[str] = set()
         self._devices: set[str] = set()
-        aliases = None
-        if self._sparkplug:  # only then: protobuf is RSS a JSON daemon need not hold
+        aliases = metrics if self._sparkplug else None
+        if self._sparkplug and aliases is None:
+            # only then: protobuf is RSS a JSON daemon need not hold
             from bridge.core.sparkplug import NodeMetrics  # noqa: PLC0415 - see above
 
             aliases = NodeMetrics(config.devices)

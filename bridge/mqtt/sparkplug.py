@@ -36,12 +36,12 @@ from typing import Protocol
 
 import structlog
 
-from bridge.config import Config
+from bridge.config import Config, Device
 from bridge.core import sparkplug as sp
 from bridge.core.codec import Value
 from bridge.core.messages import Message
 from bridge.core.sparkplug_commands import Refusal, Write, parse_dcmd, parse_ncmd
-from bridge.core.sparkplug_stored import DeviceData, historical, sequenced
+from bridge.core.sparkplug_stored import DeviceData, historical, known, sequenced
 from bridge.core.writes import CommandRefused
 from bridge.errors import BrokerError
 from bridge.mqtt.delivery import Wake
@@ -51,6 +51,7 @@ from bridge.mqtt.wireevents import Incoming
 log = structlog.get_logger("bridge.mqtt.sparkplug")
 
 BD_SEQ_FILE = "sparkplug-bdseq"
+ALIASES_FILE = "sparkplug-aliases.json"
 HOST_WAIT = 5.0  # seconds between looks while waiting for the primary host (a STATE wakes it)
 
 
@@ -87,19 +88,69 @@ class BdSeq:
         return value if 0 <= value < sp.SEQ_LIMIT else None
 
     def _write(self, value: int) -> None:
-        temp = self.path.with_name(f".{self.path.name}.tmp")
-        try:
-            with open(temp, "w") as file:
-                file.write(f"{value}\n")
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, self.path)
-        except OSError as exc:
-            if not self._write_failed:
-                log.warning("sparkplug bdSeq not saved", path=str(self.path), error=str(exc))
-            self._write_failed = True
-            return
+        error = _save(self.path, f"{value}\n")
+        if error is not None and not self._write_failed:
+            log.warning("sparkplug bdSeq not saved", path=str(self.path), error=error)
+        self._write_failed = error is not None
+
+
+class AliasBook:
+    """Every alias the node has given, in a file of the state dir (JSON: `next` and
+    `aliases`, metric key → alias): `metrics(devices)` numbers a config's metrics keeping
+    the aliases given before (bridge.core.sparkplug.NodeMetrics), saved before any reading
+    is encoded with a new one.
+
+    A file that cannot be read starts again from config order (said once: readings buffered
+    before it may then name other metrics); one that cannot be written is said once and the
+    node goes on with the aliases in memory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.known: dict[str, int] | None = None  # None: not read yet
+        self.next_alias = sp.FIRST_ALIAS
         self._write_failed = False
+
+    def metrics(self, devices: Sequence[Device]) -> sp.NodeMetrics:
+        if self.known is None:
+            self.known, self.next_alias = self._read()
+        metrics = sp.NodeMetrics(devices, self.known, self.next_alias)
+        if metrics.next_alias != self.next_alias or not metrics.keys.items() <= self.known.items():
+            # Kept for metrics no longer configured too: one put back later gets its own again.
+            self.known = {**self.known, **metrics.keys}
+            self.next_alias = metrics.next_alias
+            doc = {"next": self.next_alias, "aliases": self.known}
+            error = _save(self.path, json.dumps(doc, indent=0, sort_keys=True) + "\n")
+            if error is not None and not self._write_failed:
+                log.warning("sparkplug aliases not saved", path=str(self.path), error=error)
+            self._write_failed = error is not None
+        return metrics
+
+    def _read(self) -> tuple[dict[str, int], int]:
+        try:
+            doc = json.loads(self.path.read_text())
+            known = {str(k): int(v) for k, v in doc["aliases"].items()}
+            return known, int(doc["next"])
+        except FileNotFoundError:
+            return {}, sp.FIRST_ALIAS
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("sparkplug aliases unreadable, numbering from 1 again",
+                        path=str(self.path), error=str(exc))
+            return {}, sp.FIRST_ALIAS
+
+
+def _save(path: Path, text: str) -> str | None:
+    """Replace `path` with `text` atomically and durably (temp file, fsync, rename); why not."""
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temp, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        return str(exc)
+    return None
 
 
 class Writes(Protocol):
@@ -119,7 +170,9 @@ class EdgeNode:
         *,
         data: Callable[[str], DeviceData | None],
         writes: Callable[[], Writes],
+        metrics: sp.NodeMetrics | None = None,
     ) -> None:
+        """`metrics`: the config's, numbered by the service's AliasBook (else config order)."""
         settings = config.mqtt.sparkplug
         assert settings is not None  # format: sparkplug (the loader checks the block is there)
         self.group, self.node, self.host = (
@@ -127,7 +180,9 @@ class EdgeNode:
         )
         self.data = data  # a device's last values and DDATA encoding (the running poller's)
         self.writes = writes  # looked up per command: a reload swaps the command handler
-        self.metrics = sp.NodeMetrics(config.devices)
+        self.metrics = metrics or sp.NodeMetrics(config.devices)
+        # Readings acquired by then may hold metrics a reload took away (sequence drops them).
+        self.changed_at = 0
         self.bd_seq_file = BdSeq(Path(config.gateway.state_dir) / BD_SEQ_FILE)
         self.bd_seq = 0
         self.seq = 0  # of the last node message sent
@@ -153,11 +208,12 @@ class EdgeNode:
     def attach(self, wake: Wake) -> None:
         self.wake = wake
 
-    def update(self, config: Config) -> None:
+    def update(self, config: Config, metrics: sp.NodeMetrics | None = None) -> None:
         """A reload: new metrics; if any alias, name or datatype changed, births again."""
-        metrics = sp.NodeMetrics(config.devices)
+        metrics = metrics or sp.NodeMetrics(config.devices)
         if metrics.table != self.metrics.table:
             self.metrics = metrics
+            self.changed_at = _now()
             self.rebirth = True
             self.wake.set()
 
@@ -242,19 +298,31 @@ class EdgeNode:
                 out.append(birth)
                 if not up:
                     dying.append(device)
-            out.append(Message(topic, sequenced(message.payload, self._next()), 0, False,
-                               message.ts))
+            payload = message.payload
+            if message.ts <= self.changed_at:
+                metrics = self.metrics.device(device)
+                still = known(payload, metrics.by_alias) if metrics is not None else None
+                if still is None:
+                    continue
+                payload = still
+            out.append(Message(topic, sequenced(payload, self._next()), 0, False, message.ts))
         out += [self.ddeath(device) for device in dying]
         return out
 
-    @staticmethod
-    def historical(messages: list[Message]) -> list[Message]:
-        """Replayed readings: DDATA re-encoded with is_historical (others as they are)."""
-        return [
-            Message(m.topic, historical(m.payload), m.qos, False, m.ts)
-            if m.topic.startswith(sp.NAMESPACE + "/") and "/DDATA/" in m.topic else m
-            for m in messages
-        ]
+    def historical(self, messages: list[Message]) -> list[Message]:
+        """Replayed readings: DDATA re-encoded with is_historical, keeping only the metrics
+        the device still has (its DBIRTH names no other alias); others as they are."""
+        out = []
+        prefix = self.ddata_prefix
+        for m in messages:
+            if not m.topic.startswith(prefix):
+                out.append(m)
+                continue
+            device = self.metrics.device(m.topic[len(prefix):])
+            payload = historical(m.payload, device.by_alias if device is not None else None)
+            if payload is not None:
+                out.append(Message(m.topic, payload, m.qos, False, m.ts))
+        return out
 
     # --- incoming ---------------------------------------------------------------------------
 
