@@ -185,6 +185,20 @@ async def polled(port: int, count: float, daemon: Daemon) -> bool:
     return await polls(port) >= count
 
 
+# Offline messages of a persistent session, QoS 0 ones (all Sparkplug data) included.
+QUEUE_QOS0 = "max_queued_messages 100000\nqueue_qos0_messages true\n"
+
+
+async def persistent_session(tmp_path: Path, session: str) -> int:
+    """A free port for mosquitto where `session` is a persistent subscription to our node's
+    messages: from then on the broker keeps what arrives while the recorder is away."""
+    port = free_port()
+    with mosquitto(tmp_path, QUEUE_QOS0, port=port):
+        async with recording(port, f"{NS}/#", session=session):
+            pass
+    return port
+
+
 # --- tests ------------------------------------------------------------------------------------
 
 
@@ -388,14 +402,9 @@ async def test_broker_outage_replayed_as_historical_after_the_births(
     NBIRTH and DBIRTH with is_historical set and their acquisition timestamps
     (tck-id-payloads-metric-historical); the live ones are not historical."""
     _, port = device
-    broker_port = free_port()
-    extra = "max_queued_messages 100000\nqueue_qos0_messages true\n"
-    with mosquitto(tmp_path, extra, port=broker_port):
-        async with recording(broker_port, f"{NS}/#", session="sp-rec"):
-            pass  # a persistent session: the broker keeps what arrives while it is away
-    metrics_port = free_port()
+    broker_port, metrics_port = await persistent_session(tmp_path, "sp-rec"), free_port()
     config = write_config(tmp_path, broker_port, port, metrics_port=metrics_port)
-    with mosquitto(tmp_path, extra, port=broker_port):
+    with mosquitto(tmp_path, QUEUE_QOS0, port=broker_port):
         async with recording(broker_port, f"{NS}/#", session="sp-rec") as rec:
             daemon = start(daemons, config)
             await rec.wait_for(lambda: rec.payloads(dtopic("DDATA")))
@@ -403,7 +412,7 @@ async def test_broker_outage_replayed_as_historical_after_the_births(
     at = await polls(metrics_port)
     await until(lambda: polled(metrics_port, at + 10, daemon), what="polls with no broker")
     outage_end = ps.get_current_timestamp()
-    with mosquitto(tmp_path, extra, port=broker_port):
+    with mosquitto(tmp_path, QUEUE_QOS0, port=broker_port):
         async with recording(broker_port, f"{NS}/#", session="sp-rec") as rec:
             await rec.wait_for(lambda: rec.payloads(NBIRTH))
             await rec.wait_for(
@@ -431,15 +440,10 @@ async def test_a_reload_during_an_outage_keeps_every_buffered_reading_on_its_met
     decode against the new DBIRTHs as what they were (tck-id-payloads-alias-uniqueness;
     tck-id-payloads-metric-historical), and the removed point's values are left out."""
     _, port = device
-    broker_port = free_port()
-    extra = "max_queued_messages 100000\nqueue_qos0_messages true\n"
-    with mosquitto(tmp_path, extra, port=broker_port):
-        async with recording(broker_port, f"{NS}/#", session="sp-reload"):
-            pass  # a persistent session: the broker keeps what arrives while it is away
-    metrics_port = free_port()
+    broker_port, metrics_port = await persistent_session(tmp_path, "sp-reload"), free_port()
     config = write_config(tmp_path, broker_port, port, extra_device=True,
                           metrics_port=metrics_port)
-    with mosquitto(tmp_path, extra, port=broker_port):
+    with mosquitto(tmp_path, QUEUE_QOS0, port=broker_port):
         async with recording(broker_port, f"{NS}/#", session="sp-reload") as rec:
             daemon = start(daemons, config)
             await rec.wait_for(lambda: rec.payloads(dtopic("DDATA", "meter2")))
@@ -459,7 +463,7 @@ async def test_a_reload_during_an_outage_keeps_every_buffered_reading_on_its_met
                 what="the reload")
     at = await polls(metrics_port)
     await until(lambda: polled(metrics_port, at + 5, daemon), what="polls after the reload")
-    with mosquitto(tmp_path, extra, port=broker_port):
+    with mosquitto(tmp_path, QUEUE_QOS0, port=broker_port):
         async with recording(broker_port, f"{NS}/#", session="sp-reload") as rec:
             def replayed(name: str) -> list[ps.DData]:
                 return [d for d in ddata(rec, name) if any(m.is_historical for m in d.metrics)]
