@@ -7,11 +7,12 @@ cache dir (benchmark-only: neither is ever a dependency of the package), then ru
 contender one after another on the same workload: `--units` devices of `--registers` uint16
 holding registers behind one Modbus TCP device (`m2m-bridge simulate`, its own process, not
 counted), 1 s polls, a private mosquitto on 127.0.0.1. For each it counts the values delivered
-to a subscriber in this process and reads the CPU (utime + stime) of the contender's whole
-process tree from /proc over the window, then its RSS.
+to a subscriber in this process and reads the CPU of the contender's whole process tree from
+/proc over the window (utime + stime + cutime + cstime of each), then its RSS.
 
     .venv/bin/python bench/peers.py                           # every contender, 60 s windows
     .venv/bin/python bench/peers.py --window 20 --warmup 5    # a quicker look
+    .venv/bin/python bench/peers.py --window 30 --warmup 5 --repeat 3   # medians of 3 rounds
     .venv/bin/python bench/peers.py --only modbus4mqtt,point-qos0
 
 The ThingsBoard gateway sends nothing until its server answers the `getSessionLimits` RPC
@@ -46,9 +47,10 @@ from pipeline import Counter, process, subscriber, tail
 DEFAULT_CACHE = Path.home() / ".cache" / "m2m-bridge-bench"
 MODBUS4MQTT = "modbus4mqtt==0.7.1"
 THINGSBOARD = "thingsboard-gateway==3.8.5"
-# modbus4mqtt 0.7.1 asks for pymodbus < 3 (its SungrowModbusTcpClient dependency does too);
-# 2.5.3 is the last 2.x. The gateway's Modbus connector pip-installs exactly pymodbus 3.9.2,
-# pyserial and pyserial-asyncio when it is first loaded unless they are there already
+# modbus4mqtt 0.7.1 requires pymodbus >= 2.3, < 3 (its modbus_interface.py: until
+# SungrowModbusTcpClient 0.1.7, which it imports, works with 3.x); 2.5.3 is the last 2.x.
+# The gateway's Modbus connector pip-installs exactly pymodbus 3.9.2, pyserial and
+# pyserial-asyncio when it is first loaded unless they are there already
 # (connectors/modbus/modbus_connector.py), so they go in up front, outside any window.
 PEER_REQUIREMENTS = {
     "modbus4mqtt": [MODBUS4MQTT, "pymodbus==2.5.3"],
@@ -241,7 +243,7 @@ def launch_thingsboard(work: Workload, stack: contextlib.ExitStack, *, ranged: b
     (directory / "tb_gateway.json").write_text(json.dumps(main, indent=2))
     # The shipped logging: INFO to ./logs/*.log and the console (here stderr, into our log),
     # ERROR for the rest (pymodbus 3.9.2 warns that BinaryPayloadDecoder is deprecated on every
-    # decode, which costs the gateway dearly at INFO).
+    # decode; the shipped root level, ERROR, keeps that out of the logs).
     logs = json.loads((shipped[0] / "logs.json").read_text())
     logs["handlers"]["consoleHandler"]["stream"] = "ext://sys.stderr"
     (directory / "logs.json").write_text(json.dumps(logs, indent=2))
