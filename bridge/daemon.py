@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import gc
 import os
 import signal
 import sys
@@ -105,7 +107,18 @@ async def _startup(service: Service) -> asyncio.Server | None:
         log.info("metrics served", url=f"http://{settings.host}:{settings.port}/metrics")
     for warning in service.config.warnings:
         log.warning("config warning", issue=str(warning))
+    give_back_memory()
     return metrics
+
+
+def give_back_memory() -> None:
+    """Return to the OS what reading the config freed: the YAML nodes and the validated copies
+    peak far above what the models keep (bench/rss.py: 3 MiB of RSS at 500 devices x 30
+    points, 0.3 MiB at 10 x 100). glibc keeps freed heap pages; `malloc_trim(0)` hands them
+    back. Elsewhere (musl) there is no such call and nothing is done."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 async def _main_loop(service: Service, stop: asyncio.Event) -> None:
@@ -157,6 +170,7 @@ async def reload(config_path: Path, service: Service) -> None:
         log.error("reload refused; the running config stays", error=why)
     else:
         log.info("reloaded", changes=changes or ["nothing changed"])
+        give_back_memory()  # the new file's peak, as at startup
     finally:
         notify("READY=1")
 
