@@ -4,6 +4,11 @@ Start sinks before sources and stop sources before sinks (Telegraf's rule), so n
 is dropped: the publisher starts first, pollers after; on stop the pollers are cancelled, then
 every device's status is set `offline`, then the publisher drains the buffer for at most `grace`
 seconds, publishes the gateway's `offline` and leaves.
+
+`map: sunspec` devices (bridge.sunspec_maps) run with the map of their SunSpec chain: the
+service keeps the config as loaded and runs it with their maps merged in. A device's first map
+(from its cache, at start-up) is in place before anything polls; a walk that finds a new or
+changed map applies the config again through `reload`'s difference, like a SIGHUP would.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ from bridge.config import Config, Device, LineLink, SerialLink
 from bridge.core.bustime import bus_load
 from bridge.core.outbox import Outbox
 from bridge.core.planner import PollGroup, plan_device
+from bridge.errors import BridgeError
 from bridge.instrument import InstrumentPoller
 from bridge.mqtt.commands import CommandHandler
 from bridge.mqtt.discovery import Announcer
 from bridge.mqtt.publisher import Publisher
 from bridge.mqtt.wireevents import Incoming
 from bridge.poller import DevicePoller
+from bridge.sunspec_maps import SunSpecMaps, is_sunspec
 from bridge.transports.line import LinePort
 from bridge.transports.links import build_links, line_link, plan_for
 
@@ -63,6 +70,11 @@ class Service:
     """One running bridge: its buffer, publisher, links and pollers; reloadable by difference."""
 
     def __init__(self, config: Config) -> None:
+        # The config as loaded; `self.config` is it as it runs, SunSpec maps merged in.
+        self.loaded = config
+        self.sunspec = SunSpecMaps()
+        self.sunspec.read_caches(config)
+        config = self.sunspec.effective(config)
         self.config = config
         bounds = config.mqtt.buffer
         self.buffer = DiskBuffer(
@@ -80,12 +92,13 @@ class Service:
         self.aliases: AliasBook | None = None
         self.metrics = self._number(config)
         self.publisher = self._make_publisher(config)
-        self.links = build_links(config)
+        self.links = build_links(self.loaded)  # a SunSpec device not mapped yet is walked on it
         self.line_ports: dict[LineLink, LinePort] = {}  # by definition: a changed link reopens
         self.pollers = {d.name: self._make_poller(config, d) for d in config.devices}
         self._hand_out_aliases()
         warn_overloaded_links(config, {name: p.plan for name, p in self.pollers.items()})
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._walks: dict[str, asyncio.Task[None]] = {}  # SunSpec devices being mapped
         self._group: asyncio.TaskGroup | None = None
         self._publishing: asyncio.Task[None] | None = None
 
@@ -189,13 +202,16 @@ class Service:
             self._publishing = tg.create_task(self.publisher.run(), name="publisher")
             for name in self.pollers:
                 self._start(name)
-            log.info("bridge started", devices=len(self.pollers), links=len(self.links))
+            self._walk_sunspec()
+            unmapped = sorted(set(self._walks) - set(self.pollers))
+            log.info("bridge started", devices=len(self.pollers), links=len(self.links),
+                     **({"sunspec_unmapped": unmapped} if unmapped else {}))
             if ready is not None:
                 ready()
             try:
                 await (stop.wait() if stop is not None else asyncio.Future())
             finally:
-                for task in self._tasks.values():
+                for task in [*self._tasks.values(), *self._walks.values()]:
                     task.cancel()
                 await self.commands.drain(min(grace, 5.0))  # writes in flight get their result
                 # Retained statuses describe now: a stopped bridge polls nothing, so no device
@@ -222,22 +238,57 @@ class Service:
             task.cancel()
         self.pollers.pop(name, None)
 
+    def _walk_sunspec(self) -> None:
+        """(Re)start the walk of every `map: sunspec` device: at start and at every reload,
+        since scale factors may change with a firmware update."""
+        for task in self._walks.values():
+            task.cancel()
+        self._walks = {}
+        if self._group is None:
+            return
+        for device in self.loaded.devices:
+            if is_sunspec(device):
+                walk = self.sunspec.resolve(
+                    self.loaded, device, self.links[device.link],
+                    apply=self._remap, set_status=self._set_status,
+                )
+                self._walks[device.name] = self._group.create_task(
+                    walk, name=f"sunspec {device.name}")
+
+    def _remap(self) -> list[str]:
+        """Run the loaded config again with the SunSpec maps as they are now."""
+        try:
+            return self._apply(self.sunspec.effective(self.loaded))
+        except BridgeError as exc:  # as a reload refused: what runs stays
+            log.error("sunspec map not applied; the running config stays", error=str(exc))
+            return []
+
     def reload(self, new: Config) -> list[str]:
         """Apply `new` by difference and return what changed, for the log.
 
         Devices whose definition and link are unchanged keep polling without a gap; changed
         devices restart; links are rebuilt only when their own settings changed. A change to
         `mqtt` or `gateway` restarts the publisher (the buffer and device statuses carry over).
+        SunSpec devices keep their maps while their unit and link stay, and are walked again.
         """
+        self.loaded = new
+        self.sunspec.update(new)
+        changes = self._apply(self.sunspec.effective(new))
+        self._walk_sunspec()
+        return changes
+
+    def _apply(self, new: Config) -> list[str]:
+        """`reload`'s difference: `new` is the config to run (SunSpec maps merged in); the
+        links are those of `self.loaded`, whose SunSpec devices may not be mapped yet."""
         old = self.config
         changes: list[str] = []
-        used = {d.link for d in new.devices}
+        used = {d.link for d in self.loaded.devices}
         kept_links = {
             name: link for name, link in self.links.items()
             if name in used and _link_def(old, name) == _link_def(new, name)
         }
-        fresh = build_links(new.model_copy(update={
-            "devices": [d for d in new.devices if d.link not in kept_links]
+        fresh = build_links(self.loaded.model_copy(update={
+            "devices": [d for d in self.loaded.devices if d.link not in kept_links]
         }))
         for name, link in self.links.items():
             if name not in kept_links:

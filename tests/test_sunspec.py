@@ -27,7 +27,6 @@ from bridge.core.sunspec import (
     decode_model,
     model_definition,
 )
-from bridge.errors import ConfigError
 from bridge.sim.serial import SerialSimulator
 from bridge.sim.sunspec import MANUFACTURER, MODEL, sunspec_config, sunspec_points
 from bridge.sim.tcp import Simulator
@@ -231,21 +230,6 @@ class TestTheMap:
         config = load_config(tmp_path / "bridge.yaml")
         assert config.warnings == []
         assert len(config.device("inverter").points) == len(device_map.points)
-
-
-def test_map_sunspec_is_refused_until_the_daemon_maps_at_start_up(tmp_path: Path) -> None:
-    """Not a device that silently polls nothing: one located line saying what to do."""
-    path = tmp_path / "bridge.yaml"
-    path.write_text(
-        "version: 1\n"
-        "links: [{name: plc, type: tcp, host: 127.0.0.1}]\n"
-        "devices:\n"
-        "  - {name: inverter, link: plc, map: sunspec}\n"
-    )
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-    assert str(caught.value).startswith(f"{path}:4: devices[0].map: map: sunspec (mapping")
-    assert "m2m-bridge sunspec URL --unit N --write FILE" in str(caught.value)
 
 
 # --- the command, against the simulator ---------------------------------------------------

@@ -3,7 +3,7 @@ devices and points; fields: durations, sizes, names), how it is read (loader), Y
 numbers (yamlsource) and secret references (secrets). Import what you need from here."""
 
 from bridge.config.library import SUNSPEC, library_names, library_path, unknown_map
-from bridge.config.loader import load_config, load_library_map, state_dir_problem
+from bridge.config.loader import load_config, load_library_map, state_dir_problem, with_map
 from bridge.config.model import (
     BufferSettings,
     Config,
@@ -53,4 +53,5 @@ __all__ = [
     "parse_size",
     "state_dir_problem",
     "unknown_map",
+    "with_map",
 ]

@@ -229,7 +229,9 @@ class Device(_Model):
     unit: int = Field(default=1, ge=0, le=247)
     interval: Duration = Field(default=5.0, gt=0)
     map: str | None = Field(
-        default=None, description="map file, relative to this file, or library:NAME"
+        default=None,
+        description="map file, relative to this file; library:NAME; or sunspec (the device's "
+        "SunSpec model chain, walked when the daemon starts)",
     )
     byte_order: ByteOrder | None = None
     report: Literal["always", "on-change"] = "always"

@@ -12,9 +12,9 @@ from importlib.resources import files
 from pathlib import Path
 
 PREFIX = "library:"
-# `map: sunspec` names no file: the device's points are its SunSpec model chain. The simulator
-# serves such a device as a SunSpec inverter (bridge.sim.sunspec); the loader refuses it for
-# now, since the daemon does not yet map a device when it starts.
+# `map: sunspec` names no file: the device's points are its SunSpec model chain, walked when
+# the daemon starts (bridge.sunspec_maps). The simulator serves such a device as a SunSpec
+# inverter (bridge.sim.sunspec).
 SUNSPEC = "sunspec"
 
 

@@ -13,6 +13,10 @@ missing address on a Modbus link) are reported in the map file too, where the po
 After load, every device's `points` is the merged list (map points in map order, device points
 of the same name replacing them in place, new ones appended), and every point's `byte_order`
 is set: its own, else the device's, else the map's, else ABCD.
+
+A `map: sunspec` device names no file: its map is its SunSpec model chain, walked by the daemon
+(bridge.sunspec_maps). Here it keeps its own points only; the daemon merges the chain's map
+into it with `with_map`, by the same rule.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -42,6 +46,7 @@ from bridge.config.secrets import Loc
 from bridge.config.yamlsource import Document, UnreadableFileError, read_document, type_secrets
 from bridge.errors import ConfigError, ConfigIssue
 
+T = TypeVar("T")
 _LINK: TypeAdapter[TcpLink | SerialLink | LineLink] = TypeAdapter(Link)
 
 
@@ -210,12 +215,6 @@ def _complete(
     at: Loc = ("devices", index)
     issues: list[ConfigIssue] = []
     loaded = maps.get(device.map) if device.map not in (None, SUNSPEC) else None
-    if device.map == SUNSPEC:
-        # Said plainly rather than polling nothing: mapping at start-up is not built yet.
-        issues.append(main.issue((*at, "map"), (
-            "map: sunspec (mapping the device when the daemon starts) is not available yet; "
-            "make the map once with 'm2m-bridge sunspec URL --unit N --write FILE' and use "
-            "map: FILE")))
     if isinstance(loaded, str) and device.map is not None and device.map.startswith(LIBRARY):
         issues.append(main.issue((*at, "map"), loaded))
     elif isinstance(loaded, str):
@@ -223,22 +222,19 @@ def _complete(
         issues.append(main.issue((*at, "map"), f"cannot read map file {shown}: {loaded}"))
     device_map, map_doc = loaded if isinstance(loaded, tuple) else (DeviceMap(), main)
     # Each point keeps the file and path it came from, so problems point at its own line.
-    entries: list[tuple[Point, Document, Loc]] = [
+    from_map: list[tuple[Point, Document, Loc]] = [
         (p, map_doc, ("points", k)) for k, p in enumerate(device_map.points)
     ]
-    position = {point.name: k for k, (point, _, _) in enumerate(entries)}
-    own: set[str] = set()
-    for j, point in enumerate(device.points):
-        entry = (point, main, (*at, "points", j))
-        if point.name in own:
-            continue  # reported by Document.duplicate_names, from the raw data
-        if point.name in position:
-            entries[position[point.name]] = entry
-        else:
-            position[point.name] = len(entries)
-            entries.append(entry)
-        own.add(point.name)
+    own: list[tuple[Point, Document, Loc]] = [
+        (p, main, (*at, "points", j)) for j, p in enumerate(device.points)
+    ]
+    entries = merged(from_map, own, name=lambda entry: entry[0].name)
+    names = {point.name for point, _, _ in entries}
     link = links.get(device.link)
+    if device.map == SUNSPEC and isinstance(link, LineLink):
+        issues.append(main.issue((*at, "map"), (
+            f"map: sunspec reads a SunSpec model chain over Modbus; link {device.link!r} "
+            "is a serial line link (type: serial)")))
     if isinstance(link, LineLink):
         if device.response is None:
             issues.append(main.issue((*at, "response"), "required for a device on a serial link"))
@@ -249,7 +245,7 @@ def _complete(
                     f"named group {main.show((*at, 'response'), group)} matches no point",
                 )
                 for group in re.compile(device.response).groupindex
-                if group not in position
+                if group not in names
             ]
         issues += [
             doc.issue((*path, "writable"), "line instruments are read-only")
@@ -266,25 +262,58 @@ def _complete(
             for point, doc, path in entries
             if point.address is None
         ]
+    # Library maps' high addresses are the vendor's (Janitza's 19000s), and SunSpec maps'
+    # (and the own points of a `map: sunspec` device) the device's (the chain starts at 40000).
+    deliberate = (isinstance(link, LineLink) or device_map.sunspec_base is not None
+                  or device.map == SUNSPEC)
+    warnings = [] if deliberate else [
+        doc.issue((*path, "address"), message)
+        for point, doc, path in entries
+        if doc.file not in maps.library and (message := _modicon_warning(point)) is not None
+    ]
+    return with_map(device, device_map), issues, warnings
+
+
+def with_map(device: Device, device_map: DeviceMap) -> Device:
+    """`device` with the points of `device_map` merged in: the map's points in map order, the
+    device's own points of the same name replacing them in place, new ones appended; every
+    point's byte order set (its own, else the device's, else the map's, else ABCD); the map's
+    description, manufacturer and model where the device names none.
+
+    The loader merges a map file so; the daemon merges a `map: sunspec` device's chain so once
+    it is walked (bridge.sunspec_maps), into the device as loaded (its own points only).
+    """
     order = device.byte_order or device_map.byte_order or "ABCD"
     points = [
         point if point.byte_order else point.model_copy(update={"byte_order": order})
-        for point, _, _ in entries
+        for point in merged(device_map.points, device.points, name=lambda point: point.name)
     ]
     described = {
         key: getattr(device_map, key)
         for key in ("description", "manufacturer", "model")
         if getattr(device, key) is None
     }
-    # Library maps' high addresses are the vendor's (Janitza's 19000s), and SunSpec maps'
-    # the device's own (the chain starts at 40000).
-    deliberate = isinstance(link, LineLink) or device_map.sunspec_base is not None
-    warnings = [] if deliberate else [
-        doc.issue((*path, "address"), message)
-        for point, doc, path in entries
-        if doc.file not in maps.library and (message := _modicon_warning(point)) is not None
-    ]
-    return device.model_copy(update={"points": points, **described}), issues, warnings
+    return device.model_copy(update={"points": points, **described})
+
+
+def merged(base: Sequence[T], own: Sequence[T], *, name: Callable[[T], str]) -> list[T]:
+    """`base` with `own` merged in by `name`: same names replaced in place, new ones appended
+    in order; of two own items with one name the first counts (the second is reported by
+    Document.duplicate_names, from the raw data)."""
+    result = list(base)
+    position = {name(item): k for k, item in enumerate(result)}
+    seen: set[str] = set()
+    for item in own:
+        key = name(item)
+        if key in seen:
+            continue
+        seen.add(key)
+        if key in position:
+            result[position[key]] = item
+        else:
+            position[key] = len(result)
+            result.append(item)
+    return result
 
 
 # Modicon notation numbers holding registers from 40001 and input registers from 30001;

@@ -2,9 +2,9 @@
 (three-phase inverter), model 160 (two MPPT inputs) and the end marker, laid out from the
 model definitions (bridge.core.sunspec) as ordinary simulator points.
 
-A device with `map: sunspec` in a Config built in code (`simulate --sunspec`, the tests) is
-served as this chain; config files cannot say it yet (the loader refuses it until the daemon
-maps such a device when it starts). Every point the values below leave out holds its "not
+A device with `map: sunspec` (in a config file under `simulate -c`, `simulate --sunspec`, the
+tests) is served as this chain, its own points after it; the daemon maps such a device when
+it starts (bridge.sunspec_maps). Every point the values below leave out holds its "not
 implemented" value, as on a real inverter, so a mapper must skip it.
 """
 
