@@ -76,8 +76,8 @@ def chain_map(chain: Chain, origin: str) -> DeviceMap:
 
 
 def read_cache(path: Path, origin: str) -> DeviceMap | str | None:
-    """The map cached at `path` if it was walked from `origin`; None if there is none (or it
-    is another device's); why it cannot be used, if it is unreadable."""
+    """The map cached at `path` if it was walked from `origin`; None if there is none; why it
+    cannot be used, if it is unreadable or another device's (the config moved it)."""
     try:
         with path.open("rb") as file:
             data = file.read(MAX_CACHE_BYTES + 1)
@@ -92,7 +92,7 @@ def read_cache(path: Path, origin: str) -> DeviceMap | str | None:
     except (yaml.YAMLError, ValidationError, UnicodeDecodeError) as exc:
         return f"not a map: {str(exc).splitlines()[0]}"
     if not (cached.source or "").startswith(f"{origin} "):
-        return None
+        return f"not walked from this device (the {origin})"
     return cached
 
 
@@ -127,6 +127,7 @@ class SunSpecMaps:
     def __init__(self) -> None:
         self.maps: dict[str, DeviceMap] = {}
         self._origins: dict[str, str] = {}  # what each map was walked from
+        self._read: set[tuple[str, str]] = set()  # caches looked at: (device, origin)
 
     def update(self, config: Config) -> None:
         """Keep the maps of `config`'s SunSpec devices still on the same unit and link; forget
@@ -143,7 +144,7 @@ class SunSpecMaps:
         self.update(config)
         for device in config.devices:
             if is_sunspec(device) and device.name not in self.maps:
-                cached = _cached(config, device)
+                cached = self._cached(config, device)
                 if cached is not None:
                     self.maps[device.name] = cached
 
@@ -156,6 +157,22 @@ class SunSpecMaps:
             if not is_sunspec(d) or d.name in self.maps
         ]
         return config.model_copy(update={"devices": devices})
+
+    def _cached(self, config: Config, device: Device) -> DeviceMap | None:
+        """`device`'s cached map, if it has a usable one; an unusable one is logged (once:
+        each cache is looked at once for the device and link it is for)."""
+        origin = walked_from(config, device)
+        self._read.add((device.name, origin))
+        path = cache_path(config.gateway.state_dir, device.name)
+        cached = read_cache(path, origin)
+        if isinstance(cached, str):
+            log.warning("sunspec map cache not used", device=device.name, path=str(path),
+                        error=cached)
+            return None
+        if cached is not None:
+            log.info("sunspec device mapped from its cache", device=device.name,
+                     points=len(cached.points), path=str(path))
+        return cached
 
     async def resolve(
         self,
@@ -171,8 +188,8 @@ class SunSpecMaps:
 
         Before the first walk, a device with no map yet gets its cached one, if any."""
         origin = walked_from(config, device)
-        if device.name not in self.maps:  # added by a reload, or no cache at start-up
-            cached = await asyncio.to_thread(_cached, config, device)
+        if device.name not in self.maps and (device.name, origin) not in self._read:
+            cached = await asyncio.to_thread(self._cached, config, device)  # added by a reload
             if cached is not None:
                 self.maps[device.name] = cached
                 apply()
@@ -216,17 +233,3 @@ class SunSpecMaps:
                 if failures == device.offline_after and device.name not in self.maps:
                     set_status(device.name, False)  # nothing polls it to say so
             await asyncio.sleep(backoff(failures, first=device.interval, cap=BACKOFF_CAP))
-
-
-def _cached(config: Config, device: Device) -> DeviceMap | None:
-    """`device`'s cached map, if it has a usable one; an unusable one is logged."""
-    path = cache_path(config.gateway.state_dir, device.name)
-    cached = read_cache(path, walked_from(config, device))
-    if isinstance(cached, str):
-        log.warning("sunspec map cache not used", device=device.name, path=str(path),
-                    error=cached)
-        return None
-    if cached is not None:
-        log.info("sunspec device mapped from its cache", device=device.name,
-                 points=len(cached.points), path=str(path))
-    return cached

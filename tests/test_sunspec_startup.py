@@ -123,7 +123,10 @@ def test_the_cache_round_trips_and_is_only_used_for_the_same_unit_and_link(
     device = config.device("inverter")
     assert read_cache(path, walked_from(config, device)) == _mapped()
     moved = load_config(_write(tmp_path / "bridge.yaml", _doc(2)))
-    assert read_cache(path, walked_from(moved, moved.device("inverter"))) is None
+    assert read_cache(path, walked_from(moved, moved.device("inverter"))) == (
+        "not walked from this device (the SunSpec model chain of unit 1 on "
+        "tcp://127.0.0.1:2)")
+    assert read_cache(tmp_path / "none.yaml", walked_from(config, device)) is None
     # A copy is a map file like `m2m-bridge sunspec --write` makes.
     assert DeviceMap.model_validate(yaml.safe_load(path.read_text())).sunspec_base == 40000
 
@@ -177,6 +180,26 @@ def test_a_service_without_a_map_keeps_the_link_and_adds_the_device_once_mapped(
         assert service.pollers == {}
 
 
+def test_sparkplug_metrics_follow_a_mapping(tmp_path: Path) -> None:
+    """A device mapped after start gets its metrics and aliases as a reload would add them;
+    the other devices' aliases stay."""
+    doc = _doc(1, mqtt={"format": "sparkplug", "sparkplug": {"group_id": "plant"}})
+    doc["devices"].append({"name": "meter", "link": "inv", "unit": 2,
+                           "points": [{"name": "volts", "address": 0}]})
+    with _service(load_config(_write(tmp_path / "bridge.yaml", doc))) as service:
+        assert service.metrics is not None
+        assert list(service.metrics.devices) == ["meter"]
+        volts = service.metrics.table
+        service.sunspec.maps["inverter"] = _mapped()
+        assert service._remap() == ["device inverter added"]
+        inverter = service.metrics.device("inverter")
+        assert inverter is not None
+        assert {m.name for m in inverter.metrics} >= {"m103_Hz", "common_id"}
+        assert set(volts) <= set(service.metrics.table)  # the meter's alias kept
+        assert min(m.alias for m in inverter.metrics) > max(a for *_, a, _ in volts)
+        assert service.node is not None
+
+
 # --- the daemon, against the simulated inverter --------------------------------------------
 
 
@@ -211,9 +234,15 @@ async def test_the_daemon_maps_a_sunspec_device_at_start_and_caches_its_map(
         assert mapped[0]["models"] == [1, 103, 160]
         assert mapped[0]["points"] == len(_mapped().points)
         assert mapped[0]["changes"] == ["device inverter added"]
-    cache = tmp_path / "state" / "sunspec" / "inverter.yaml"
-    points = {p["name"]: p for p in yaml.safe_load(cache.read_text())["points"]}
-    assert points["m103_Hz"]["scale"] == 0.01
+        cache = tmp_path / "state" / "sunspec" / "inverter.yaml"
+        points = {p["name"]: p for p in yaml.safe_load(cache.read_text())["points"]}
+        assert points["m103_Hz"]["scale"] == 0.01
+        # SIGHUP walks it again (a firmware update may have changed its scale factors).
+        daemon.signal(signal.SIGHUP)
+        await until(lambda: len(_log_events(daemon.events(), "sunspec device mapped")) == 2,
+                    what=daemon.output)
+        assert _log_events(daemon.events(), "sunspec device mapped")[1]["changes"] == [
+            "map unchanged"]
 
 
 @pytest.mark.integration
