@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from bridge import __version__
 from bridge.errors import BridgeError, ConfigError, UsageError
@@ -226,6 +226,28 @@ def _commissioning_args(command: Callable[[str, str, str], argparse.ArgumentPars
     sunspec.add_argument("-o", "--write", type=Path, default=None, metavar="FILE",
                          help="write the map as YAML, for a device's `map: FILE`")
 
+    discover = command(
+        "discover", "scan a link and recognise each unit that answers (FC43 identification, "
+        "SunSpec, the device library by maker and model or by register signature): a starter "
+        "config that validates, with a comment per device on how it was recognised and what "
+        "to check by hand",
+        "m2m-bridge discover 'rtu:///dev/ttyUSB0?baudrate=9600' --units 1-20 -o bridge.yaml\n"
+        "         m2m-bridge discover tcp://192.168.1.20 --units 1-10 --json",
+    )
+    discover.add_argument("url", help="link URL (tcp://host[:port], rtu:///dev/ttyUSB0?…)")
+    discover.add_argument("--units", default="1-247", metavar="LIST",
+                          help="unit ids and ranges, e.g. 1-10,20,30-32 (default 1-247)")
+    discover.add_argument("--timeout", type=argtypes.duration, default=0.2, metavar="T",
+                          help="the scan's wait for each unit, e.g. 100ms (default 200ms); the "
+                               "questions to units that answered wait at least 1s")
+    discover.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
+                          help="write the config here (SunSpec maps go to maps/ beside it); "
+                               "default: print it, with the table on stderr")
+    discover.add_argument("--force", action="store_true", help="overwrite an existing -o FILE")
+    discover.add_argument("--json", action="store_true",
+                          help='print JSON: [{"unit", "identity", "match", "how", "map", …}]; '
+                               "the config only with -o")
+
 
 def _device_args(parser: argparse.ArgumentParser, *, tables: list[str]) -> None:
     """The arguments `read` and `write` share: where the device is and how to decode."""
@@ -358,10 +380,11 @@ def _cell(value: Value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _table(rows: Sequence[Sequence[str]]) -> None:
+def _table(rows: Sequence[Sequence[str]], file: TextIO | None = None) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(),
+              file=file or sys.stdout)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -507,6 +530,53 @@ def _cmd_sunspec(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_discover(args: argparse.Namespace) -> int:
+    import asyncio
+    import shlex
+
+    from bridge.tools.discover import discover
+    from bridge.tools.scan import parse_units, progress_bar
+    from bridge.tools.starter import save, starter_config, write_sunspec_maps
+
+    units = parse_units(args.units)
+    if args.output is not None and args.output.exists() and not args.force:
+        return _fail(f"-o {args.output}: the file exists (--force overwrites it)", EXIT_USAGE)
+    bar = progress_bar(len(units))
+    try:
+        found = asyncio.run(discover(args.url, units=units, timeout=args.timeout,
+                                     progress=None if bar is None else lambda *_: bar.update()))
+    finally:
+        if bar is not None:
+            bar.close()
+    if not found.found:
+        if args.json:
+            print("[]")
+        return _fail(f"no unit answered ({found.probed} asked in {found.seconds:.1f}s)")
+    if args.output is not None or not args.json:
+        write_sunspec_maps(found, Path() if args.output is None else args.output.parent)
+        command = f"m2m-bridge discover {shlex.quote(args.url)} --units {args.units}"
+        text = starter_config(found, command=command)
+        if args.output is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()  # before the table on stderr, when both go to a terminal
+        else:
+            save(args.output, text)
+    if args.json:
+        print(json.dumps([f.as_json() for f in found.found], ensure_ascii=False))
+    else:
+        _table([("unit", "answer", "identified as", "how", "map"),
+                *(f.row() for f in found.found)],
+               file=sys.stderr if args.output is None else sys.stdout)
+    recognised = sum(1 for f in found.found if f.match is not None)
+    summary = (f"{len(found.found)} of {found.probed} units answered, {recognised} recognised, "
+               f"in {found.seconds:.1f}s")
+    if args.output is not None:
+        summary += f"; {args.output} written: check the comment above each device"
+    if not args.json or args.output is not None:
+        print(summary, file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_maps(args: argparse.Namespace) -> int:
     from bridge.tools.maps import POINT_COLUMNS, library, library_map, map_json, point_rows
 
@@ -560,4 +630,5 @@ _COMMANDS = {
     "probe": _cmd_probe,
     "maps": _cmd_maps,
     "sunspec": _cmd_sunspec,
+    "discover": _cmd_discover,
 }

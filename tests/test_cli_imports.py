@@ -72,6 +72,7 @@ async def device(tmp_path: Path) -> AsyncIterator[int]:
     ("--version",),
     ("read", "--help"),
     ("scan", "--help"),
+    ("discover", "--help"),
 ])
 def test_help_loads_no_runtime(args: tuple[str, ...], listing: dict[str, str]) -> None:
     """Help and version load neither the config models nor any I/O library, nor logging."""

@@ -202,6 +202,24 @@ class Point(_Model):
         return value
 
 
+class SignatureCheck(_Model):
+    """One point of a map and the range its value (scaled, in the point's unit) lies in on the
+    real device: how `m2m-bridge discover` tells the device from its registers when it does
+    not say what it is (no FC43)."""
+
+    point: Name
+    min: float
+    max: float
+
+    @field_validator("max")
+    @classmethod
+    def _not_below_min(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("min")
+        if low is not None and low > value:
+            raise ValueError(f"max {value:g} is below min {low:g}")
+        return value
+
+
 class DeviceMap(_Model):
     """A reusable register map file: points many devices share (with their own unit ids)."""
 
@@ -219,6 +237,26 @@ class DeviceMap(_Model):
     )
     byte_order: ByteOrder | None = None
     points: list[Point] = []  # noqa: RUF012 - pydantic copies defaults
+    # After `points`, so the check below sees them.
+    signature: list[SignatureCheck] = Field(
+        default=[], description="points and value ranges that recognise this device without "
+        "FC43 (m2m-bridge discover)",
+    )
+
+    @field_validator("signature")
+    @classmethod
+    def _numeric_points_of_this_map(
+        cls, value: list[SignatureCheck], info: ValidationInfo
+    ) -> list[SignatureCheck]:
+        points = {p.name: p for p in info.data.get("points", [])}
+        for check in value:
+            point = points.get(check.point)
+            if point is None:
+                raise ValueError(f"{check.point!r} is not a point of this map")
+            if point.type in ("bool", "string") or point.bit is not None:  # bits are bool
+                raise ValueError(f"{check.point!r} is not a number: a signature checks a "
+                                 "register value against a range")
+        return value
 
 
 class Device(_Model):

@@ -69,7 +69,7 @@ class Identity:
         return rows
 
 
-def _text(data: bytes) -> str:
+def object_text(data: bytes) -> str:
     """Object bytes as text: the spec says ASCII; anything else shows as \\xNN."""
     return data.decode("ascii", errors="backslashreplace").rstrip("\x00 ")
 
@@ -117,7 +117,8 @@ async def identify(url: str, *, unit: int, timeout: float) -> Identity:  # noqa:
         if ident is not None:
             found.category = _CATEGORIES.get(ident.read_code)
             found.conformity = ident.conformity
-            found.objects = {object_name(k): _text(v) for k, v in sorted(ident.objects.items())}
+            found.objects = {object_name(k): object_text(v)
+                             for k, v in sorted(ident.objects.items())}
         server = await _ask(report_server_id(link, unit), "FC17", found, silent)
         if server is not None:
             found.server_id = server.data.hex(" ")
