@@ -208,7 +208,7 @@ class SunSpecMaps:
             changes = apply()
         log.info("sunspec device mapped", device=device.name, base=chain.base,
                  models=[m.id for m in chain.models], points=len(found.points),
-                 changes=changes or ["map unchanged"])
+                 changes=changes or ["map unchanged" if found == known else "nothing to restart"])
 
     async def _walk(
         self, config: Config, device: Device, link: Link, set_status: Callable[[str, bool], None]
