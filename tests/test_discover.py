@@ -219,7 +219,9 @@ async def test_discover_tcp_writes_a_config_that_validates_and_reads(
     config.parent.mkdir()
     r = await cli("discover", tcp, "--units", "1-5", "-o", str(config), "--json")
     assert r.returncode == 0, r.stderr
-    assert_found(json.loads(r.stdout), [1, 2, 3, 4])
+    found = json.loads(r.stdout)
+    assert_found(found, [1, 2, 3, 4])
+    assert any(f"m2m-bridge probe {tcp} --unit 4 --table input" in c for c in found[3]["check"])
     assert "4 of 5 units answered, 3 recognised" in r.stderr
     assert (tmp_path / "site" / "maps" / "inverter-3-sunspec.yaml").is_file()
     text = config.read_text()

@@ -17,6 +17,7 @@ device that does not support FC43 often refuses it by silence.
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from bridge.core.recognition import (
     match_identity,
     vendor_maps,
 )
-from bridge.core.sunspec import Chain, SunSpecError
+from bridge.core.sunspec import Chain, NotSunSpec, SunSpecError
 from bridge.errors import DeviceError
 from bridge.tools.identify import object_text
 from bridge.tools.oneshot import parse_url
@@ -110,13 +111,15 @@ async def discover(
     quiet = silence(endpoint.baudrate) if endpoint.is_serial else 0.0
     link = Link(ModbusClient(endpoint, backoff_cap=0), silence=quiet)
     try:
-        found = [await _recognise(link, answer, library) for answer in scanned.found]
+        found = [await _recognise(link, url, answer, library) for answer in scanned.found]
     finally:
         link.close()
     return Discovery(url, found, scanned.probed, time.monotonic() - started)
 
 
-async def _recognise(link: Link, answer: Answer, library: Sequence[LibraryDevice]) -> Found:
+async def _recognise(
+    link: Link, url: str, answer: Answer, library: Sequence[LibraryDevice]
+) -> Found:
     found = Found(answer.unit, answer.answer)
     await _identify(link, found)
     maker = " ".join(filter(None, ((found.identity or {}).get("VendorName"),
@@ -142,9 +145,10 @@ async def _recognise(link: Link, answer: Answer, library: Sequence[LibraryDevice
         found.check.append(f"the library's maps of this maker ({', '.join(known)}) do not "
                            "name this model")
     found.check += [
-        "the device's manual for its registers: `m2m-bridge probe URL --unit "
-        f"{answer.unit} --table input --address 0 --expect LOW..HIGH` shows which type and "
-        "byte order they hold; then add points here, or a map file",
+        "the device's manual for its registers: `m2m-bridge probe "
+        f"{shlex.quote(url)} --unit {answer.unit} --table input --address 0 --expect "
+        "LOW..HIGH` shows which type and byte order they hold; then add points here, or a "
+        "map file",
     ]
     return found
 
@@ -174,9 +178,10 @@ async def _sunspec(link: Link, found: Found) -> Chain | None:
     """The unit's SunSpec chain, or None (not SunSpec; a broken chain is noted for the user)."""
     try:
         return await read_chain(link, found.unit)
-    except SunSpecError as exc:
-        if "marker" not in str(exc):
-            found.check.append(f"a SunSpec marker, but {exc}")
+    except NotSunSpec:
+        return None
+    except SunSpecError as exc:  # the marker, then a chain that does not hold up
+        found.check.append(f"a SunSpec marker, but {exc}")
         return None
     except (NoResponse, DeviceError):
         return None  # silent or garbled where the marker would be: not one to walk
