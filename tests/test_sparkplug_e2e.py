@@ -361,8 +361,9 @@ async def test_primary_host_offline_and_online(
                               metrics_port=metrics_port)
         async with recording(broker.port, f"{NS}/#") as rec:
             daemon = start(daemons, config)
-            await until(lambda: bool(log_events(daemon, "sparkplug: waiting for the primary host")),
-                        what="the node waiting for the host")
+            await until(lambda: daemon.running()
+                        and bool(log_events(daemon, "sparkplug: waiting for the primary host")),
+                        what=lambda: f"the node waiting for the host; its log:\n{daemon.output()}")
             await until(lambda: bool(log_events(daemon, "device online")), what="polling")
             assert not rec.payloads(NBIRTH)
             t0 = ps.get_current_timestamp()
