@@ -225,6 +225,10 @@ def _commissioning_args(command: Callable[[str, str, str], argparse.ArgumentPars
                          help='print JSON: {"base", "models", "points" (with values), "map"}')
     sunspec.add_argument("-o", "--write", type=Path, default=None, metavar="FILE",
                          help="write the map as YAML, for a device's `map: FILE`")
+    sunspec.add_argument("--baked-scale", action="store_true",
+                         help="multiply the scale factors read now into each point's `scale` "
+                         "(default: keep the *_SF registers as points and read them with "
+                         "every poll, `scale_from:`, right also when the device changes them)")
 
     discover = command(
         "discover", "scan a link and recognise each unit that answers (FC43 identification, "
@@ -515,11 +519,15 @@ def _cmd_sunspec(args: argparse.Namespace) -> int:
     source = source_text(args.url, args.unit, chain)
     if args.write is not None:
         command = f"m2m-bridge sunspec {args.url} --unit {args.unit}"
-        written = write_map(args.write, chain, source=source, command=command)
+        if args.baked_scale:
+            command += " --baked-scale"
+        written = write_map(args.write, chain, source=source, command=command,
+                            baked=args.baked_scale)
         print(f"{args.write}: a map of {written} points (a device uses it with "
               f"map: {args.write})", file=sys.stderr)
     if args.json:
-        print(json.dumps(chain_json(chain, source=source), ensure_ascii=False))
+        print(json.dumps(chain_json(chain, source=source, baked=args.baked_scale),
+                         ensure_ascii=False))
         return EXIT_OK
     maker = " ".join(filter(None, (chain.common("Mn"), chain.common("Md"))))
     print(f"SunSpec device at {chain.base}: {maker or '(no common model)'}")

@@ -36,9 +36,9 @@ import structlog
 from bridge.config import Device, MqttSettings, Point
 from bridge.core.codec import Table, Value
 from bridge.core.messages import Message
-from bridge.core.normalize import BadValue, engineering
 from bridge.core.outbox import Outbox
 from bridge.core.planner import Barrier, PollGroup, ReadRequest, plan_device, request_for
+from bridge.core.scalefactors import LiveScales, normalize_all
 from bridge.device import DeviceStats, DeviceStatus, poll_on_grid
 from bridge.errors import BridgeError, DeviceError
 from bridge.health import Activity
@@ -72,6 +72,9 @@ class DevicePoller:
         worst = sum(len(g.requests) for g in self.plan) * (link.timeout + 1.0)
         self.activity = Activity(f"device {device.name}", 10.0 + 2 * worst)
         self._outbox = Outbox(device, mqtt)
+        # Devices with no `scale_from` point take the plain loop: nothing extra per value.
+        live = LiveScales.of(device.points)
+        self._normalize = normalize_all if live is None else live.normalize_all
         self._backoff = 0  # unsuccessful polls in a row (busy ones too), for the back-off
         self._log = log.bind(device=device.name)
         self.status = DeviceStatus(device, set_status, self._outbox, self._log)
@@ -111,6 +114,7 @@ class DevicePoller:
         ts = time.time_ns() // 1_000_000
         now = time.monotonic()
         values: dict[str, Value] = {}
+        readings: list[tuple[Point, Value]] = []
         error: BridgeError | None = None
         busy_only = True
         if self._learned_at and now - self._learned_at > REPROBE_AFTER:
@@ -133,13 +137,11 @@ class DevicePoller:
                 if exc.link_down:
                     break  # the link is down: the rest of the cycle would fail the same way
                 continue
-            for point, value in raw:
-                try:
-                    values[point.name] = engineering(point, value)
-                except BadValue:
-                    self.stats.bad_values += 1
+            readings += raw
             if error is not None and error.link_down:
                 break  # the link went down during a refusal search
+        # After every request: a value's scale factor may be read by a later one.
+        self.stats.bad_values += self._normalize(readings, values)
         if self._points and self.refused >= self._points:
             # It answers, but serves nothing: `offline` says so on the status topic and in
             # m2m_device_up, and its offline line is the one line about it.

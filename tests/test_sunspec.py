@@ -201,23 +201,40 @@ def simulated_words(unit: int = 1) -> dict[int, int]:
 
 
 class TestTheMap:
-    def test_the_map_keeps_implemented_points_with_their_scale(self) -> None:
+    def test_the_map_keeps_implemented_points_scaled_from_their_factor_points(self) -> None:
+        """Scale factors are points of the map, read live: each scaled point names its own
+        (a module of model 160 the model's), with no `scale` baked in."""
         device_map = walk(simulated_words(7)).device_map(source="test")
         points = {p.name: p for p in device_map.points}
         assert (device_map.manufacturer, device_map.model) == (MANUFACTURER, MODEL)
         assert device_map.sunspec_base == 40000
         amps = points["m103_A"]
-        assert (amps.address, amps.type, amps.scale, amps.precision, amps.unit) == (
-            40072, "uint16", 0.01, 2, "A")
-        assert points["m103_W"].scale == 1
+        assert (amps.address, amps.type, amps.scale, amps.precision, amps.unit,
+                amps.scale_from) == (40072, "uint16", 1, None, "A", "m103_A_SF")
+        assert (points["m103_A_SF"].address, points["m103_A_SF"].type) == (40076, "int16")
+        assert points["m103_W"].scale_from == "m103_W_SF"
+        assert points["m160_module2_DCA"].scale_from == "m160_DCA_SF"
+        assert all(p.scale == 1 for p in device_map.points)
         assert points["m103_TmpCab"].unit == "°C"
         assert points["m103_St"].values is not None
         assert points["m103_St"].values[4] == "MPPT"
+        assert points["m103_St"].scale_from is None
         assert points["m1_SN"].count == 16
-        assert not [n for n in points if n.endswith("_SF")]  # baked into scale
         assert "m103_TmpSnk" not in points  # not implemented
         assert "m103_ID" not in points
         assert "m160_module1_Tms" not in points
+
+    def test_a_baked_map_multiplies_the_factors_read_into_scale(self) -> None:
+        device_map = walk(simulated_words(7)).device_map(source="test", baked=True)
+        points = {p.name: p for p in device_map.points}
+        amps = points["m103_A"]
+        assert (amps.address, amps.type, amps.scale, amps.precision, amps.unit,
+                amps.scale_from) == (40072, "uint16", 0.01, 2, "A", None)
+        assert points["m103_W"].scale == 1
+        assert not [n for n in points if n.endswith("_SF")]  # baked into scale
+        live = walk(simulated_words(7)).device_map(source="test")
+        assert {p.name for p in device_map.points} == {
+            p.name for p in live.points if not p.name.endswith("_SF")}
 
     def test_a_written_map_loads_without_modicon_warnings(self, tmp_path: Path) -> None:
         device_map = walk(simulated_words()).device_map(source="test")

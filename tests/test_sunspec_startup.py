@@ -8,6 +8,7 @@ the daemon as a process against the simulated inverter (bridge.sim.sunspec) and 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -105,7 +106,7 @@ def test_the_walked_map_runs_under_the_devices_own_points(tmp_path: Path) -> Non
     maps.maps["inverter"] = _mapped()
     device = maps.effective(config).device("inverter")
     points = {p.name: p for p in device.points}
-    assert points["m103_Hz"].scale == 0.01
+    assert points["m103_Hz"].scale_from == "m103_Hz_SF"  # the factor read with it, live
     assert points["m103_PhVphA"].scale == 1  # the device's own, in the map's place
     assert points["m103_PhVphA"].unit == "dV"
     assert [p.name for p in device.points][-1] == "common_id"  # appended
@@ -221,7 +222,7 @@ async def test_the_daemon_maps_a_sunspec_device_at_start_and_caches_its_map(
 ) -> None:
     port = free_port()
     path = _config(tmp_path, broker, port)
-    async with simulated(sunspec_config(unit=1, host="127.0.0.1", port=port)), \
+    async with simulated(sunspec_config(unit=1, host="127.0.0.1", port=port)) as sim, \
             recording(broker.port, "t/#") as seen:
         daemon = daemons.start(path)
         await seen.wait_for(lambda: _readings(seen, "m103_Hz") and _readings(seen, "common_id"))
@@ -236,13 +237,23 @@ async def test_the_daemon_maps_a_sunspec_device_at_start_and_caches_its_map(
         assert mapped[0]["changes"] == ["device inverter added"]
         cache = tmp_path / "state" / "sunspec" / "inverter.yaml"
         points = {p["name"]: p for p in yaml.safe_load(cache.read_text())["points"]}
-        assert points["m103_Hz"]["scale"] == 0.01
+        assert points["m103_Hz"]["scale_from"] == "m103_Hz_SF"
         # SIGHUP walks it again (a firmware update may have changed its scale factors).
         daemon.signal(signal.SIGHUP)
         await until(lambda: len(_log_events(daemon.events(), "sunspec device mapped")) == 2,
                     what=daemon.output)
         assert _log_events(daemon.events(), "sunspec device mapped")[1]["changes"] == [
             "map unchanged"]
+        # The inverter changes a scale factor at run time (SolarEdge does): the same register
+        # (5001) now publishes 5.001, its factor read with it at every poll.
+        sim.set_value("inverter", "m103_Hz_SF", -3)
+        await seen.wait_for(lambda: _readings(seen, "m103_Hz")[-1] == 5.001)
+        sim.set_value("inverter", "m103_Hz_SF", -0x8000)  # not implemented: no value, no crash
+        await asyncio.sleep(0.5)  # a poll already under way may still read the old factor
+        hertz, watts = len(_readings(seen, "m103_Hz")), len(_readings(seen, "m103_W"))
+        await seen.wait_for(lambda: len(_readings(seen, "m103_W")) > watts + 2)
+        assert len(_readings(seen, "m103_Hz")) == hertz
+        assert daemon.running()
 
 
 @pytest.mark.integration

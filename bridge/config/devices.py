@@ -8,6 +8,7 @@ bridge.config.loader.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -107,6 +108,12 @@ class Point(_Model):
     writable: bool = False
     min: float | None = None
     max: float | None = None
+    # SunSpec's sunssf: value = raw * 10**(that point's raw value) * scale + offset, the
+    # exponent read in the same poll (bridge.core.scalefactors). After the fields it excludes.
+    scale_from: Name | None = Field(
+        default=None, description="an int16 point of this device holding a power-of-ten "
+        "exponent read live (SunSpec scale factor): value = raw * 10**exponent * scale + offset",
+    )
     simulate: SimHint | None = None
     ha: HaHints | None = None  # used with mqtt.homeassistant
 
@@ -201,6 +208,48 @@ class Point(_Model):
             raise ValueError(f"max {value:g} is below min {low:g}")
         return value
 
+    @field_validator("scale_from")
+    @classmethod
+    def _a_number_read_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        type_ = info.data.get("type")
+        if type_ in ("bool", "string") or info.data.get("bit") is not None:
+            kind = type_ if type_ == "string" else "bit"
+            raise ValueError(f"only numbers are scaled, not a {kind}")
+        if info.data.get("values") is not None:
+            raise ValueError("an enum (values) names raw codes: it is not scaled")
+        if info.data.get("writable"):
+            # The factor may change between the read it came from and the write: a write
+            # could land 10x off. Read-only until writes can be fenced by a fresh read.
+            raise ValueError("a point scaled from a live factor cannot be writable")
+        if value == info.data.get("name"):
+            raise ValueError("a point cannot be scaled from itself")
+        return value
+
+
+def scale_from_problems(points: Sequence[Point]) -> list[tuple[int, str]]:
+    """(index, message) for each point whose `scale_from` cannot be read live: it must name
+    another point of the same device (after its map is merged), an int16 register (SunSpec's
+    sunssf), one not itself scaled from another (a factor is a raw exponent, never chained)."""
+    by_name = {p.name: p for p in points}
+    problems: list[tuple[int, str]] = []
+    for index, point in enumerate(points):
+        name = point.scale_from
+        if name is None:
+            continue
+        source = by_name.get(name)
+        if source is None:
+            problems.append((index, f"no point {name!r} in this device"))
+        elif source.type != "int16" or source.bit is not None:
+            kind = "a bit" if source.bit is not None else source.type
+            problems.append((index, f"{name!r} is {kind}: a scale factor is an int16 register "
+                                    "(SunSpec sunssf)"))
+        elif source.scale_from is not None:
+            problems.append((index, f"{name!r} is itself scaled from {source.scale_from!r}: "
+                                    "scale factors do not chain"))
+    return problems
+
 
 class SignatureCheck(_Model):
     """One point of a map and the range its value (scaled, in the point's unit) lies in on the
@@ -256,6 +305,9 @@ class DeviceMap(_Model):
             if point.type in ("bool", "string") or point.bit is not None:  # bits are bool
                 raise ValueError(f"{check.point!r} is not a number: a signature checks a "
                                  "register value against a range")
+            if point.scale_from is not None:
+                raise ValueError(f"{check.point!r} is scaled from {point.scale_from!r}, read "
+                                 "live: a signature checks a register against a fixed range")
         return value
 
 

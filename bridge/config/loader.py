@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
+from bridge.config.devices import scale_from_problems
 from bridge.config.library import PREFIX as LIBRARY
 from bridge.config.library import SUNSPEC, library_path, unknown_map
 from bridge.config.model import (
@@ -252,6 +253,12 @@ def _complete(
             for point, doc, path in entries
             if point.writable
         ]
+        issues += [
+            doc.issue((*path, "scale_from"), "only for Modbus registers (a line instrument's "
+                      "values are parsed text)")
+            for point, doc, path in entries
+            if point.scale_from is not None
+        ]
     elif link is not None:
         if device.response is not None:
             issues.append(
@@ -261,6 +268,13 @@ def _complete(
             doc.issue((*path, "address"), "required for points on a Modbus link")
             for point, doc, path in entries
             if point.address is None
+        ]
+    if device.map != SUNSPEC and not isinstance(link, LineLink):
+        # A `map: sunspec` device's own points may name the chain's, known once it is walked
+        # (bridge.sunspec_maps checks them then).
+        issues += [
+            entries[index][1].issue((*entries[index][2], "scale_from"), message)
+            for index, message in scale_from_problems([point for point, _, _ in entries])
         ]
     # Library maps' high addresses are the vendor's (Janitza's 19000s), and SunSpec maps'
     # (and the own points of a `map: sunspec` device) the device's (the chain starts at 40000).

@@ -52,7 +52,7 @@ def engineering(point: Scaled, raw: Value) -> Value:
         if precision is None and isinstance(raw, int):
             # 215 * 0.1 is 21.500000000000004 in binary floating point; an integer register
             # scaled by 0.1 carries one decimal, so that is what we publish.
-            precision = max(_decimals(point.scale), _decimals(point.offset))
+            precision = max(decimals(point.scale), decimals(point.offset))
     if isinstance(value, float):
         if not math.isfinite(value):
             raise BadValue(f"{value} is not a finite number")
@@ -64,7 +64,7 @@ def engineering(point: Scaled, raw: Value) -> Value:
 
 
 @functools.lru_cache(maxsize=256)
-def _decimals(number: float) -> int:
+def decimals(number: float) -> int:
     """Decimal places `number` is written with: 0.1 -> 1, 0.025 -> 3, 10 -> 0."""
     exponent = decimal.Decimal(repr(number)).normalize().as_tuple().exponent
     return max(0, -exponent) if isinstance(exponent, int) else 0

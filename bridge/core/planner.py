@@ -89,19 +89,42 @@ def plan_device(
     max_bits: int = MAX_READ_BITS,
     barriers: Iterable[Barrier] = (),
 ) -> tuple[PollGroup, ...]:
-    """Poll groups for one device, fastest interval first; no block crosses a barrier."""
+    """Poll groups for one device, fastest interval first; no block crosses a barrier.
+
+    A point scaled from a factor read live (`scale_from`) has the factor's point read in its
+    own poll group too: the factor that scales a value is the one read with it, whatever the
+    two points' intervals (a factor in two groups is read, and published, in both)."""
     groups: dict[tuple[float, Table], list[Point]] = {}
+    scaled: list[tuple[float, str]] = []
     for point in points:
         if point.address is None:
             continue  # line-instrument points have no registers
         every = point.interval if point.interval is not None else interval
         groups.setdefault((every, point.table), []).append(point)
+        if point.scale_from is not None:
+            scaled.append((every, point.scale_from))
+    if scaled:
+        _with_factors(groups, scaled)
     by_interval: dict[float, list[ReadRequest]] = {}
     for (every, table), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         limit = max_bits if table in BIT_TABLES else max_registers
         fences = [b for b in barriers if b.table == table]
         by_interval.setdefault(every, []).extend(_blocks(table, members, limit, max_gap, fences))
     return tuple(PollGroup(every, tuple(reqs)) for every, reqs in sorted(by_interval.items()))
+
+
+def _with_factors(groups: dict[tuple[float, Table], list[Point]],
+                  scaled: Iterable[tuple[float, str]]) -> None:
+    """Add each factor point to the poll groups (by interval) of the points scaled from it."""
+    by_name = {p.name: (every, p) for (every, _), members in groups.items() for p in members}
+    for every, name in scaled:
+        found = by_name.get(name)
+        if found is None or found[0] == every:
+            continue  # not a register point of this device (the config says so); or there
+        factor = found[1]
+        members = groups.setdefault((every, factor.table), [])
+        if factor not in members:
+            members.append(factor)
 
 
 def _blocks(

@@ -109,12 +109,16 @@ def datatype(point: Point) -> int:
 
     The register type's own, except: an enum (`values`) is a String carrying the state's name,
     a bit or coil is a Boolean, and an integer with a scale or offset is a Double. A float32
-    stays Float whatever its scale: its precision is the register's.
+    stays Float whatever its scale: its precision is the register's. A point scaled from a
+    factor read live (`scale_from`) is a Double: the factor, and so the value's kind, may
+    change at any poll, and a metric's datatype is fixed by its birth.
     """
     if point.values is not None:
         return pb.String
     if point.table in BIT_TABLES:
         return pb.Boolean
+    if point.scale_from is not None:
+        return pb.Double
     if point.type in _INTEGER_TYPES and (point.scale != 1 or point.offset != 0):
         return pb.Double
     return _BY_TYPE[point.type]

@@ -14,8 +14,11 @@ The model definitions are pysunspec2's JSON files (Apache-2.0, SunSpec Alliance)
 installed package as data; its blocking client is never imported.
 
 Scale factors: a point's `sf` names a `sunssf` point of its model (an int16 power-of-ten
-exponent), or is a fixed exponent. They are read once, when the chain is walked, and baked into
-the map as `scale: 10**sf`: a device whose scale factors change later needs a re-map. Values a
+exponent), or is a fixed exponent. The map keeps the sunssf points as points and has each
+point scaled from one say so (`scale_from: m103_W_SF`): the bridge reads the factor with the
+value at every poll (bridge.core.scalefactors), so a device that changes its factors at run
+time (SolarEdge does) publishes right. `baked=True` makes the older map instead: the factors
+read during the walk multiplied into `scale:`, the sunssf points left out. Values a
 device marks "not implemented" (0x8000, 0xFFFF, 0x80000000, NaN, an empty string, 0 on an
 accumulator) read as None, and such points are left out of the map: they would never publish
 anything meaningful.
@@ -77,6 +80,8 @@ class NotSunSpec(SunSpecError):
 
 
 # --- the model definitions ----------------------------------------------------------------
+
+_Factor = tuple[int | None, str]  # a sunssf point's exponent (None: not implemented), our name
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +170,7 @@ class SunSpecPoint:
     exponent: int | None  # the scale factor read (10**exponent), None without one
     value: Value | None  # scaled; an enum's name; None when not implemented
     symbols: Mapping[int, str] = field(default_factory=dict)
+    factor: str | None = None  # our name of the sunssf point it is scaled from
 
     @property
     def scale(self) -> float:
@@ -192,7 +198,7 @@ class _Layout:
     words: Sequence[int]  # the whole model, ID first
     address: int  # of the ID register
     prefix: str  # m103, m160 ...
-    points: list[tuple[PointDef, str, int, dict[str, int | None]]] = field(default_factory=list)
+    points: list[tuple[PointDef, str, int, dict[str, _Factor]]] = field(default_factory=list)
     raw: dict[str, Value | None] = field(default_factory=dict)  # by SunSpec name, for counts
 
 
@@ -222,13 +228,14 @@ def _group_size(group: GroupDef) -> int:
 
 
 def _lay_out(layout: _Layout, group: GroupDef, offset: int, path: str,
-             scales: dict[str, int | None]) -> int:
+             scales: dict[str, _Factor]) -> int:
     """Lay `group` out from `offset`; return the offset after it."""
     scales = dict(scales)  # a group sees its own scale factors and its parents'
     for point in group.points:
         raw = _raw(point, layout.words, offset)
         if point.type == "sunssf":
-            scales[point.name] = raw if isinstance(raw, int) else None
+            scales[point.name] = (raw if isinstance(raw, int) else None,
+                                  f"{layout.prefix}_{path}{point.name}")
         layout.raw[point.name] = raw
         layout.points.append((point, f"{path}{point.name}", offset, scales))
         offset += point.size
@@ -268,17 +275,18 @@ def decode_model(address: int, words: Sequence[int], *, occurrence: int = 1) -> 
 
 
 def _point(layout: _Layout, point: PointDef, path: str, offset: int,
-           scales: Mapping[str, int | None]) -> SunSpecPoint | None:
+           scales: Mapping[str, _Factor]) -> SunSpecPoint | None:
     kind = TYPES.get(point.type)
     if kind is None or offset + point.size > len(layout.words):
         return None  # pad, ipv6addr, eui48; or past a short model's end
     type_, _ = kind
     raw = _raw(point, layout.words, offset)
     exponent: int | None = None
+    factor: str | None = None
     if isinstance(point.sf, int):
         exponent = point.sf
     elif isinstance(point.sf, str):
-        exponent = scales.get(point.sf)
+        exponent, factor = scales.get(point.sf, (None, None))
         if exponent is None:
             raw = None  # a scale factor that is not implemented: no number can be made
     value: Value | None = raw
@@ -293,7 +301,7 @@ def _point(layout: _Layout, point: PointDef, path: str, offset: int,
     return SunSpecPoint(
         f"{layout.prefix}_{path}", point.name, point.type, layout.address + offset, type_,
         point.size if type_ == "string" else None, units, point.label, exponent, value,
-        point.symbols,
+        point.symbols, factor,
     )
 
 
@@ -316,20 +324,26 @@ class Chain:
                         return point.value
         return None
 
-    def device_map(self, *, source: str) -> DeviceMap:
-        """Every implemented point as a map (scale factors baked in; sunssf points, which
-        they were read from, and not-implemented points left out)."""
+    def device_map(self, *, source: str, baked: bool = False) -> DeviceMap:
+        """Every implemented point as a map, the sunssf points kept and each point scaled
+        from one naming it (`scale_from`); with `baked`, the factors read in the walk are
+        multiplied into `scale` and the sunssf points left out. Not-implemented points are
+        left out either way."""
         points: list[dict[str, Any]] = []
         for model in self.models:
             for p in model.points:
-                if p.value is None or p.kind == "sunssf" or p.address < model.address + HEADER:
-                    continue  # not implemented; baked into `scale`; the model's own ID and L
+                if p.value is None or p.address < model.address + HEADER:
+                    continue  # not implemented; the model's own ID and L
+                if baked and p.kind == "sunssf":
+                    continue  # multiplied into the `scale` of the points it scales
                 entry: dict[str, Any] = {"name": p.name, "address": p.address, "type": p.type}
                 if p.count is not None:
                     entry["count"] = p.count
                 if p.units:
                     entry["unit"] = p.units
-                if p.exponent:
+                if p.factor is not None and not baked:
+                    entry["scale_from"] = p.factor
+                elif p.exponent:
                     entry["scale"] = p.scale
                     if p.exponent < 0:
                         entry["precision"] = -p.exponent

@@ -26,7 +26,8 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from bridge.config import Config, Device, Point, SerialLink
-from bridge.core.codec import Field, Value, encode
+from bridge.core.codec import Field, Value, decode, encode
+from bridge.core.scalefactors import exponent
 from bridge.errors import BridgeError, CodecError, TransportError
 from bridge.sim.identity import device_objects, identity_pdus
 from bridge.sim.sunspec import served_device
@@ -200,7 +201,9 @@ class Simulator:
         # point is seeded (the example pump's status_word 11 sets ready, running and remote):
         # seeding it False would clear that bit in the shared word.
         bits: list[Point] = []
-        for point in device.points:
+        # Scale factors first: a point scaled from one is stored as value / 10**factor.
+        factors = {p.scale_from for p in device.points}
+        for point in sorted(device.points, key=lambda p: p.name not in factors):
             if point.address is None:
                 continue  # serial-line points have no register
             sim = point.simulate
@@ -226,7 +229,9 @@ class Simulator:
                     value = min(value, point.max)
             center = None
             drifts = sim is not None and sim.drift > 0
-            if drifts and not point.values and point.type not in ("bool", "string"):
+            if drifts and point.scale_from is not None:
+                center = float(cast(float, value))
+            elif drifts and not point.values and point.type not in ("bool", "string"):
                 center = float(self._raw_number(point, value)) * point.scale + point.offset
             store.points[point.name] = _SimPoint(point, value, center, counter)
             self._put(store, point, value)
@@ -341,6 +346,18 @@ class Simulator:
         raw = (float(value) - point.offset) / (point.scale or 1.0)
         return round(raw) if point.type in _INT_TYPES else raw
 
+    @staticmethod
+    def _factor(store: DeviceStore, name: str) -> int:
+        """The exponent the factor point `name` holds now (0 if it holds none: a simulated
+        device that leaves its factor "not implemented" stores its values unscaled)."""
+        sim = store.points.get(name)
+        if sim is None or sim.point.address is None:
+            return 0
+        address = sim.point.address
+        word = store.tables[sim.point.table][address : address + 1].tolist()
+        power = exponent(decode(Field(0, "int16", sim.point.order), word))
+        return 0 if power is None else power
+
     def _put(self, store: DeviceStore, point: Point, value: Value) -> None:
         assert point.address is not None  # only register points are in store.points
         table = store.tables[point.table]
@@ -357,6 +374,8 @@ class Simulator:
             table[address : address + point.size] = array("H", encode(f, str(value)))
         else:
             f = Field(0, point.type, point.order)
+            if point.scale_from is not None and not isinstance(value, bool | str):
+                value = value / 10.0 ** self._factor(store, point.scale_from)
             raw = self._raw_number(point, value)
             words = encode(f, raw if point.type != "bool" else int(bool(raw)))
             table[address : address + len(words)] = array("H", words)

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from bridge.config import Config, Device, LineLink, Point
 from bridge.core.codec import BIT_TABLES, Table, Value
 from bridge.core.messages import Message
-from bridge.core.normalize import engineering
 from bridge.core.planner import plan_device
+from bridge.core.scalefactors import LiveScales, normalize_all, with_factors
 from bridge.core.writes import CommandRefused, parse_command
 from bridge.errors import DeviceError, UsageError
 from bridge.instrument import InstrumentPoller
@@ -58,18 +58,27 @@ async def read_config_points(
         read = await read_instrument(config, device, line)
         return [PointReading(p.name, read[p.name], p.unit) for p in points if p.name in read]
     max_registers, max_gap = plan_for(config, device)
-    groups = plan_device(points, interval=0, max_registers=max_registers, max_gap=max_gap)
+    # A point scaled from a factor read live needs the factor read with it.
+    planned = [known[n] for n in with_factors(known, [p.name for p in points])]
+    groups = plan_device(planned, interval=0, max_registers=max_registers, max_gap=max_gap)
     link = build_links(config.model_copy(update={"devices": [device]}))[device.link]
-    values: dict[str, Value] = {}
+    readings: list[tuple[Point, Value]] = []
     try:
         for group in groups:
             for request in group.requests:
                 words = await link.read(device.unit, request)
-                for point, value in zip(request.points, request.decode(words), strict=True):
-                    values[point.name] = _shown(point, engineering(point, value))
+                readings += zip(request.points, request.decode(words), strict=True)
     finally:
         link.close()
-    return [PointReading(p.name, values[p.name], p.unit) for p in points if p.name in values]
+    values: dict[str, Value] = {}
+    live = LiveScales.of(planned)
+    (normalize_all if live is None else live.normalize_all)(readings, values)
+    for point in points:
+        if point.name not in values:
+            why = (f"its scale factor {point.scale_from!r} reads none (not implemented, or "
+                   "outside -10..10)" if point.scale_from else "not a finite number")
+            raise DeviceError(f"point {point.name!r} has no value: {why}")
+    return [PointReading(p.name, _shown(p, values[p.name]), p.unit) for p in points]
 
 
 async def read_instrument(config: Config, device: Device, link: LineLink) -> dict[str, Value]:

@@ -62,7 +62,7 @@ def point_rows(chain: Chain) -> list[tuple[str, ...]]:
     ]
 
 
-def chain_json(chain: Chain, *, source: str) -> dict[str, Any]:
+def chain_json(chain: Chain, *, source: str, baked: bool = False) -> dict[str, Any]:
     """The walk (models, points with their values) and the map it makes."""
     return {
         "base": chain.base,
@@ -77,7 +77,8 @@ def chain_json(chain: Chain, *, source: str) -> dict[str, Any]:
              "scale_factor": p.exponent}
             for m in chain.models for p in m.points if p.address >= m.address + 2
         ],
-        "map": chain.device_map(source=source).model_dump(mode="json", exclude_defaults=True),
+        "map": chain.device_map(source=source, baked=baked).model_dump(
+            mode="json", exclude_defaults=True),
     }
 
 
@@ -89,15 +90,22 @@ def source_text(url: str, unit: int, chain: Chain) -> str:
             f"read {when}; model definitions: {definitions_version()}")
 
 
-def write_map(path: Path, chain: Chain, *, source: str, command: str) -> int:
+def write_map(path: Path, chain: Chain, *, source: str, command: str,
+              baked: bool = False) -> int:
     """Write the chain's map as YAML a device uses with `map: FILE`; the number of points."""
-    device_map = chain.device_map(source=source)
+    device_map = chain.device_map(source=source, baked=baked)
     data = device_map.model_dump(mode="python", exclude_defaults=True)
+    scales = (
+        "# Scale factors (SunSpec *_SF registers) were read once, then, and are baked into\n"
+        "# `scale:`; if the device changes them (a firmware update), make this map again.\n"
+    ) if baked else (
+        "# Scale factors (SunSpec *_SF registers) are points, read at every poll with the\n"
+        "# values they scale (`scale_from:`), so a device that changes them publishes right.\n"
+    )
     header = (
         f"# Made by `{command}`.\n"
         f"# {source}.\n"
-        "# Scale factors (SunSpec *_SF registers) were read once, then, and are baked into\n"
-        "# `scale:`; if the device changes them (a firmware update), make this map again.\n"
+        f"{scales}"
         "# Points the device reported as not implemented are left out.\n"
     )
     try:
