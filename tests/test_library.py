@@ -7,10 +7,12 @@ Parametrised over the library, so a new map file is tested without touching this
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import math
 import subprocess
 import sys
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -268,3 +270,22 @@ def test_cli_simulate_map_serves_a_unit_until_sigterm() -> None:
         _, err = stop_process(process)
     assert process.returncode == 0, err
     assert b"Traceback" not in err
+
+
+def test_the_sunspec_maps_are_what_their_generator_makes() -> None:
+    """bridge/maps/sunspec-*.yaml are scripts/gen-sunspec-maps' output, committed: each is
+    reproducible from the model definitions, and reads its scale factors live."""
+    script = ROOT / "scripts" / "gen-sunspec-maps"
+    loader = importlib.machinery.SourceFileLoader("gen_sunspec_maps", str(script))
+    generator = types.ModuleType(loader.name)
+    generator.__file__ = str(script)
+    loader.exec_module(generator)
+    assert len(generator.MAPS) >= 3
+    for name, (label, models) in generator.MAPS.items():
+        committed = (library_dir() / f"{name}.yaml").read_text(encoding="utf-8")
+        assert generator.library_map(name, label, models) == committed, (
+            f"{name}: run scripts/gen-sunspec-maps")
+        points = {p.name: p for p in load_library_map(name).points}
+        scaled = {p.name: p.scale_from for p in points.values() if p.scale_from}
+        assert "m103_W" in scaled or "m101_W" in scaled
+        assert all(points[factor].type == "int16" for factor in scaled.values())

@@ -55,16 +55,18 @@ def is_sunspec(device: Device) -> bool:
     return device.map == SUNSPEC
 
 
-def sunspec_points(unit: int) -> list[Point]:
-    """The registers of the simulated inverter at `unit`, as simulator points."""
+def sunspec_points(unit: int, models: Mapping[int, Mapping[str, object]] = _VALUES,
+                   ) -> list[Point]:
+    """The registers of the simulated inverter at `unit` (its models and their engineering
+    values, by default the inverter above), as simulator points."""
     assert MARKER == (0x5375, 0x6E53)  # "SunS", the string below
     points = [_point("marker", BASE, "string", "SunS", count=2)]
     address = BASE + 2
-    for model_id, values in _VALUES.items():
+    for model_id, values in models.items():
         definition = model_definition(model_id)
         assert definition is not None, f"pysunspec2 defines model {model_id}"
         given = {**values, "ID": model_id, "L": 0}
-        if model_id == 1:
+        if model_id == 1 and "SN" not in given:
             given["SN"] = serial_number(unit)
         _, end = _group(definition.group, given, address, f"m{model_id}_", "")
         given["L"] = end - address - 2  # the registers after ID and L
