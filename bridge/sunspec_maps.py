@@ -3,7 +3,7 @@ make them.
 
 The loader marks such a device and keeps its own points only (bridge.config.loader); here its
 SunSpec model chain is walked over the device's link (bridge.transports.sunspec) and turned into
-a map (bridge.core.sunspec, scale factors baked in), which the service merges into the device
+a map (bridge.core.sunspec, scale factors read live), which the service merges into the device
 as loaded (`with_map`: the device's own points override and extend it by name, as with any
 map) and applies through its reload by difference, so pollers, Home Assistant discovery and
 Sparkplug births and aliases follow with no case of their own.
@@ -102,7 +102,7 @@ def write_cache(path: Path, device_map: DeviceMap, device: str) -> None:
     header = (
         f"# The SunSpec map of device {device} (map: sunspec), written by m2m-bridge each time\n"
         "# its model chain is walked; polled from here when the daemon starts while the\n"
-        "# device does not answer. Scale factors are baked into `scale:`. A copy works as a\n"
+        "# device does not answer. Scale factors are read with every poll. A copy works as a\n"
         "# map file (map: FILE); this one is rewritten, so edit the config, not this file.\n"
     )
     text = header + yaml.safe_dump(device_map.model_dump(mode="python", exclude_defaults=True),

@@ -200,9 +200,9 @@ def _by_sunspec(found: Found, chain: Chain) -> None:
     found.said = maker or found.said or "SunSpec device"
     found.how = f"SunSpec models {ids} at {chain.base}"
     found.check = [*found.check,
-                   "scale factors were read once and baked into the map's `scale:`: after a "
-                   "firmware update make the map again (discover, or m2m-bridge sunspec "
-                   f"--unit {found.unit} --write FILE)",
+                   "scale factors (*_SF) are read with every poll (`scale_from:`); after a "
+                   "firmware update that changes the models make the map again (discover, or "
+                   f"m2m-bridge sunspec --unit {found.unit} --write FILE)",
                    "points the device reported as not implemented are left out"]
 
 
