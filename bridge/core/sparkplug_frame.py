@@ -119,11 +119,31 @@ class _Group:
                     values = [v & mask for v in values]
             except TypeError:  # a str among ints: no order
                 return False
-        field = self.wire.field
         try:
-            for metric, value in zip(self.metrics, values, strict=True):
-                metric.timestamp = acquired
-                setattr(metric, field, value)
+            _SETTERS.get(self.wire.field, _set_any)(self.metrics, values, acquired, self.wire.field)
         except (ValueError, TypeError):  # out of the field's range, no int, a float beyond
             return False                 # float32, a string that is no UTF-8
         return True
+
+
+# Setting each metric's timestamp and value is most of a frame's cost: the usual fields are
+# stored by name (an attribute store, ~10 % cheaper per metric than setattr()).
+def _set_ints(metrics: list[pb.Payload.Metric], values: Sequence[Any], at: int, _: str) -> None:
+    for metric, value in zip(metrics, values, strict=True):
+        metric.timestamp = at
+        metric.int_value = value
+
+
+def _set_floats(metrics: list[pb.Payload.Metric], values: Sequence[Any], at: int, _: str) -> None:
+    for metric, value in zip(metrics, values, strict=True):
+        metric.timestamp = at
+        metric.float_value = value
+
+
+def _set_any(metrics: list[pb.Payload.Metric], values: Sequence[Any], at: int, field: str) -> None:
+    for metric, value in zip(metrics, values, strict=True):
+        metric.timestamp = at
+        setattr(metric, field, value)
+
+
+_SETTERS = {"int_value": _set_ints, "float_value": _set_floats}

@@ -87,19 +87,22 @@ class DeviceData:
         self.topic = sp.topic(settings.group_id, "DDATA", settings.edge_node_id, device.name)
         self.metrics: sp.DeviceMetrics | None = None
         self._points = len({p.name for p in device.points})
-        self._last: dict[str, Value] = {}
+        self._last: Mapping[str, Value] = {}
         self._all_ts = 0  # when every point was last read at once
         self._last_ts: dict[str, int] = {}  # those read alone since, when
 
     def remember(self, values: Mapping[str, Value], ts: int) -> None:
-        """Every value read, changed or not: a birth carries each metric's last value."""
-        self._last.update(values)
+        """Every value read, changed or not: a birth carries each metric's last value.
+        `values` is the caller's for good (a poll's own dict, never changed after)."""
         if len(values) == self._points:  # they name points of the device only: every one
-            # a poll of every point (the common case): one time for all, no loop per value
+            # A poll of every point (the common case): its dict is the last values, kept as
+            # it is, and one time for all: no copy, no loop per value.
+            self._last = values
             self._all_ts = ts
             self._last_ts.clear()
-        else:
-            self._last_ts.update(dict.fromkeys(values, ts))
+            return
+        self._last = {**self._last, **values}  # never into a poll's own dict
+        self._last_ts.update(dict.fromkeys(values, ts))
 
     def messages(self, values: Mapping[str, Value], ts: int) -> list[Message]:
         """One DDATA without seq for `values` acquired at `ts` (QoS 0, as the spec says)."""
