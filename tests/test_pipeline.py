@@ -128,8 +128,11 @@ async def test_replayed_backlog_never_becomes_the_retained_value(tmp_path: Path)
     buffer = DiskBuffer(tmp_path / "b.sqlite3", max_messages=10_000, max_bytes=10**8,
                         max_age=86400)
     now = time.time_ns() // 1_000_000
-    # 600 readings from the outage: more than one burst, so replay is still going on below.
-    buffer.put([Message(topic, str(n).encode(), 1, True, now - 600 + n) for n in range(600)])
+    # 600 readings from the outage, polls of 100: more than one burst, so replay is still
+    # going on below.
+    for first in range(0, 600, 100):
+        buffer.put([Message(topic, str(n).encode(), 1, True, now - 600 + n)
+                    for n in range(first, first + 100)])
     with mosquitto(tmp_path) as broker:
         settings = MqttSettings(host="127.0.0.1", port=broker.port, client_id="ret",
                                 topic_prefix="m2m/ret", buffer=BufferSettings(replay_rate=200))

@@ -10,10 +10,11 @@ that reach their handler and replies that say whether they went out.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import structlog
@@ -30,7 +31,7 @@ PREFIX = "m2m/gw"
 STATUS = f"{PREFIX}/status"
 TOPIC = f"{PREFIX}/meter/v"
 SET = f"{PREFIX}/+/+/set"
-BATCH = 10  # the fake sessions' batch: the publisher takes this many rows at once
+BATCH = 10  # the fake sessions' batch: the publisher takes this many messages at once
 UNREACHABLE = WireError("cannot connect to broker.test:1883: Connection refused")
 LOGIN_REFUSED = WireError(
     "broker refused the connection: not authorized (135)", reason_code=135
@@ -162,6 +163,27 @@ async def test_a_batch_leaves_the_buffer_only_once_delivered(
         assert publisher.published == 5
 
 
+async def test_a_poll_bigger_than_the_sessions_batch_is_handed_over_in_batches(
+    broker: FakeBroker, buffer: DiskBuffer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row is taken whole, but a session never gets more than its batch at once."""
+    sizes: list[int] = []
+    receive = broker.receive
+
+    async def counted(session: Any, messages: list[Any]) -> None:
+        sizes.append(len(messages))
+        await receive(session, messages)
+
+    monkeypatch.setattr(broker, "receive", counted)
+    publisher = Publisher(settings(), buffer)
+    async with running(publisher):
+        await connected(publisher)
+        buffer.put([reading(n) for n in range(25)])
+        await eventually(lambda: len(buffer) == 0, what="the poll to be delivered")
+    assert [n for n in sizes if n > 1] == [BATCH, BATCH, 5]  # statuses go one by one
+    assert broker.payloads(TOPIC) == [b"%d" % n for n in range(25)]
+
+
 async def test_a_failed_batch_is_requeued_and_delivered_in_order_after_a_reconnect(
     broker: FakeBroker, buffer: DiskBuffer
 ) -> None:
@@ -169,7 +191,8 @@ async def test_a_failed_batch_is_requeued_and_delivered_in_order_after_a_reconne
     async with running(publisher):
         await connected(publisher)
         broker.hold()
-        buffer.put([reading(n) for n in range(25)])  # three batches
+        for poll in range(5):  # rows of 5: three batches (10, 10, 5)
+            buffer.put([reading(5 * poll + n) for n in range(5)])
         await eventually(lambda: buffer.in_flight > 0)
         broker.drop()  # the connection is lost before the broker acknowledged anything
         await eventually(lambda: broker.connects == 2, what="a reconnect")
@@ -209,8 +232,9 @@ async def test_the_backlog_left_at_stop_stays_on_disk_for_the_next_run(
 async def test_the_backlog_is_replayed_at_its_pace_behind_live_readings(
     broker: FakeBroker, buffer: DiskBuffer
 ) -> None:
-    rate, backlog = 200, 60
-    buffer.put([reading(n, retain=True, age_ms=60_000) for n in range(backlog)])
+    rate, backlog, poll = 200, 60, 5
+    for first in range(0, backlog, poll):  # stored while the broker was away, poll by poll
+        buffer.put([reading(n, retain=True, age_ms=60_000) for n in range(first, first + poll)])
     publisher = Publisher(settings(replay_rate=rate), buffer)
     async with running(publisher):
         await connected(publisher)
@@ -232,6 +256,53 @@ async def test_the_backlog_is_replayed_at_its_pace_behind_live_readings(
     assert replayed[-1].at - start >= (backlog - BATCH) / rate - 0.005
 
 
+async def test_rows_bigger_than_a_batch_replay_whole_and_keep_the_average_rate(
+    broker: FakeBroker, buffer: DiskBuffer
+) -> None:
+    """A poll is taken whole even when it holds more than the replay allows at once: the pause
+    after it pays the tokens back, so the backlog still averages `replay_rate` messages/s."""
+    rate, poll, polls = 100, 3 * BATCH, 3
+    for p in range(polls):
+        buffer.put([reading(poll * p + n, age_ms=60_000) for n in range(poll)])
+    publisher = Publisher(settings(replay_rate=rate), buffer)
+    async with running(publisher):
+        await eventually(lambda: len(buffer) == 0, what="the backlog to be replayed")
+    replayed = [p for p in broker.published if p.topic == TOPIC]
+    assert [p.payload for p in replayed] == [b"%d" % n for n in range(poll * polls)]
+    starts = [replayed[k].at for k in range(0, poll * polls, poll)]
+    # Each row at once (in the session's batches), with no pause for tokens inside it.
+    assert all(replayed[k].at - starts[k // poll] < 0.1 for k in range(poll * polls))
+    # A burst of BATCH, then `rate` a second: the last row waits for what the first two took.
+    assert starts[-1] - starts[0] >= (2 * poll - BATCH) / rate - 0.005
+
+
+async def test_a_backlog_in_the_old_one_row_per_message_file_is_delivered_in_order(
+    broker: FakeBroker, tmp_path: Path
+) -> None:
+    """A gateway upgraded with a backlog in a format 1 buffer (one row per message) delivers
+    every reading of it, in order, with its ts, then the new ones."""
+    path = tmp_path / "buffer.sqlite3"
+    old = [reading(n, age_ms=60_000 - n) for n in range(250)]
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT"
+               " NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL,"
+               " ts INTEGER NOT NULL)")
+    db.executemany("INSERT INTO messages (topic, payload, qos, retain, ts) VALUES (?, ?, ?, ?, ?)",
+                   [(m.topic, m.payload, m.qos, int(m.retain), m.ts) for m in old])
+    db.close()
+    buffer = DiskBuffer(path, max_messages=1000, max_bytes=10**8, max_age=86400)
+    publisher = Publisher(settings(replay_rate=10_000), buffer)
+    async with running(publisher):
+        await connected(publisher)
+        buffer.put([reading(1000)])
+        await eventually(lambda: len(buffer) == 0, what="the old backlog to be replayed")
+    delivered = [p.payload for p in broker.published if p.topic == TOPIC]
+    assert [p for p in delivered if p != b"1000"] == [m.payload for m in old]
+    assert b"1000" in delivered
+    buffer.close()
+
+
 # ------------------------------------------------------------------ reconnects
 
 
@@ -240,7 +311,8 @@ async def test_a_live_reading_does_not_wait_out_the_backlogs_pause(
 ) -> None:
     # One a second: after the first batch (the burst) the replay pauses for BATCH seconds. A
     # reading taken meanwhile goes out at once (well within half the pause), not after it.
-    buffer.put([reading(n, age_ms=60_000) for n in range(3 * BATCH)])
+    for poll in range(3):
+        buffer.put([reading(BATCH * poll + n, age_ms=60_000) for n in range(BATCH)])
     publisher = Publisher(settings(replay_rate=1), buffer)
     async with running(publisher):
         await eventually(lambda: len(broker.payloads(TOPIC)) >= BATCH,

@@ -1,10 +1,12 @@
 """The buffer's bounds: count, bytes and age, the oldest going first.
 
 When full the oldest go first and are counted, because for telemetry the newest reading is the
-one worth keeping. Rows are dropped by id, in flight or not (an ack or requeue of a dropped id
-is a no-op); age is judged from the front, so expiry stops at the first row that has not
-expired. Dropping is logged once when it starts and once when the buffer is comfortably below
-its bounds again.
+one worth keeping. Rows (a put()'s messages each) are dropped whole by id, in flight or not (an
+ack or requeue of a dropped id is a no-op): a poll is the unit, so the bounds read the count and
+bytes columns and never unpack a row. A single put() bigger than a bound keeps its newest
+messages that fit, as a row of its own. Age is judged from the front by a row's oldest message,
+so expiry stops at the first row that has not expired. Dropping is logged once when it starts
+and once when the buffer is comfortably below its bounds again.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from pathlib import Path
 
 import structlog
 
+from bridge.buffer.rows import sizes
+from bridge.core.messages import Message
+
 log = structlog.get_logger("bridge.buffer")
 
 _RECOVERED = 0.9  # "no longer dropping" once below 90% of every bound, so the log won't flap
 
-# Bytes a row counts against max_bytes: UTF-8 topic plus payload, as _encoded_size computes.
-_SIZE = "(length(CAST(topic AS BLOB)) + length(payload))"
-_DELETE_THROUGH = f"DELETE FROM messages WHERE id <= ? RETURNING id, {_SIZE}"
+_DELETE_THROUGH = "DELETE FROM batches WHERE id <= ? RETURNING id, count, bytes"
 
 
 class Bounds:
@@ -35,46 +38,63 @@ class Bounds:
     clock: Callable[[], float]
     dropped: int
     _db: sqlite3.Connection
+    _rows: int
     _count: int
     _bytes: int
-    _inflight: set[int]
-    _uninflight: list[int]
+    _inflight: dict[int, int]
+    _uninflight: list[tuple[int, int]]
     _front_ts: float
     _dropping: bool
 
     @property
     def oldest_ts(self) -> int | None:
-        """`ts` (epoch ms) of the oldest stored row, None when empty or unreadable."""
-        if not self._count:
+        """`ts` (epoch ms) of the oldest message of the oldest stored row, None when empty or
+        unreadable."""
+        if not self._rows:
             return None
         try:
-            row = self._db.execute("SELECT ts FROM messages ORDER BY id LIMIT 1").fetchone()
+            row = self._db.execute("SELECT ts FROM batches ORDER BY id LIMIT 1").fetchone()
         except sqlite3.Error:  # only logging and metrics ask: not worth failing them
             return None
         return None if row is None else int(row[0])
+
+    def _fit(self, batch: list[Message]) -> tuple[list[Message], list[str]]:
+        """The newest messages of a put() that alone exceeds a bound, as many as fit (maybe
+        none), and which bounds it exceeded."""
+        keep = min(len(batch), max(self.max_messages, 0))
+        reasons = ["max_messages"] if keep < len(batch) else []
+        each = sizes(batch)
+        start = len(batch) - keep
+        size = sum(each[start:])
+        if size > self.max_bytes:
+            reasons.append("max_bytes")
+            while start < len(batch) and size > self.max_bytes:
+                size -= each[start]
+                start += 1
+        return batch[start:], reasons
 
     def _enforce_bounds(self) -> list[str]:
         """Drop the oldest rows beyond the bounds (inside put()'s transaction); which bounds."""
         reasons: list[str] = []
         if self.max_age and self._drop_expired():
             reasons.append("max_age")
-        if self._count > self.max_messages:
-            excess = self._count - max(self.max_messages, 0)
-            row = self._db.execute(
-                "SELECT id FROM messages ORDER BY id LIMIT 1 OFFSET ?", (excess - 1,)
-            ).fetchone()
-            self._drop_through(row[0])
-            reasons.append("max_messages")
-        if self._bytes > self.max_bytes:
-            excess = self._bytes - max(self.max_bytes, 0)
-            freed, cut = 0, 0
-            for id_, size in self._db.execute(f"SELECT id, {_SIZE} FROM messages ORDER BY id"):
-                freed += size
-                cut = id_
-                if freed >= excess:
+        count = self._count - max(self.max_messages, 0)
+        size = self._bytes - max(self.max_bytes, 0)
+        if count > 0 or size > 0:
+            cut = 0
+            cursor = self._db.execute("SELECT id, count, bytes FROM batches ORDER BY id")
+            for id_, n, b in cursor:
+                if count <= 0 and size <= 0:
                     break
+                count -= n
+                size -= b
+                cut = id_
+            cursor.close()
+            if self._count > self.max_messages:
+                reasons.append("max_messages")
+            if self._bytes > self.max_bytes:
+                reasons.append("max_bytes")
             self._drop_through(cut)
-            reasons.append("max_bytes")
         return reasons
 
     def _log_dropping(self, reasons: list[str]) -> None:
@@ -112,7 +132,7 @@ class Bounds:
             return 0
         cut = 0
         self._front_ts = float("inf")  # empty
-        cursor = self._db.execute("SELECT id, ts FROM messages ORDER BY id")
+        cursor = self._db.execute("SELECT id, ts FROM batches ORDER BY id")
         for id_, ts in cursor:
             if ts >= cutoff:
                 self._front_ts = ts
@@ -122,16 +142,13 @@ class Bounds:
         return int(cut)
 
     def _drop_through(self, cut: int) -> None:
-        """Delete every row with id <= cut, counted as dropped."""
+        """Delete every row with id <= cut, its messages counted as dropped."""
         gone = self._db.execute(_DELETE_THROUGH, (cut,)).fetchall()
-        self._count -= len(gone)
-        self._bytes -= sum(size for _, size in gone)
-        self.dropped += len(gone)
+        messages = sum(count for _, count, _ in gone)
+        self._rows -= len(gone)
+        self._count -= messages
+        self._bytes -= sum(size for _, _, size in gone)
+        self.dropped += messages
         if self._inflight:
-            was = [id_ for id_, _ in gone if id_ in self._inflight]
-            self._inflight.difference_update(was)
+            was = [(id_, self._inflight.pop(id_)) for id_, _, _ in gone if id_ in self._inflight]
             self._uninflight.extend(was)
-
-
-def _encoded_size(topic: str, payload: bytes) -> int:
-    return (len(topic) if topic.isascii() else len(topic.encode())) + len(payload)

@@ -32,7 +32,7 @@ DIRECT_MAX = 10_000  # readings held in memory for the publisher while the disk 
 _WAL_SHARE = 64
 _MIN_WAL_PAGES = 16
 _MAX_WAL_PAGES = 1000
-_SLACK = 64 * 1024  # a poll's rows and SQLite's bookkeeping beyond the WAL
+_SLACK = 64 * 1024  # a poll's row and SQLite's bookkeeping beyond the WAL
 
 
 class FullDisk:

@@ -1,9 +1,10 @@
-"""`DiskBuffer`: the SQLite queue itself: schema, transactions, put, take, ack and requeue.
+"""`DiskBuffer`: the SQLite queue itself: transactions, put, take, ack and requeue.
 
 Rows are stored in SQLite so they survive restarts and power loss, and kept by id until they
-are acknowledged. `DiskBuffer` is made of one state and the mixins that work on it: the bounds
-(what to drop, bridge.buffer.bounds), a full disk (bridge.buffer.disk) and the in-flight spans
-take() skips (bridge.buffer.spans).
+are acknowledged; a row is one put()'s messages (a poll's), packed by bridge.buffer.rows in the
+table bridge.buffer.schema creates. `DiskBuffer` is made of one state and the mixins that work
+on it: the bounds (what to drop, bridge.buffer.bounds), a full disk (bridge.buffer.disk) and
+the in-flight spans take() skips (bridge.buffer.spans).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from typing import TypeVar
 
 import structlog
 
-from bridge.buffer.bounds import _SIZE, Bounds, _encoded_size
+from bridge.buffer.bounds import Bounds
 from bridge.buffer.disk import _SLACK, FullDisk
+from bridge.buffer.rows import CorruptRow, pack, unpack
+from bridge.buffer.schema import INSERT, create
 from bridge.buffer.spans import Spans
 from bridge.core.messages import Message
 from bridge.errors import ConfigError, ConfigIssue
@@ -34,47 +37,40 @@ log = structlog.get_logger("bridge.buffer")
 
 SYNC_EVERY = 5.0  # seconds between fsyncs of the WAL: the most a power cut can lose
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos INTEGER NOT NULL,
-    retain INTEGER NOT NULL,
-    ts INTEGER NOT NULL
+_SELECT = "SELECT id, count, data FROM batches WHERE id > ? AND id <= ? ORDER BY id LIMIT ?"
+_DELETE_IDS = (
+    "DELETE FROM batches WHERE id IN (SELECT value FROM json_each(?)) RETURNING count, bytes"
 )
-"""
-_INSERT = "INSERT INTO messages (id, topic, payload, qos, retain, ts) VALUES (?, ?, ?, ?, ?, ?)"
-_SELECT = (
-    "SELECT id, topic, payload, qos, retain, ts FROM messages"
-    " WHERE id > ? AND id <= ? ORDER BY id LIMIT ?"
-)
-_DELETE_IDS = f"DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?)) RETURNING {_SIZE}"
 
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """A buffered message with its row id (the handle for ack / requeue)."""
+    """A buffered row: one put()'s messages, in order, and the row id (the handle for ack /
+    requeue: a row is taken, acknowledged and requeued whole)."""
 
     id: int
-    message: Message
+    messages: tuple[Message, ...]
 
 
 class DiskBuffer(Bounds, FullDisk, Spans):
     """The store-and-forward buffer: a bounded, ordered SQLite queue (WAL) with in-flight rows.
 
-    Polling `put()`s each poll's messages in one transaction; the publisher `take()`s the oldest
-    rows not in flight, then `ack()`s them (delivered: deleted) or `requeue()`s them (to be taken
-    again, ahead of newer rows). In-flight marks live in memory only: after a restart every
-    stored row is sent again, so delivery is at-least-once and nothing acknowledged is resent.
+    Polling `put()`s each poll's messages as one row in one transaction; the publisher
+    `take()`s the oldest rows not in flight, then `ack()`s them (delivered: deleted) or
+    `requeue()`s them (to be taken again, ahead of newer rows). In-flight marks live in memory
+    only: after a restart every stored row is sent again, so delivery is at-least-once and
+    nothing acknowledged is resent. `len()`, `in_flight`, `dropped` and the bounds count
+    messages; ids, take() and the in-flight marks go by row.
 
     Ids come from AUTOINCREMENT, so they only grow, also across restarts: id order is put order,
     and `last_id()` marks "everything stored so far" (the backlog at a reconnect).
 
-    Bounds: `max_messages` rows, `max_bytes` (UTF-8 topic + payload bytes), `max_age` seconds of
-    `ts` against `clock`. The oldest rows by id go first, in flight or not (an ack or requeue of a
-    dropped id is a no-op), and are counted in `dropped`. Age is judged from the front: expired
-    rows are dropped on put() and take() up to the first row that has not expired.
+    Bounds: `max_messages` messages, `max_bytes` (UTF-8 topic + payload bytes), `max_age`
+    seconds of `ts` against `clock`. The oldest rows by id go first, whole (a poll is the unit),
+    in flight or not (an ack or requeue of a dropped id is a no-op), and their messages are
+    counted in `dropped`. A put() bigger than a bound on its own keeps its newest messages that
+    fit. Age is judged from the front by a row's oldest message: expired rows are dropped on
+    put() and take() up to the first row that has not expired.
 
     Durability: WAL with `synchronous=NORMAL`. A commit is in the WAL file when put() returns,
     so a process crash (`kill -9`, OOM) loses nothing that put() accepted. Only the OS page cache
@@ -117,27 +113,29 @@ class DiskBuffer(Bounds, FullDisk, Spans):
             if str(mode).lower() != "wal":
                 log.warning("buffer not in WAL mode", path=str(self.path), journal_mode=mode)
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(_SCHEMA)
-            count, size, max_id = self._db.execute(
-                f"SELECT count(*), coalesce(sum({_SIZE}), 0), coalesce(max(id), 0) FROM messages"
+            create(self._db)
+            rows, count, size, max_id = self._db.execute(
+                "SELECT count(*), coalesce(sum(count), 0), coalesce(sum(bytes), 0),"
+                " coalesce(max(id), 0) FROM batches"
             ).fetchone()
-            seq = self._db.execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+            seq = self._db.execute(  # also an old table's, left by a failed upgrade
+                "SELECT max(seq) FROM sqlite_sequence WHERE name IN ('batches', 'messages')"
             ).fetchone()
-            wal = self._size_wal(empty=not count)
+            wal = self._size_wal(empty=not rows)
         except (OSError, sqlite3.Error) as exc:
             # The state_dir check at start-up catches most of this; what is left (a file that
             # is not a database, a disk that failed since) is still one line, not a traceback.
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
             issue = ConfigIssue(str(self.path), 0, "", f"cannot open the buffer: {why}")
             raise ConfigError([issue]) from None
-        self._count: int = count
+        self._rows: int = rows
+        self._count: int = count  # messages
         self._bytes: int = size
-        self._last_id: int = max(max_id, seq[0] if seq else 0)
-        self._inflight: set[int] = set()
+        self._last_id: int = max(max_id, seq[0] or 0)
+        self._inflight: dict[int, int] = {}  # row id -> its messages, taken and not yet back
         # No row at the front is older than this (ms), so expiry needs no query before then.
         self._front_ts: float = -float("inf")
-        self._uninflight: list[int] = []  # dropped in flight by the current transaction
+        self._uninflight: list[tuple[int, int]] = []  # dropped in flight by this transaction
         self._unacked: set[int] = set()  # acked, but the delete failed: retried with the next ack
         # Ranges [start, end] of ids in which every stored row is in flight: take() skips them
         # without reading the rows. A hint only: take() also filters on _inflight.
@@ -172,29 +170,38 @@ class DiskBuffer(Bounds, FullDisk, Spans):
     # --- polling side -----------------------------------------------------------------------
 
     def put(self, messages: Iterable[Message]) -> None:
-        """Store a poll's messages in one transaction, then apply the bounds. Never raises."""
+        """Store a poll's messages as one row in one transaction, then apply the bounds.
+        Never raises."""
         batch = list(messages)
         if not batch:
             return
         if not self._room():
             self._refuse(batch)
             return
-        first = self._last_id + 1
-        rows = [
-            (first + i, m.topic, m.payload, m.qos, int(m.retain), m.ts)
-            for i, m in enumerate(batch)
-        ]
-        size = sum(_encoded_size(r[1], r[2]) for r in rows)
-        oldest = min(r[5] for r in rows)
+        blob, size = pack(batch)
+        kept: list[Message] = batch
+        trimmed: list[str] = []
+        if len(batch) > self.max_messages or size > self.max_bytes:
+            kept, trimmed = self._fit(batch)
+            if not kept:
+                self.accepted += len(batch)
+                self.dropped += len(batch)
+                self._log_dropping(trimmed)
+                return
+            blob, size = pack(kept)
+        oldest = min(m.ts for m in kept)
+        row = (self._last_id + 1, len(kept), size, oldest, blob)
         sync = time.monotonic() - self._last_sync >= SYNC_EVERY
 
         def insert() -> list[str]:
-            self._db.executemany(_INSERT, rows)
-            self._count += len(rows)
+            self._db.execute(INSERT, row)
+            self._rows += 1
+            self._count += len(kept)
             self._bytes += size
-            self._last_id = rows[-1][0]
-            self._front_ts = min(self._front_ts, oldest) if self._count > len(rows) else oldest
-            return self._enforce_bounds()
+            self._last_id = row[0]
+            self._front_ts = min(self._front_ts, oldest) if self._rows > 1 else oldest
+            self.dropped += len(batch) - len(kept)
+            return trimmed + [r for r in self._enforce_bounds() if r not in trimmed]
 
         try:
             if sync:
@@ -214,7 +221,7 @@ class DiskBuffer(Bounds, FullDisk, Spans):
             return
         if sync:
             self._last_sync = time.monotonic()
-        self.accepted += len(rows)
+        self.accepted += len(batch)
         if self._failing:
             self._failing = False
             log.info("buffer writes recovered", path=str(self.path), lost=self.lost)
@@ -224,7 +231,8 @@ class DiskBuffer(Bounds, FullDisk, Spans):
 
     def _transaction(self, work: Callable[[], T]) -> T:
         """Run `work` in one write transaction; on failure undo it and its bookkeeping too."""
-        saved = (self._count, self._bytes, self._last_id, self.dropped, self._front_ts)
+        saved = (self._rows, self._count, self._bytes, self._last_id, self.dropped,
+                 self._front_ts)
         self._uninflight = []
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -234,7 +242,8 @@ class DiskBuffer(Bounds, FullDisk, Spans):
             if self._db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     self._db.execute("ROLLBACK")
-            self._count, self._bytes, self._last_id, self.dropped, self._front_ts = saved
+            (self._rows, self._count, self._bytes, self._last_id, self.dropped,
+             self._front_ts) = saved
             self._inflight.update(self._uninflight)  # dropped in flight, but not after all
             raise
         finally:
@@ -250,10 +259,11 @@ class DiskBuffer(Bounds, FullDisk, Spans):
             await self._ready.wait()
 
     def take(self, limit: int, *, after: int = 0, upto: int | None = None) -> list[Stored]:
-        """The oldest rows with `after < id <= upto` not in flight, up to `limit`: now in flight."""
-        if self._count <= len(self._inflight):
+        """The oldest rows with `after < id <= upto` not in flight, whole, up to `limit`
+        messages (at least one row, however many it holds): now in flight."""
+        if self._rows <= len(self._inflight) or limit < 1:
             return []  # every stored row is in flight (or none is stored): no query
-        if self.max_age and self._count:
+        if self.max_age and self._rows:
             try:
                 cut = self._expired_through()
                 if cut:
@@ -262,30 +272,64 @@ class DiskBuffer(Bounds, FullDisk, Spans):
             except sqlite3.Error as exc:  # sending a stale row beats not sending at all
                 log.warning("buffer expiry failed", path=str(self.path), error=str(exc))
         hi = self._last_id if upto is None else min(upto, self._last_id)
-        pos = after
+        pos, taken, full = after, 0, False
         out: list[Stored] = []
-        inflight = self._inflight
+        bad: list[int] = []
         starts, ends = self._starts, self._ends
-        while len(out) < limit and pos < hi:
+        while not full and pos < hi:
             i = bisect.bisect_right(starts, pos + 1) - 1
             if i >= 0 and ends[i] >= pos + 1:
                 pos = ends[i]  # every stored row up to there is in flight
                 continue
             gap_hi = hi if i + 1 >= len(starts) else min(hi, starts[i + 1] - 1)
-            want = limit - len(out)
             try:
-                rows = self._db.execute(_SELECT, (pos, gap_hi, want)).fetchall()
+                pos, taken, full = self._take_between(pos, gap_hi, limit, taken, out=out,
+                                                      bad=bad)
             except sqlite3.Error as exc:  # a failing disk: send what we have, try again later
                 log.warning("buffer read failed", path=str(self.path), error=str(exc))
                 break
-            for id_, topic, payload, qos, retain, ts in rows:
-                if id_ not in inflight:
-                    inflight.add(id_)
-                    out.append(Stored(id_, Message(topic, payload, qos, bool(retain), ts)))
-            covered = gap_hi if len(rows) < want else rows[-1][0]
-            self._add_span(pos + 1, covered)
-            pos = covered
+        if bad:
+            self.ack(bad)  # deleted like delivered rows (retried like them if that fails)
         return out
+
+    def _take_between(self, pos: int, hi: int, limit: int, taken: int, *, out: list[Stored],
+                      bad: list[int]) -> tuple[int, int, bool]:
+        """take()'s one query: rows with `pos < id <= hi` into `out` (holding `taken` messages),
+        unreadable ones into `bad`, all now in flight. (The id up to which every stored row is
+        in flight now, the messages in `out`, whether `limit` is reached.)"""
+        want = limit - taken  # rows: each holds one message at least
+        seen, last, full = 0, pos, False
+        inflight = self._inflight
+        cursor = self._db.execute(_SELECT, (pos, hi, want))
+        try:
+            for id_, count, data in cursor:
+                if id_ not in inflight:
+                    if out and taken + count > limit:
+                        full = True  # a whole row or none: it waits for the next take
+                        break
+                    try:
+                        out.append(Stored(id_, unpack(data, count)))
+                        taken += count
+                    except CorruptRow as exc:
+                        bad.append(id_)
+                        self._corrupt(id_, count, exc)
+                    inflight[id_] = count
+                seen += 1
+                last = id_
+                if taken >= limit:
+                    full = True
+                    break
+        finally:
+            cursor.close()  # a statement left running would hold its read snapshot
+        covered = hi if not full and seen < want else last
+        self._add_span(pos + 1, covered)
+        return covered, taken, full
+
+    def _corrupt(self, id_: int, count: int, exc: CorruptRow) -> None:
+        """A row that does not decode: its messages are lost, counted and said, once."""
+        self.lost += count
+        log.error("buffer row unreadable, its readings are lost", path=str(self.path), row=id_,
+                  messages=count, error=str(exc))
 
     def ack(self, ids: Sequence[int]) -> None:
         """Delivered: delete these rows in one transaction. Unknown or dropped ids are ignored."""
@@ -293,11 +337,11 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         if not todo:
             return
         try:
-            sizes = self._freeing(
+            gone = self._freeing(
                 lambda: self._db.execute(_DELETE_IDS, (json.dumps(sorted(todo)),)).fetchall())
         except sqlite3.Error as exc:
             # They stay in flight (not sent again by this process); the next ack retries.
-            self._unacked = todo & self._inflight
+            self._unacked = {i for i in todo if i in self._inflight}
             if not self._deleting_failed:
                 self._deleting_failed = True
                 log.error("buffer delete failed, will retry", path=str(self.path),
@@ -307,12 +351,15 @@ class DiskBuffer(Bounds, FullDisk, Spans):
             self._deleting_failed = False
             log.info("buffer deletes recovered", path=str(self.path))
         self._unacked = set()
-        self._count -= len(sizes)
-        freed = sum(s for (s,) in sizes)
+        self._rows -= len(gone)
+        self._count -= sum(count for count, _ in gone)
+        freed = sum(size for _, size in gone)
         self._bytes -= freed
         self._freed += freed
-        self._inflight -= todo
-        if not self._inflight:
+        inflight = self._inflight
+        for id_ in todo:
+            inflight.pop(id_, None)
+        if not inflight:
             self._starts.clear()
             self._ends.clear()
         self._shrink()
@@ -324,9 +371,9 @@ class DiskBuffer(Bounds, FullDisk, Spans):
 
     def requeue(self, ids: Sequence[int]) -> None:
         """Not delivered: no longer in flight; taken again in id order, ahead of newer rows."""
-        back = [i for i in ids if i in self._inflight]
-        self._inflight.difference_update(back)
-        for id_ in sorted(back):
+        back = sorted(i for i in ids if i in self._inflight)
+        for id_ in back:
+            del self._inflight[id_]
             self._split_span(id_)
         if not self._inflight:
             self._starts.clear()
@@ -339,12 +386,13 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         return self._last_id
 
     def __len__(self) -> int:
+        """Messages stored (in flight included)."""
         return self._count
 
     @property
     def in_flight(self) -> int:
-        """Rows taken and neither acknowledged nor requeued."""
-        return len(self._inflight)
+        """Messages taken and neither acknowledged nor requeued."""
+        return sum(self._inflight.values())
 
     def close(self) -> None:
         """Checkpoint the WAL into the database file and close."""
@@ -359,7 +407,7 @@ class DiskBuffer(Bounds, FullDisk, Spans):
 
     def available(self) -> bool:
         """Whether a row (or a reading it could not store) is there to take."""
-        return bool(self._direct) or self._count > len(self._inflight)
+        return bool(self._direct) or self._rows > len(self._inflight)
 
     @property
     def bytes(self) -> int:

@@ -102,7 +102,7 @@ class Delivery:
 
     async def stored(self, session: Session, batch: list[Stored], *, replaying: bool) -> None:
         """Publish buffered rows; ack them once delivered, requeue them if not (and raise)."""
-        messages = [s.message for s in batch]
+        messages = [m for row in batch for m in row.messages]
         if replaying:
             # Live readings went out first: a replayed one must not become the retained value.
             messages = [replace(m, retain=False) if m.retain else m for m in messages]
@@ -110,7 +110,10 @@ class Delivery:
                 messages = self.historical(messages)
         try:
             with self.activity.running():
-                await session.publish_batch(messages)
+                # A row (a poll) may hold more than the session's batch: handed over in
+                # batches still, so no more than `session.batch` wait on the session at once.
+                for start in range(0, len(messages), session.batch):
+                    await session.publish_batch(messages[start : start + session.batch])
         except BaseException:
             self.buffer.requeue([s.id for s in batch])
             raise
@@ -188,7 +191,9 @@ class Drain:
             return True
         replaying = bool(backlog_end) and batch[0].id <= backlog_end
         if replaying:
-            self.replay.spend(len(batch))
+            # Tokens count messages; a row is taken whole, so a big one may overdraw the
+            # bucket: the pause after it pays that back, and the average stays `replay_rate`.
+            self.replay.spend(sum(len(row.messages) for row in batch))
         await self.delivery.stored(self.session, batch, replaying=replaying)
         return True
 

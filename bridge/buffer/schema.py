@@ -1,0 +1,103 @@
+"""The buffer's table, and the upgrade of a file written with one row per message.
+
+Format 2 (`PRAGMA user_version = 2`) keeps one row per put(): its messages packed in one BLOB
+(bridge.buffer.rows) beside the columns the bounds need, so dropping, expiry and counting never
+unpack a row. Format 1 (user_version 0: no version was set then) kept one row per message in
+table `messages`. A gateway upgraded with a backlog in it loses nothing: at open the old rows
+move into the new table, oldest first, in transactions of `_UPGRADE_CHUNK` messages each of
+which inserts the new rows and deletes the old ones, so a crash midway leaves every message in
+exactly one of the tables (the next open carries on) and a nearly full disk needs room for one
+chunk, not for a second copy of the backlog. Old rows are grouped `_UPGRADE_ROW` to a row (they
+no longer say which poll they came from), keeping their order; a row takes its last message's
+old id, so ids keep growing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+
+import structlog
+
+from bridge.buffer.rows import pack
+from bridge.core.messages import Message
+
+log = structlog.get_logger("bridge.buffer")
+
+FORMAT = 2
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    data BLOB NOT NULL
+)
+"""
+# count: messages in the row; bytes: their UTF-8 topic + payload bytes (what max_bytes counts);
+# ts: the oldest message's ts, epoch ms (what max_age and oldest_ts judge); data: the messages.
+INSERT = "INSERT INTO batches (id, count, bytes, ts, data) VALUES (?, ?, ?, ?, ?)"
+
+_UPGRADE_CHUNK = 5000  # old rows moved per transaction
+_UPGRADE_ROW = 100  # old rows per new row: a poll's worth of per-point messages
+
+
+def create(db: sqlite3.Connection) -> None:
+    """Create the table if there is none, and move format 1 rows into it."""
+    db.execute(SCHEMA)
+    old = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+    ).fetchone()
+    if old is not None:
+        try:
+            _upgrade(db)
+        except sqlite3.Error as exc:
+            # Nothing is lost: what did not move stays in the old table, and a later open
+            # moves it, ahead of the readings stored meanwhile (their ids are higher).
+            log.error("buffer upgrade failed, older readings wait in the old table for the next"
+                      " start", error=str(exc))
+    if db.execute("PRAGMA user_version").fetchone()[0] != FORMAT:
+        db.execute(f"PRAGMA user_version = {FORMAT}")
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Move the rows of table `messages` (format 1) into `batches`, then drop it."""
+    moved = 0
+    while True:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = db.execute(
+                "SELECT id, topic, payload, qos, retain, ts FROM messages ORDER BY id LIMIT ?",
+                (_UPGRADE_CHUNK,),
+            ).fetchall()
+            if rows:
+                db.executemany(INSERT, [_row(rows[i : i + _UPGRADE_ROW])
+                                        for i in range(0, len(rows), _UPGRADE_ROW)])
+                db.execute("DELETE FROM messages WHERE id <= ?", (rows[-1][0],))
+            else:
+                # Ids go on from the old table's: nothing acknowledged gets its id again.
+                seq = db.execute("SELECT coalesce(max(seq), 0) FROM sqlite_sequence"
+                                 " WHERE name IN ('messages', 'batches')").fetchone()[0]
+                db.execute("DELETE FROM sqlite_sequence WHERE name = 'batches'")
+                db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('batches', ?)",
+                           (seq,))
+                db.execute("DROP TABLE messages")
+                db.execute(f"PRAGMA user_version = {FORMAT}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise
+        if not rows:
+            break
+        moved += len(rows)
+    if moved:
+        log.info("buffer upgraded to one row per poll", messages=moved)
+
+
+def _row(group: list[tuple[int, str, bytes, int, int, int]]) -> tuple[int, int, int, int, bytes]:
+    messages = [Message(topic, bytes(payload), qos, bool(retain), ts)
+                for _, topic, payload, qos, retain, ts in group]
+    blob, size = pack(messages)
+    return group[-1][0], len(messages), size, min(m.ts for m in messages), blob
