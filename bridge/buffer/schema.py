@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+from pathlib import Path
 
 import structlog
 
@@ -42,25 +43,26 @@ _UPGRADE_CHUNK = 5000  # old rows moved per transaction
 _UPGRADE_ROW = 100  # old rows per new row: a poll's worth of per-point messages
 
 
-def create(db: sqlite3.Connection) -> None:
-    """Create the table if there is none, and move format 1 rows into it."""
+def create(db: sqlite3.Connection, path: Path) -> None:
+    """Create the table if there is none, and move format 1 rows into it (`path`: the file,
+    for the log)."""
     db.execute(SCHEMA)
     old = db.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
     ).fetchone()
     if old is not None:
         try:
-            _upgrade(db)
-        except sqlite3.Error as exc:
+            _upgrade(db, path)
+        except (sqlite3.Error, ValueError, TypeError) as exc:  # a failing disk, a damaged row
             # Nothing is lost: what did not move stays in the old table, and a later open
             # moves it, ahead of the readings stored meanwhile (their ids are higher).
             log.error("buffer upgrade failed, older readings wait in the old table for the next"
-                      " start", error=str(exc))
+                      " start", path=str(path), error=str(exc))
     if db.execute("PRAGMA user_version").fetchone()[0] != FORMAT:
         db.execute(f"PRAGMA user_version = {FORMAT}")
 
 
-def _upgrade(db: sqlite3.Connection) -> None:
+def _upgrade(db: sqlite3.Connection, path: Path) -> None:
     """Move the rows of table `messages` (format 1) into `batches`, then drop it."""
     moved = 0
     while True:
@@ -93,7 +95,7 @@ def _upgrade(db: sqlite3.Connection) -> None:
             break
         moved += len(rows)
     if moved:
-        log.info("buffer upgraded to one row per poll", messages=moved)
+        log.info("buffer upgraded to one row per poll", path=str(path), messages=moved)
 
 
 def _row(group: list[tuple[int, str, bytes, int, int, int]]) -> tuple[int, int, int, int, bytes]:

@@ -113,7 +113,7 @@ class DiskBuffer(Bounds, FullDisk, Spans):
             if str(mode).lower() != "wal":
                 log.warning("buffer not in WAL mode", path=str(self.path), journal_mode=mode)
             self._db.execute("PRAGMA synchronous=NORMAL")
-            create(self._db)
+            create(self._db, self.path)
             rows, count, size, max_id = self._db.execute(
                 "SELECT count(*), coalesce(sum(count), 0), coalesce(sum(bytes), 0),"
                 " coalesce(max(id), 0) FROM batches"
@@ -327,7 +327,7 @@ class DiskBuffer(Bounds, FullDisk, Spans):
 
     def _corrupt(self, id_: int, count: int, exc: CorruptRow) -> None:
         """A row that does not decode: its messages are lost, counted and said, once."""
-        self.lost += count
+        self.lost += max(count, 0)
         log.error("buffer row unreadable, its readings are lost", path=str(self.path), row=id_,
                   messages=count, error=str(exc))
 
