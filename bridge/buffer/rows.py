@@ -70,12 +70,11 @@ def unpack(blob: bytes, count: int) -> tuple[Message, ...]:
     start = _HEAD.size + n * _ITEM.size
     if n != count or n < 1 or start > len(blob):
         raise CorruptRow(f"{n} messages in the row, {count} in its count column")
+    fields = iter(_headers(n).unpack_from(blob, _HEAD.size))
     out: list[Message] = []
     pos = start
     try:
-        for topic_len, payload_len, ts, flags in struct.iter_unpack(
-            "<IIqB", memoryview(blob)[_HEAD.size:start]
-        ):
+        for topic_len, payload_len, ts, flags in zip(fields, fields, fields, fields, strict=True):
             if flags > _FLAGS or flags & 3 == 3:
                 raise CorruptRow(f"flags {flags:#x} are no qos and retain")
             end = pos + topic_len
