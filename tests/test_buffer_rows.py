@@ -97,7 +97,12 @@ def test_an_unreadable_row_is_skipped_logged_once_and_counted_lost(tmp_path: Pat
     for poll in range(3):
         b.put(Message(f"m2m/gw/d/p{i}", b"%d" % (10 * poll + i), 1, False, NOW_MS)
               for i in range(4))
-    b._db.execute("UPDATE batches SET data = x'01ff' WHERE id = 2")
+    b.close()
+    db = sqlite3.connect(tmp_path / "b.db")
+    with db:  # damaged while the bridge was not running: found when the row is read
+        db.execute("UPDATE batches SET data = x'01ff' WHERE id = 2")
+    db.close()
+    b = open_buffer(tmp_path / "b.db")
     with structlog.testing.capture_logs() as logs:
         taken = b.take(100)
         assert b.take(100) == []

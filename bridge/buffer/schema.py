@@ -62,6 +62,18 @@ def create(db: sqlite3.Connection, path: Path) -> None:
         db.execute(f"PRAGMA user_version = {FORMAT}")
 
 
+def totals(db: sqlite3.Connection) -> tuple[int, int, int, int]:
+    """(rows, messages, bytes, the highest id ever given) of what is stored."""
+    rows, messages, size, max_id = db.execute(
+        "SELECT count(*), coalesce(sum(count), 0), coalesce(sum(bytes), 0), coalesce(max(id), 0)"
+        " FROM batches"
+    ).fetchone()
+    seq = db.execute(  # also an old table's, left by a failed upgrade
+        "SELECT max(seq) FROM sqlite_sequence WHERE name IN ('batches', 'messages')"
+    ).fetchone()[0]
+    return rows, messages, size, max(max_id, seq or 0)
+
+
 def _upgrade(db: sqlite3.Connection, path: Path) -> None:
     """Move the rows of table `messages` (format 1) into `batches`, then drop it."""
     moved = 0
