@@ -1,10 +1,10 @@
 """The row format: one put()'s messages (a poll's) packed into one BLOB, and back.
 
-One row per poll rather than one per message: SQLite's cost is per row (a B-tree cell, a
-statement step, a Python tuple each way), so a 100-point poll stored as one row costs the
-buffer about what one message did. The encoding is our own and trivially safe to read from an
-untrusted file (no pickle, no eval): fixed-size little-endian headers, then the bytes they
-count. Version 1:
+One row per poll rather than one per message: much of SQLite's cost is per row (a B-tree
+cell, a statement step, a Python tuple each way), and a 100-point poll stored as one row pays it
+once (bench/buffer.py: a live per-point message 3-5x cheaper). The encoding is our own and
+trivially safe to read from an untrusted file (no pickle, no eval): fixed-size little-endian
+headers, then the bytes they count. Version 1:
 
     version: u8 = 1 | count: u32 | count x (topic_len: u32, payload_len: u32, ts: i64,
     flags: u8) | the topics and payloads, in message order (topic 0, payload 0, topic 1, ...)
