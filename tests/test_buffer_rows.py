@@ -193,13 +193,13 @@ def test_an_upgrade_cut_short_loses_nothing_and_finishes_at_the_next_open(
     real = bridge.buffer.schema._row
     calls = 0
 
-    def failing(group: list[tuple[int, str, bytes, int, int, int]]
+    def failing(group: list[tuple[int, str, bytes, int, int, int]], shift: int
                 ) -> tuple[int, int, int, int, bytes]:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise sqlite3.OperationalError("disk I/O error")
-        return real(group)
+        return real(group, shift)
 
     monkeypatch.setattr(bridge.buffer.schema, "_row", failing)
     with structlog.testing.capture_logs() as logs:
@@ -216,4 +216,28 @@ def test_an_upgrade_cut_short_loses_nothing_and_finishes_at_the_next_open(
     taken = b.take(10_000)
     assert [m for s in taken for m in s.messages] == [
         *backlog, Message("m2m/gw/new", b"new", 1, False, NOW_MS + 1000)]
+    b.close()
+
+
+def test_a_downgrade_and_upgrade_again_loses_nothing(tmp_path: Path) -> None:
+    """An older version run on an upgraded file makes its one-row-per-message table again,
+    with ids from 1, beside the rows it cannot see; the next upgrade puts its readings after
+    them, each once."""
+    path = tmp_path / "buffer.sqlite3"
+    b = open_buffer(path)
+    newer = backlog_of(60)
+    for i in range(0, 60, 10):
+        b.put(newer[i : i + 10])  # rows 1-6: the old ids 1-5 would clash
+    b.close()
+    later = [Message("m2m/gw/old/p", b"%d" % n, 1, False, NOW_MS + 1000 + n) for n in range(5)]
+    db = sqlite3.connect(path, isolation_level=None)  # the older version, as it would
+    db.execute(FORMAT_1.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
+    db.executemany("INSERT INTO messages (topic, payload, qos, retain, ts) VALUES (?, ?, ?, ?, ?)",
+                   [(m.topic, m.payload, m.qos, int(m.retain), m.ts) for m in later])
+    db.close()
+    b = open_buffer(path)
+    assert len(b) == 65
+    taken = b.take(10_000)
+    assert [m for s in taken for m in s.messages] == newer + later
+    assert b.last_id() == 11
     b.close()

@@ -9,7 +9,9 @@ which inserts the new rows and deletes the old ones, so a crash midway leaves ev
 exactly one of the tables (the next open carries on) and a nearly full disk needs room for one
 chunk, not for a second copy of the backlog. Old rows are grouped `_UPGRADE_ROW` to a row (they
 no longer say which poll they came from), keeping their order; a row takes its last message's
-old id, so ids keep growing.
+old id, so ids keep growing. Only if an older version ran on this file meanwhile (a downgrade:
+it made its table again, with ids from 1) would old ids clash with stored rows; then the old
+rows go after every stored one, in their order.
 """
 
 from __future__ import annotations
@@ -80,12 +82,13 @@ def _upgrade(db: sqlite3.Connection, path: Path) -> None:
     while True:
         db.execute("BEGIN IMMEDIATE")
         try:
+            shift = _shift(db)
             rows = db.execute(
                 "SELECT id, topic, payload, qos, retain, ts FROM messages ORDER BY id LIMIT ?",
                 (_UPGRADE_CHUNK,),
             ).fetchall()
             if rows:
-                db.executemany(INSERT, [_row(rows[i : i + _UPGRADE_ROW])
+                db.executemany(INSERT, [_row(rows[i : i + _UPGRADE_ROW], shift)
                                         for i in range(0, len(rows), _UPGRADE_ROW)])
                 db.execute("DELETE FROM messages WHERE id <= ?", (rows[-1][0],))
             else:
@@ -110,8 +113,22 @@ def _upgrade(db: sqlite3.Connection, path: Path) -> None:
         log.info("buffer upgraded to one row per poll", path=str(path), messages=moved)
 
 
-def _row(group: list[tuple[int, str, bytes, int, int, int]]) -> tuple[int, int, int, int, bytes]:
+def _shift(db: sqlite3.Connection) -> int:
+    """What to add to the old ids so they clash with no stored row: 0, unless a stored row's id
+    lies within the old table's ids (a downgraded version wrote it): then past every row."""
+    clash = db.execute(
+        "SELECT max(id) FROM batches WHERE EXISTS (SELECT 1 FROM batches WHERE id BETWEEN"
+        " (SELECT min(id) FROM messages) AND (SELECT max(seq) FROM sqlite_sequence"
+        " WHERE name = 'messages'))"
+    ).fetchone()[0]
+    if clash is None:
+        return 0
+    return int(clash) - int(db.execute("SELECT min(id) FROM messages").fetchone()[0]) + 1
+
+
+def _row(group: list[tuple[int, str, bytes, int, int, int]], shift: int
+         ) -> tuple[int, int, int, int, bytes]:
     messages = [Message(topic, bytes(payload), qos, bool(retain), ts)
                 for _, topic, payload, qos, retain, ts in group]
     blob, size = pack(messages)
-    return group[-1][0], len(messages), size, min(m.ts for m in messages), blob
+    return group[-1][0] + shift, len(messages), size, min(m.ts for m in messages), blob
