@@ -148,6 +148,11 @@ async def test_store_and_forward_across_a_nats_restart(
             async with recording(broker_port, f"{PREFIX}/#", session="rec") as rec:
                 await rec.wait_for(lambda: any(v["ts"] > restarted + 1000
                                                for v in rec.values(topic)))
+                # The reconnect may come well after the restart (its back-off, a slow
+                # machine): the backlog is replayed beside live readings, so wait until it is
+                # (what is left is at most a poll or two in flight) before the clean stop.
+                await until(lambda: _drained(metrics_port, daemon),
+                            what="the backlog to be replayed")
                 daemon.signal(signal.SIGTERM)
                 assert await asyncio.to_thread(daemon.wait) == 0, daemon.output()
                 assert [e["left_in_buffer"] for e in daemon.events("bridge stopped")] == [0]
@@ -172,6 +177,11 @@ async def test_store_and_forward_across_a_nats_restart(
     connects = daemon.events("broker connected")
     assert [e["protocol"] for e in connects] == ["3.1.1"] * len(connects), daemon.output()
     assert len(daemon.events(FALLBACK)) == 1, daemon.output()  # remembered across reconnects
+
+
+async def _drained(port: int, daemon: Daemon) -> bool:
+    daemon.running()
+    return (await metrics(port)).get("m2m_buffer_messages", 1e9) <= 4  # two polls of 2 points
 
 
 async def _polled(port: int, count: float, daemon: Daemon) -> bool:
