@@ -436,6 +436,31 @@ async def cli(
     return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
 
 
+def assert_usage_error(r: subprocess.CompletedProcess[str], needle: str) -> None:
+    """A usage error as the CLI says them: exit 2, one line on stderr naming `needle`,
+    nothing on stdout."""
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stdout == ""
+
+
+@contextlib.contextmanager
+def rtu_line(config: Config, directory: Path, *, baud: int = 19200, line: str = "bus"
+             ) -> Iterator[str]:
+    """The config's devices on its serial link `line`, served on a pty paced at `baud`: the
+    URL the CLI reaches them by."""
+    from bridge.sim.serial import SerialSimulator
+
+    sim = SerialSimulator(config, Simulator(config, seed=1), baud=baud, directory=directory,
+                          seed=1)
+    sim.start()
+    try:
+        yield f"rtu://{sim.lines[line].path}?baudrate={baud}"
+    finally:
+        sim.stop()
+
+
 VOLTAGE = 229.75  # what the `voltage_device` fixture serves
 
 

@@ -15,9 +15,7 @@ import pytest
 import yaml
 
 from bridge.config import load_config
-from bridge.sim.serial import SerialSimulator
-from bridge.sim.tcp import Simulator
-from tests.helpers import cli, free_port, simulated
+from tests.helpers import assert_usage_error, cli, free_port, rtu_line, simulated
 
 VOLTS = 230.5
 
@@ -59,14 +57,8 @@ async def tcp(tmp_path: Path) -> AsyncIterator[str]:
 @pytest.fixture
 def rtu(tmp_path: Path) -> Iterator[str]:
     """The RTU units on a pty paced at 19200 baud."""
-    config = load_config(write_config(tmp_path, free_port()))
-    sim = SerialSimulator(config, Simulator(config, seed=1), baud=19200,
-                          directory=tmp_path / "ptys", seed=1)
-    sim.start()
-    try:
-        yield f"rtu://{sim.lines['bus'].path}?baudrate=19200"
-    finally:
-        sim.stop()
+    with rtu_line(load_config(write_config(tmp_path, free_port())), tmp_path / "ptys") as url:
+        yield url
 
 
 @pytest.mark.integration
@@ -198,8 +190,4 @@ async def test_probe_over_rtu(rtu: str) -> None:
 )
 @pytest.mark.integration
 async def test_bad_arguments_exit_2(args: list[str], needle: str) -> None:
-    r = await cli(*args)
-    assert r.returncode == 2, r.stderr
-    assert needle in r.stderr
-    assert r.stderr.count("\n") == 1
-    assert r.stdout == ""
+    assert_usage_error(await cli(*args), needle)

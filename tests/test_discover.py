@@ -26,11 +26,9 @@ from bridge.core.recognition import (
     vendor_maps,
 )
 from bridge.sim.run import library_config
-from bridge.sim.serial import SerialSimulator
 from bridge.sim.sunspec import MANUFACTURER, MODEL
-from bridge.sim.tcp import Simulator
 from bridge.tools.discover import library_devices
-from tests.helpers import cli, free_port, simulated
+from tests.helpers import assert_usage_error, cli, free_port, rtu_line, simulated
 
 LIBRARY = library_devices()
 
@@ -163,13 +161,8 @@ async def tcp() -> AsyncIterator[str]:
 def rtu(tmp_path: Path) -> Iterator[str]:
     """Units 1-4 as over TCP on a pty paced at 19200 baud; unit 5 dead."""
     config = served({"name": "bus", "type": "rtu", "port": "/dev/null", "baudrate": 19200})
-    sim = SerialSimulator(config, Simulator(config, seed=1), baud=19200,
-                          directory=tmp_path / "ptys", seed=1)
-    sim.start()
-    try:
-        yield f"rtu://{sim.lines['bus'].path}?baudrate=19200"
-    finally:
-        sim.stop()
+    with rtu_line(config, tmp_path / "ptys") as url:
+        yield url
 
 
 EXPECTED = {
@@ -294,11 +287,7 @@ async def test_discover_of_only_dead_units_is_exit_1(rtu: str, tmp_path: Path) -
     (["discover"], "url"),
 ])
 async def test_discover_usage_errors_exit_2(args: list[str], needle: str) -> None:
-    r = await cli(*args)
-    assert r.returncode == 2, r.stderr
-    assert needle in r.stderr
-    assert r.stderr.count("\n") == 1
-    assert r.stdout == ""
+    assert_usage_error(await cli(*args), needle)
 
 
 @pytest.mark.integration

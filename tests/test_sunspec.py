@@ -27,10 +27,8 @@ from bridge.core.sunspec import (
     decode_model,
     model_definition,
 )
-from bridge.sim.serial import SerialSimulator
 from bridge.sim.sunspec import MANUFACTURER, MODEL, sunspec_config, sunspec_points
-from bridge.sim.tcp import Simulator
-from tests.helpers import cli, free_port, simulated
+from tests.helpers import assert_usage_error, cli, free_port, rtu_line, simulated
 
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -280,14 +278,8 @@ def rtu_config() -> Config:
 
 @pytest.fixture
 def rtu(tmp_path: Path) -> Iterator[str]:
-    config = rtu_config()
-    sim = SerialSimulator(config, Simulator(config, seed=1), baud=19200,
-                          directory=tmp_path / "ptys", seed=1)
-    sim.start()
-    try:
-        yield f"rtu://{sim.lines['bus'].path}?baudrate=19200"
-    finally:
-        sim.stop()
+    with rtu_line(rtu_config(), tmp_path / "ptys") as url:
+        yield url
 
 
 @pytest.mark.integration
@@ -377,11 +369,7 @@ async def test_sunspec_over_rtu_with_a_dead_unit(rtu: str) -> None:
     (["simulate", "--sunspec", "--map", "library:abb-b23"], "not allowed with"),
 ])
 async def test_sunspec_usage_errors_exit_2(args: list[str], needle: str) -> None:
-    r = await cli(*args)
-    assert r.returncode == 2, r.stderr
-    assert needle in r.stderr
-    assert r.stderr.count("\n") == 1
-    assert r.stdout == ""
+    assert_usage_error(await cli(*args), needle)
 
 
 @pytest.mark.integration
