@@ -163,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _scan_args(parser: argparse.ArgumentParser, *, timeout_help: str) -> None:
+    """The link and the unit ids a scan (scan, discover) asks."""
+    parser.add_argument("url", help="link URL (tcp://host[:port], rtu:///dev/ttyUSB0?baudrate=…)")
+    parser.add_argument("--units", default="1-247", metavar="LIST",
+                        help="unit ids and ranges, e.g. 1-10,20,30-32 (default 1-247)")
+    parser.add_argument("--timeout", type=argtypes.duration, default=0.2, metavar="T",
+                        help=timeout_help)
+
+
 def _commissioning_args(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     """scan, identify, probe and sunspec: finding out what is on a link, without a config."""
     scan = command(
@@ -170,11 +179,7 @@ def _commissioning_args(command: Callable[[str, str, str], argparse.ArgumentPars
         "m2m-bridge scan 'rtu:///dev/ttyUSB0?baudrate=9600' --units 1-247 --timeout 100ms\n"
         "         m2m-bridge scan tcp://192.168.1.20 --units 1-10,20,30-32 --json",
     )
-    scan.add_argument("url", help="link URL (tcp://host[:port], rtu:///dev/ttyUSB0?baudrate=…)")
-    scan.add_argument("--units", default="1-247", metavar="LIST",
-                      help="unit ids and ranges, e.g. 1-10,20,30-32 (default 1-247)")
-    scan.add_argument("--timeout", type=argtypes.duration, default=0.2, metavar="T",
-                      help="wait for each unit, e.g. 100ms or 0.5 (default 200ms)")
+    _scan_args(scan, timeout_help="wait for each unit, e.g. 100ms or 0.5 (default 200ms)")
     scan.add_argument("--json", action="store_true",
                       help='print only JSON: [{"unit": N, "answer": …, "ms": …}]')
 
@@ -238,12 +243,9 @@ def _commissioning_args(command: Callable[[str, str, str], argparse.ArgumentPars
         "m2m-bridge discover 'rtu:///dev/ttyUSB0?baudrate=9600' --units 1-20 -o bridge.yaml\n"
         "         m2m-bridge discover tcp://192.168.1.20 --units 1-10 --json",
     )
-    discover.add_argument("url", help="link URL (tcp://host[:port], rtu:///dev/ttyUSB0?…)")
-    discover.add_argument("--units", default="1-247", metavar="LIST",
-                          help="unit ids and ranges, e.g. 1-10,20,30-32 (default 1-247)")
-    discover.add_argument("--timeout", type=argtypes.duration, default=0.2, metavar="T",
-                          help="the scan's wait for each unit, e.g. 100ms (default 200ms); the "
-                               "questions to units that answered wait at least 1s")
+    _scan_args(discover, timeout_help="the scan's wait for each unit, e.g. 100ms (default "
+                                      "200ms); the questions to units that answered wait at "
+                                      "least 1s")
     discover.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
                           help="write the config here (SunSpec maps go to maps/ beside it); "
                                "default: print it, with the table on stderr")
