@@ -371,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--units", type=int, default=10, help="devices, unit ids 1..N (default 10)")
     parser.add_argument("--registers", type=int, default=100,
                         help="uint16 holding points per device, addresses 0..N-1 (default 100)")
+    parser.add_argument("--max-inflight", type=int, default=20, metavar="N",
+                        help="mosquitto's max_inflight_messages, the Receive Maximum it gives "
+                             "the daemon: QoS 1 messages unacknowledged at once (its default 20)")
     parser.add_argument("--max-topic-alias", type=int, default=10, metavar="N",
                         help="MQTT 5 topic aliases mosquitto allows a client (its default 10; "
                              "per-point messages use one per topic while they last)")
@@ -400,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="m2m-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        with mosquitto(tmp, f"max_topic_alias {args.max_topic_alias}\n") as broker:
+        with mosquitto(tmp, f"max_topic_alias {args.max_topic_alias}\n"
+                            f"max_inflight_messages {args.max_inflight}\n") as broker:
             device_port = free_port()
             configs = {
                 mode: write_config(tmp / f"{mode}.yaml", broker=broker.port, device=device_port,
