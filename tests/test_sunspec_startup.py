@@ -8,7 +8,6 @@ the daemon as a process against the simulated inverter (bridge.sim.sunspec) and 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import signal
@@ -249,7 +248,9 @@ async def test_the_daemon_maps_a_sunspec_device_at_start_and_caches_its_map(
         sim.set_value("inverter", "m103_Hz_SF", -3)
         await seen.wait_for(lambda: _readings(seen, "m103_Hz")[-1] == 5.001)
         sim.set_value("inverter", "m103_Hz_SF", -0x8000)  # not implemented: no value, no crash
-        await asyncio.sleep(0.5)  # a poll already under way may still read the old factor
+        # A poll already under way may still read the old factor: count from two polls on.
+        watts = len(_readings(seen, "m103_W"))
+        await seen.wait_for(lambda: len(_readings(seen, "m103_W")) >= watts + 2)
         hertz, watts = len(_readings(seen, "m103_Hz")), len(_readings(seen, "m103_W"))
         await seen.wait_for(lambda: len(_readings(seen, "m103_W")) > watts + 2)
         assert len(_readings(seen, "m103_Hz")) == hertz
