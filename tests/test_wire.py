@@ -71,14 +71,18 @@ async def test_publishes_qos0_and_qos1_in_order_byte_for_byte(broker: Broker) ->
         packet_id = client.publish_nowait(*sent[3])
         assert packet_id is None
         await client.publish_batch(sent[4:])
-        await recorder.wait_for(lambda: len(recorder.messages) >= len(sent))
-        await asyncio.sleep(0.5)  # negative check: a duplicate would have arrived by now
-        assert [(t, p) for t, p, _ in recorder.messages] == [(t, p) for t, p, _, _ in sent]
+        # Negative check: a duplicate of any of them would arrive before a marker sent after
+        # them on the same connection (the broker keeps one client's messages in order).
+        await client.publish_batch([(f"{TOPIC}/end", b"", 1, False)])
+        await recorder.wait_for(lambda: recorder.payloads(f"{TOPIC}/end"))
+        assert [(t, p) for t, p, _ in recorder.messages[:-1]] == [(t, p) for t, p, _, _ in sent]
     # The retained ones are kept by the broker, byte for byte.
-    async with recording(broker.port, f"{TOPIC}/#") as later:
-        await later.wait_for(lambda: len(later.messages) >= 2)
-        await asyncio.sleep(0.5)  # negative check: a third retained message would be here
-        assert sorted(later.messages) == [
+    async with recording(broker.port, f"{TOPIC}/#") as later, connected(broker.port) as client:
+        # Negative check: the broker sends every retained message on subscribe, so a third
+        # would arrive before a marker published after the subscription.
+        await client.publish_batch([(f"{TOPIC}/end", b"", 1, False)])
+        await later.wait_for(lambda: later.payloads(f"{TOPIC}/end"))
+        assert sorted(m for m in later.messages if m[0] != f"{TOPIC}/end") == [
             (f"{TOPIC}/c", b'{"value": 230.5}', True), (f"{TOPIC}/e", b"retained qos 0", True)
         ]
 
