@@ -5,7 +5,6 @@ A row is one put()'s messages (a poll's): taken, acknowledged, requeued and drop
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sqlite3
@@ -160,16 +159,18 @@ def test_after_and_upto_select_a_window(buf: DiskBuffer) -> None:
     assert ids(buf.take(100)) == [5]
 
 
-async def test_wait_returns_once_something_is_not_in_flight(buf: DiskBuffer) -> None:
-    """wait() blocks while everything is in flight, and returns on put or requeue."""
+def test_on_ready_is_called_once_something_can_be_taken(buf: DiskBuffer) -> None:
+    """The publisher's wake-up: put and requeue call `on_ready` when a row can be taken
+    (what `available()` says); nothing calls it while everything is in flight."""
+    calls: list[bool] = []
+    buf.on_ready = lambda: calls.append(buf.available())
     buf.put([msg(1)])
-    await asyncio.wait_for(buf.wait(), 1)
+    assert calls == [True]
     taken = buf.take(10)
-    waiter = asyncio.create_task(buf.wait())
-    await asyncio.sleep(0.01)  # negative check: a waiter that did not block is done by now
-    assert not waiter.done()
+    assert not buf.available()
+    assert calls == [True]
     buf.requeue(ids(taken))
-    await asyncio.wait_for(waiter, 1)
+    assert calls == [True, True]
 
 
 # --- restarts --------------------------------------------------------------------------------

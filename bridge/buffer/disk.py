@@ -9,7 +9,6 @@ directly while one is connected, else is lost.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sqlite3
@@ -54,14 +53,12 @@ class FullDisk:
     _full: bool
     _freed: int
     _direct: deque[Message]
-    _ready: asyncio.Event
-    # Called whenever a row becomes available to take (the publisher's wake-up), beside
-    # `_ready`: a callback costs the waiting publisher no task of its own per wait.
+    # Called whenever a row becomes available to take: the publisher's wake-up (a callback,
+    # so a waiting publisher costs no task of its own per wait).
     on_ready: Callable[[], None] | None
 
     def _signal(self) -> None:
         """Something can be taken now: wake whoever waits."""
-        self._ready.set()
         if self.on_ready is not None:
             self.on_ready()
 

@@ -9,7 +9,6 @@ the in-flight spans take() skips (bridge.buffer.spans).
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import contextlib
 import json
@@ -139,7 +138,6 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         # without reading the rows. A hint only: take() also filters on _inflight.
         self._starts: list[int] = []
         self._ends: list[int] = []
-        self._ready = asyncio.Event()
         self.on_ready = None
         self._last_sync = time.monotonic()
         self._dropping = False
@@ -260,12 +258,6 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         return result
 
     # --- publishing side --------------------------------------------------------------------
-
-    async def wait(self) -> None:
-        """Return once there is a stored row that is not in flight."""
-        while not self.available():
-            self._ready.clear()
-            await self._ready.wait()
 
     def take(self, limit: int, *, after: int = 0, upto: int | None = None) -> list[Stored]:
         """The oldest rows with `after < id <= upto` not in flight, whole, up to `limit`
