@@ -139,7 +139,14 @@ async def test_watchdog_pings_stop_when_a_loop_is_stuck(
         monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
         healthy = Activity("poller", bound=10)
         hung = Activity("publisher", bound=0.2)
-        task = asyncio.create_task(watchdog(lambda: [healthy, hung], 0.05))
+        rounds = 0
+
+        def activities() -> list[Activity]:  # the watchdog asks once a round: counts them
+            nonlocal rounds
+            rounds += 1
+            return [healthy, hung]
+
+        task = asyncio.create_task(watchdog(activities, 0.05))
         pings: list[str] = []
 
         def pinged(times: int) -> bool:
@@ -152,8 +159,9 @@ async def test_watchdog_pings_stop_when_a_loop_is_stuck(
             await until(lambda: any("withholding" in e["event"] for e in logs),
                         what="the watchdog to see the stuck loop")
             drain(sock)  # pings from the rounds before
-            # Negative check: ten rounds (0.05 s apart) would have pinged by now; nothing may.
-            await asyncio.sleep(0.5)
+            # Negative check: ten more rounds, none of which may ping.
+            since = rounds + 1  # the round under way may have pinged before it looked
+            await until(lambda: rounds >= since + 10, what="ten watchdog rounds")
             assert drain(sock) == []
         pings.clear()
         await until(lambda: pinged(1), what="pings to resume once the loop made progress")
