@@ -108,6 +108,7 @@ class Contender:
     label: str  # the table's row
     ours: bool
     launch: Callable[[Workload, contextlib.ExitStack], Launched]
+    floor: bool = False  # bench/floor.py: no product, the least any asyncio loop can spend
 
 
 # --- peer virtualenvs ---------------------------------------------------------------------------
@@ -278,6 +279,16 @@ def launch_ours(work: Workload, stack: contextlib.ExitStack, *, mode: str, qos: 
     return Launched([daemon], [log], Counter(pipeline.VALUES_IN[mode]), pipeline.TOPICS)
 
 
+def launch_floor(work: Workload, stack: contextlib.ExitStack, *, mode: str) -> Launched:
+    log = work.tmp / f"floor-{mode}.log"
+    child = stack.enter_context(process(
+        [pipeline.PYTHON, str(Path(__file__).with_name("floor.py")), "--mode", mode,
+         "--units", str(work.units), "--registers", str(work.registers),
+         "--serve", str(work.broker), str(work.device)], log))
+    counted = "per-device" if mode == "per-device" else "per-point"
+    return Launched([child], [log], Counter(pipeline.VALUES_IN[counted]), pipeline.TOPICS)
+
+
 CONTENDERS = [
     Contender("modbus4mqtt", "modbus4mqtt 0.7.1 per-point QoS 0 (a process per unit)", False,
               launch_modbus4mqtt),
@@ -291,6 +302,12 @@ CONTENDERS = [
               lambda work, stack: launch_ours(work, stack, mode="per-point", qos=1)),
     Contender("device-qos1", "m2m-bridge per-device QoS 1", True,
               lambda work, stack: launch_ours(work, stack, mode="per-device", qos=1)),
+    Contender("floor-point-qos0", "floor (bench/floor.py) per-point QoS 0", False,
+              lambda work, stack: launch_floor(work, stack, mode="per-point-qos0"), floor=True),
+    Contender("floor-point-qos1", "floor (bench/floor.py) per-point QoS 1", False,
+              lambda work, stack: launch_floor(work, stack, mode="per-point-qos1"), floor=True),
+    Contender("floor-device", "floor (bench/floor.py) per-device QoS 1", False,
+              lambda work, stack: launch_floor(work, stack, mode="per-device"), floor=True),
 ]
 
 
@@ -457,8 +474,8 @@ def rss_cell(result: Result) -> str:
 
 
 def print_table(rows: list[Row], failed: dict[str, str], expected: float) -> None:
-    best = min((row for row in rows if not row.contender.ours), key=lambda row: row.us_per_value,
-               default=None)
+    peers = [row for row in rows if not (row.contender.ours or row.contender.floor)]
+    best = min(peers, key=lambda row: row.us_per_value, default=None)
     repeat = max((len(row.runs) for row in rows), default=1)
     print()
     if repeat > 1:
@@ -466,7 +483,7 @@ def print_table(rows: list[Row], failed: dict[str, str], expected: float) -> Non
     print("| contender | values/s | µs/value | RSS MiB | B/value | best peer ÷ this |")
     print("|---|--:|--:|--:|--:|--:|")
     for row in rows:
-        ratio = ("" if best is None or not row.contender.ours
+        ratio = ("" if best is None or not (row.contender.ours or row.contender.floor)
                  else f"{best.us_per_value / row.us_per_value:.2f}x")
         print(f"| {row.contender.label} | {row.rate:.0f} | {row.us_cell} | {row.rss_cell} | "
               f"{fmt(row.bytes_per_value)} | {ratio} |")
@@ -478,18 +495,26 @@ def print_table(rows: list[Row], failed: dict[str, str], expected: float) -> Non
         print(f"best peer: {best.contender.label}, {fmt(best.us_per_value)} µs/value; "
               f"\"best peer ÷ this\" > 1 means m2m-bridge spends less CPU per value")
     by_name = {row.contender.name: row for row in rows}
-    targets = [  # DESIGN.md "Performance model": (ours, the peer's best of, target, factor)
-        ("point-qos0", ["modbus4mqtt"], "per-point at most 1/4 of modbus4mqtt's CPU per value",
-         4.0),
-        ("device-qos1", ["tb-range", "tb-tags"],
+    targets = [  # DESIGN.md "Performance model": (ours, floor, the peer's best of, text, factor)
+        ("point-qos0", "floor-point-qos0", ["modbus4mqtt"],
+         "per-point QoS 0 at most 1/4 of modbus4mqtt's CPU per value", 4.0),
+        ("point-qos1", "floor-point-qos1", ["modbus4mqtt"],
+         "per-point QoS 1 at most 1/4 of modbus4mqtt's CPU per value", 4.0),
+        ("device-qos1", "floor-device", ["tb-range", "tb-tags"],
          "per-device at least 30x cheaper than ThingsBoard's best", 30.0),
     ]
-    for ours, peer_names, text, factor in targets:
+    for ours, floor, peer_names, text, factor in targets:
         theirs = [by_name[name].us_per_value for name in peer_names if name in by_name]
-        if ours in by_name and theirs:
+        if not theirs:
+            continue
+        if ours in by_name:
             times = min(theirs) / by_name[ours].us_per_value
             verdict = "met" if times >= factor else "not met"
             print(f"target: {text}: {times:.2f}x cheaper ({verdict})")
+        if floor in by_name:  # the most any design could reach on this machine
+            times = min(theirs) / by_name[floor].us_per_value
+            print(f"  on this machine the floor is {times:.2f}x cheaper: the target is "
+                  f"{'within reach' if times >= factor else 'below the floor'}")
     for row in rows:
         if row.rate < 0.9 * expected:
             print(f"note: {row.contender.name} delivered {row.rate:.0f} values/s of the "
