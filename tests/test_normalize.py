@@ -6,8 +6,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from bridge.core.codec import Value
 from bridge.core.normalize import BadValue, ChangeFilter, engineering
+from bridge.core.scalefactors import normalize_all
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,8 @@ class P:
     offset: float = 0
     precision: int | None = None
     values: Mapping[int, str] | None = None
+    name: str = "p"
+    scale_from: str | None = None
 
 
 class TestEngineering:
@@ -57,6 +63,32 @@ class TestEngineering:
         """NaN cannot be published as JSON: it is refused, to be counted."""
         with pytest.raises(BadValue):
             engineering(P(), float("nan"))
+
+
+    @given(
+        scale=st.sampled_from([1, 1.0, 0.1, 2, -1]),
+        offset=st.sampled_from([0, 0.0, -40, 0.5]),
+        precision=st.sampled_from([None, 0, 2]),
+        values=st.sampled_from([None, {0: "off", 1: "on"}]),
+        raw=st.one_of(st.integers(-(2**63), 2**64), st.floats(), st.booleans(), st.text()),
+    )
+    def test_a_poll_normalises_as_each_value_alone(
+        self, scale: float, offset: float, precision: int | None,
+        values: Mapping[int, str] | None, raw: Value,
+    ) -> None:
+        """normalize_all (a poll's values; its shortcut for integers published as read) gives
+        what engineering() gives each value, type included, and counts what it refuses."""
+        point = P(scale=scale, offset=offset, precision=precision, values=values)
+        into: dict[str, Value] = {}
+        bad = normalize_all([(point, raw)], into)
+        try:
+            expected = engineering(point, raw)
+        except BadValue:
+            assert (bad, into) == (1, {})
+            return
+        assert bad == 0
+        assert into == {"p": expected}
+        assert type(into["p"]) is type(expected)
 
 
 class TestChangeFilter:
