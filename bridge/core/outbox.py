@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bridge.config import Device, MqttSettings, Point
+from bridge.config import Device, MqttSettings
 from bridge.core.codec import Value
 from bridge.core.messages import Format, Message, PointPayload, Topics, device_payload
 from bridge.core.normalize import ChangeFilter
@@ -21,9 +21,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class _Out:
-    """Per point, everything publishing needs, computed once."""
+    """Per point, everything a per-point message needs, computed once."""
 
-    point: Point
     topic: str
     payload: PointPayload
 
@@ -43,10 +42,15 @@ class Outbox:
         topics = Topics(mqtt.topic_prefix)
         self._device_topic = topics.device(device.name)
         fmt: Format = "value" if mqtt.format == "value" else "json"
+        # A topic and payload prefix per point only where messages are per point: at 500
+        # devices x 30 points they are ~6 MiB a per-device or Sparkplug daemon does not use.
+        per_point = not self._per_device and mqtt.format != "sparkplug"
         self._out = {
-            p.name: _Out(p, topics.point(device.name, p.name), PointPayload(p.unit, fmt))
+            p.name: _Out(topics.point(device.name, p.name), PointPayload(p.unit, fmt))
             for p in device.points
-        }
+        } if per_point else {}
+        self._deadbands = (
+            {p.name: p.deadband for p in device.points} if device.report == "on-change" else {})
         # format: sparkplug: DDATA (without seq: bridge.core.sparkplug_stored) instead of JSON.
         # Imported only then: protobuf is ~2.3 MiB of RSS a JSON daemon need not hold.
         self._sparkplug: DeviceData | None = None
@@ -65,7 +69,7 @@ class Outbox:
             values = {
                 name: v
                 for name, v in values.items()
-                if changes.passes(name, v, now, self._out[name].point.deadband, self._heartbeat)
+                if changes.passes(name, v, now, self._deadbands[name], self._heartbeat)
             }
         return self.build(values, ts)
 
@@ -112,5 +116,5 @@ class Outbox:
     def forget(self) -> None:
         """After the device was offline, publish every point's next reading whatever it is."""
         if self._changes is not None:
-            for name in self._out:
+            for name in self._deadbands:
                 self._changes.forget(name)

@@ -77,7 +77,6 @@ class _Target:
     device: Device
     point: Point
     readback: ReadRequest | None  # None: the point cannot be written (refused before I/O)
-    outbox: Outbox  # the device's: read-backs are published exactly as its polls are
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,14 +133,16 @@ class CommandHandler:
             if modbus_link(config, device) is None:
                 self._lines.add(device.name)
                 continue
-            outbox = Outbox(device, config.mqtt)
-            if aliases is not None:
-                outbox.use_metrics(aliases.device(device.name))
             for point in device.points:
                 self._targets[self._topics.command(device.name, point.name)] = _Target(
-                    device, point, readback_or_none(point), outbox
+                    device, point, readback_or_none(point)
                 )
         self._outboxes = outboxes
+        # A device's own Outbox for read-backs when no poller lends its own (`outboxes`):
+        # built at its first write, as most devices are never written to.
+        self._mqtt = config.mqtt
+        self._aliases = aliases
+        self._fallback: dict[str, Outbox] = {}
         self._last_write: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -234,10 +235,20 @@ class CommandHandler:
             except BridgeError as exc:
                 return _Outcome(False, error=f"write failed: {exc}", kind="failed")
 
-        outbox = (self._outboxes(target.device.name) if self._outboxes else None) or target.outbox
+        outbox = (self._outboxes(target.device.name) if self._outboxes else None) or self._outbox(
+            target.device)
         self.emit(outbox.readback({target.point.name: read}, time.time_ns() // 1_000_000,
                                   time.monotonic()))
         return _Outcome(True, value=read)
+
+    def _outbox(self, device: Device) -> Outbox:
+        """The device's read-back Outbox when no running poller lends one."""
+        outbox = self._fallback.get(device.name)
+        if outbox is None:
+            outbox = self._fallback[device.name] = Outbox(device, self._mqtt)
+            if self._aliases is not None:
+                outbox.use_metrics(self._aliases.device(device.name))
+        return outbox
 
     # --- Sparkplug DCMD (bridge.mqtt.sparkplug parses and checks; no result topic) ---------
 
