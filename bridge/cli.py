@@ -39,12 +39,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"m2m-bridge: {message} (see '{self.prog} --help')\n")
 
 
-def _load(path: Path, *, check_state_dir: bool = False) -> Config:
-    """The config at `path`; from here on its secret values never reach output or logs."""
-    from bridge.config import load_config
+def _load(path: Path, *, check_state_dir: bool = False, apart: bool = False) -> Config:
+    """The config at `path`; from here on its secret values never reach output or logs.
+    `apart`: read in a child process, whose load peak the daemon need not keep
+    (bridge.config.apart)."""
     from bridge.logs import redact_secrets
 
-    config = load_config(path, check_state_dir=check_state_dir)
+    if apart:
+        from bridge.config.apart import load_config_apart
+
+        config = load_config_apart(path, check_state_dir=check_state_dir)
+    else:
+        from bridge.config import load_config
+
+        config = load_config(path, check_state_dir=check_state_dir)
     redact_secrets(config.secrets)
     return config
 
@@ -400,7 +408,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bridge.service import Service
 
     # A bad config or an unusable state_dir stops here (exit 78), before any device is touched.
-    config = _load(args.config, check_state_dir=True)
+    config = _load(args.config, check_state_dir=True, apart=True)
     asyncio.run(run_daemon(args.config, Service(config)))
     return EXIT_OK
 

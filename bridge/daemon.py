@@ -25,7 +25,7 @@ from typing import Any, TypeVar, cast
 
 import structlog
 
-from bridge.config import load_config
+from bridge.config.apart import load_config_apart
 from bridge.errors import BridgeError, ConfigError
 from bridge.health import Activity
 from bridge.logs import redact_secrets
@@ -152,7 +152,7 @@ async def reload(config_path: Path, service: Service) -> None:
         # No state_dir check: a new state_dir only applies at a restart, and a full state disk
         # (which the buffer rides out) must not refuse a reload.
         async with asyncio.timeout(RELOAD_DEADLINE):  # keeps a stop's cancel, unlike wait_for
-            new = await _off_loop(lambda: load_config(config_path))
+            new = await _off_loop(lambda: load_config_apart(config_path))
         for warning in new.warnings:
             log.warning("config warning", issue=str(warning))
         # Connections made with the old values may still fail and say so: keep both.

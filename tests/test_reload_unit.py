@@ -172,6 +172,7 @@ async def test_a_point_made_writable_takes_commands_at_once(
     assert "127.0.0.1:1" in answer["error"]
 
 
+@pytest.mark.integration  # the reload reads the file in a child process
 async def test_a_broken_file_keeps_the_running_config(
     service: Service, tmp_path: Path
 ) -> None:
@@ -188,6 +189,7 @@ async def test_a_broken_file_keeps_the_running_config(
     assert any("bridge.yaml" in str(e.get("issue", "")) for e in logs)
 
 
+@pytest.mark.integration  # the reload reads the file in a child process
 async def test_a_good_file_is_applied_and_its_changes_logged(
     service: Service, tmp_path: Path
 ) -> None:
