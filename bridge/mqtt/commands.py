@@ -119,7 +119,10 @@ class CommandHandler:
         # Every point of every Modbus device, writable or not, so a command to any of them is
         # answered with the right reason; devices of line links are named so their refusal
         # says why (they have no registers to write).
-        self._targets: dict[str, _Target] = {}
+        # Targets are made per command from these: a _Target and its topic per point would be
+        # ~2 MiB at 500 devices x 30 points, for points mostly never written.
+        self._modbus: dict[str, Device] = {}
+        self._readbacks: dict[tuple[str, str], ReadRequest] = {}  # the writable points'
         self._lines: set[str] = set()
         self._devices: set[str] = set()
         aliases = metrics if self._sparkplug else None
@@ -133,10 +136,10 @@ class CommandHandler:
             if modbus_link(config, device) is None:
                 self._lines.add(device.name)
                 continue
+            self._modbus[device.name] = device
             for point in device.points:
-                self._targets[self._topics.command(device.name, point.name)] = _Target(
-                    device, point, readback_or_none(point)
-                )
+                if (readback := readback_or_none(point)) is not None:
+                    self._readbacks[device.name, point.name] = readback
         self._outboxes = outboxes
         # A device's own Outbox for read-backs when no poller lends its own (`outboxes`):
         # built at its first write, as most devices are never written to.
@@ -202,8 +205,21 @@ class CommandHandler:
         _audit(topic, shown, outcome.kind, outcome.error)
         await self._answer(topic, outcome, response_topic, correlation_data)
 
+    def _target(self, topic: str) -> _Target | None:
+        """The point `<prefix>/<device>/<point>/set` names, if a Modbus device has it."""
+        parts = topic.removeprefix(self._prefix).split("/")
+        if not topic.startswith(self._prefix) or len(parts) != 3 or parts[2] != "set":
+            return None
+        device = self._modbus.get(parts[0])
+        if device is None:
+            return None
+        point = next((p for p in device.points if p.name == parts[1]), None)
+        if point is None:
+            return None
+        return _Target(device, point, self._readbacks.get((device.name, point.name)))
+
     async def _execute(self, topic: str, payload: bytes) -> _Outcome:
-        target = self._targets.get(topic)
+        target = self._target(topic)
         if target is None:
             return _refused(self._unknown(topic))
         try:
@@ -272,7 +288,7 @@ class CommandHandler:
 
     async def _apply(self, source: str, device: str, point: str, value: Value) -> None:
         key = self._topics.command(device, point)
-        target = self._targets.get(key)
+        target = self._target(key)
         if target is None or target.readback is None:
             outcome = _refused(f"{device}/{point} cannot be written")
         else:
