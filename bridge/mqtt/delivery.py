@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 from bridge.buffer import DiskBuffer, Stored
 from bridge.core.messages import Message
@@ -105,7 +104,7 @@ class Delivery:
         messages = [m for row in batch for m in row.messages]
         if replaying:
             # Live readings went out first: a replayed one must not become the retained value.
-            messages = [replace(m, retain=False) if m.retain else m for m in messages]
+            messages = [m._replace(retain=False) if m.retain else m for m in messages]
             if self.historical is not None:
                 messages = self.historical(messages)
         try:
