@@ -205,18 +205,27 @@ class CommandHandler:
         _audit(topic, shown, outcome.kind, outcome.error)
         await self._answer(topic, outcome, response_topic, correlation_data)
 
-    def _target(self, topic: str) -> _Target | None:
-        """The point `<prefix>/<device>/<point>/set` names, if a Modbus device has it."""
-        parts = topic.removeprefix(self._prefix).split("/")
-        if not topic.startswith(self._prefix) or len(parts) != 3 or parts[2] != "set":
+    def _names(self, topic: str) -> tuple[str, str] | None:
+        """(device, point) of `<prefix>/<device>/<point>/set`; None for any other topic."""
+        rest = topic.removeprefix(self._prefix)
+        parts = rest.split("/")
+        if rest == topic or len(parts) != 3 or parts[2] != "set":
             return None
-        device = self._modbus.get(parts[0])
+        return parts[0], parts[1]
+
+    def _target(self, topic: str) -> _Target | None:
+        """The point `topic` names, if a Modbus device has it."""
+        names = self._names(topic)
+        return None if names is None else self._target_of(*names)
+
+    def _target_of(self, device_name: str, point_name: str) -> _Target | None:
+        device = self._modbus.get(device_name)
         if device is None:
             return None
-        point = next((p for p in device.points if p.name == parts[1]), None)
+        point = next((p for p in device.points if p.name == point_name), None)
         if point is None:
             return None
-        return _Target(device, point, self._readbacks.get((device.name, point.name)))
+        return _Target(device, point, self._readbacks.get((device_name, point_name)))
 
     async def _execute(self, topic: str, payload: bytes) -> _Outcome:
         target = self._target(topic)
@@ -287,8 +296,8 @@ class CommandHandler:
         _audit(source, metric, "refused", reason)
 
     async def _apply(self, source: str, device: str, point: str, value: Value) -> None:
-        key = self._topics.command(device, point)
-        target = self._target(key)
+        key = self._topics.command(device, point)  # the write's lock, as a /set's
+        target = self._target_of(device, point)
         if target is None or target.readback is None:
             outcome = _refused(f"{device}/{point} cannot be written")
         else:
@@ -306,11 +315,10 @@ class CommandHandler:
 
     def _unknown(self, topic: str) -> str:
         """Why `topic` names nothing writable: no such device, no such point, or a line."""
-        rest = topic.removeprefix(self._prefix)
-        parts = rest.split("/")
-        if rest == topic or len(parts) != 3 or parts[2] != "set":
+        names = self._names(topic)
+        if names is None:
             return "not a command topic (<prefix>/<device>/<point>/set)"
-        device, point = parts[0], parts[1]
+        device, point = names
         if device not in self._devices:
             return f"unknown device {device!r}"
         if device in self._lines:
