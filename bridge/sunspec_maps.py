@@ -31,19 +31,23 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-import yaml
-from pydantic import ValidationError
 
-from bridge.config import SUNSPEC, Config, Device, DeviceMap, with_map
+from bridge.config.library import SUNSPEC
 from bridge.core.backoff import backoff
-from bridge.core.sunspec import Chain, definitions_version
 from bridge.device import BACKOFF_CAP
 from bridge.errors import BridgeError
-from bridge.transports.link import Link
 from bridge.transports.links import endpoint_for, modbus_link
-from bridge.transports.sunspec import read_chain
+
+# ruff: noqa: PLC0415 - YAML, the map loader, pydantic's validation and the SunSpec definitions
+# are imported where a `map: sunspec` device needs them: every daemon builds a SunSpecMaps, and
+# one without such a device should not carry them (RSS, DESIGN.md "Performance model").
+if TYPE_CHECKING:
+    from bridge.config import Config, Device, DeviceMap
+    from bridge.core.sunspec import Chain
+    from bridge.transports.link import Link
 
 log = structlog.get_logger("bridge.sunspec")
 
@@ -70,6 +74,8 @@ def walked_from(config: Config, device: Device) -> str:
 def chain_map(chain: Chain, origin: str) -> DeviceMap:
     """The map of a walked chain; its `source` says where and from what it was made (no
     time: two walks of an unchanged device give equal maps)."""
+    from bridge.core.sunspec import definitions_version
+
     ids = ", ".join(str(m.id) for m in chain.models)
     return chain.device_map(source=f"{origin} (base {chain.base}, models {ids}), walked by "
                                    f"the daemon; model definitions: {definitions_version()}")
@@ -78,6 +84,11 @@ def chain_map(chain: Chain, origin: str) -> DeviceMap:
 def read_cache(path: Path, origin: str) -> DeviceMap | str | None:
     """The map cached at `path` if it was walked from `origin`; None if there is none; why it
     cannot be used, if it is unreadable or another device's (the config moved it)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from bridge.config.model import DeviceMap
+
     try:
         with path.open("rb") as file:
             data = file.read(MAX_CACHE_BYTES + 1)
@@ -99,6 +110,8 @@ def read_cache(path: Path, origin: str) -> DeviceMap | str | None:
 def write_cache(path: Path, device_map: DeviceMap, device: str) -> None:
     """Write `device_map` to `path` atomically: a crash leaves the old cache or the new one,
     never half of one. Raises OSError."""
+    import yaml
+
     header = (
         f"# The SunSpec map of device {device} (map: sunspec), written by m2m-bridge each time\n"
         "# its model chain is walked; polled from here when the daemon starts while the\n"
@@ -151,6 +164,10 @@ class SunSpecMaps:
     def effective(self, config: Config) -> Config:
         """`config` as it runs: each SunSpec device with its map merged in, or left out while
         it has none (nothing is known to poll)."""
+        if not self.maps and not any(is_sunspec(d) for d in config.devices):
+            return config
+        from bridge.config.loader import with_map
+
         devices = [
             with_map(d, self.maps[d.name]) if d.name in self.maps else d
             for d in config.devices
@@ -214,6 +231,8 @@ class SunSpecMaps:
         self, config: Config, device: Device, link: Link, set_status: Callable[[str, bool], None]
     ) -> Chain:
         """The chain, walked again after each failure with the device's poll back-off."""
+        from bridge.transports.sunspec import read_chain
+
         settings = modbus_link(config, device)
         max_registers = settings.max_registers if settings is not None else 125
         failures = 0

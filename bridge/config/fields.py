@@ -24,4 +24,6 @@ Name = Annotated[str, StringConstraints(pattern=f"^{_NAME_CHARS}+$")]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # Validators are built at first validation, not at import: the daemon only unpickles the
+    # config its loader child validated (bridge.config.apart) and never needs them.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, defer_build=True)

@@ -166,7 +166,7 @@ class MqttSettings(_Model):
     retain: bool = False
     format: Literal["json", "value", "sparkplug"] = "json"
     messages: Literal["per-point", "per-device"] = "per-point"
-    buffer: BufferSettings = BufferSettings()
+    buffer: BufferSettings = Field(default_factory=BufferSettings)
     homeassistant: HomeAssistant | None = None  # off unless configured
     sparkplug: Sparkplug | None = None  # with format: sparkplug (bridge.config.loader checks)
 
@@ -187,8 +187,8 @@ class Config(_Model):
     """The whole configuration file."""
 
     version: Literal[1]
-    gateway: Gateway = Gateway()
-    mqtt: MqttSettings = MqttSettings()
+    gateway: Gateway = Field(default_factory=Gateway)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
     links: list[Link] = []  # noqa: RUF012 - pydantic copies defaults
     devices: list[Device] = []  # noqa: RUF012 - pydantic copies defaults
     metrics: MetricsSettings | None = None  # off unless configured
