@@ -84,7 +84,6 @@ class DevicePoller:
         self._learned_at = 0.0
         self._told: set[str] = set()  # what was already logged: once, not once per re-probe
         self._untold: list[str] = []  # points refused in this poll, told in one line at its end
-        self._points = frozenset(p.name for p in device.points)
         # The requests each group (keyed by interval) actually makes, after what was learned.
         self._active: dict[float, tuple[ReadRequest, ...]] = {}
 
@@ -98,6 +97,9 @@ class DevicePoller:
         return self._outbox
 
     async def run(self) -> None:
+        if len(self.plan) == 1:  # most devices: one interval, no task group to keep per device
+            await self._loop(self.plan[0])
+            return
         async with asyncio.TaskGroup() as tg:
             for group in self.plan:
                 tg.create_task(self._loop(group), name=f"poll {self.device.name}")
@@ -142,7 +144,9 @@ class DevicePoller:
                 break  # the link went down during a refusal search
         # After every request: a value's scale factor may be read by a later one.
         self.stats.bad_values += self._normalize(readings, values)
-        if self._points and self.refused >= self._points:
+        # Point names are unique in a device and only its own are refused: all are refused
+        # when there are as many (a count, not a set of every device's names: ~1 MiB at 500).
+        if self.device.points and len(self.refused) >= len(self.device.points):
             # It answers, but serves nothing: `offline` says so on the status topic and in
             # m2m_device_up, and its offline line is the one line about it.
             self._untold.clear()

@@ -160,6 +160,13 @@ class BlockLayout:
         return out
 
 
+@functools.lru_cache(maxsize=1024)
+def block_layout(size: int, fields: tuple[Field, ...]) -> BlockLayout:
+    """The layout of a block, shared by every request with the same fields (the devices of
+    one map): a layout is immutable once built."""
+    return BlockLayout(size, fields)
+
+
 def shortest_float32(value: float) -> float:
     """`value` as the float64 with the shortest repr that still packs to the same float32.
 

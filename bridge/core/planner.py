@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bridge.core.codec import BIT_TABLES, BlockLayout, Field, Table, Value
+from bridge.core.codec import BIT_TABLES, BlockLayout, Field, Table, Value, block_layout
 from bridge.errors import CodecError
 
 if TYPE_CHECKING:  # annotations only: `read URL` plans without loading pydantic's models
@@ -166,8 +166,8 @@ def _request(table: Table, members: Sequence[Point]) -> ReadRequest:
     count = max(_start(p) + p.size for p in members) - start
     layout = None
     if table not in BIT_TABLES:
-        fields = [Field(_start(p) - start, p.type, p.order, p.bit, p.count) for p in members]
-        layout = BlockLayout(count, fields)
+        fields = tuple(Field(_start(p) - start, p.type, p.order, p.bit, p.count) for p in members)
+        layout = block_layout(count, fields)
     return ReadRequest(table, start, count, tuple(members), layout)
 
 
