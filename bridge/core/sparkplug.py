@@ -166,7 +166,7 @@ class NodeMetrics:
     buffered before it still name their own metrics. Without `known`, config order from 1.
     """
 
-    __slots__ = ("devices", "keys", "next_alias")
+    __slots__ = ("devices", "next_alias")
 
     def __init__(
         self,
@@ -177,7 +177,6 @@ class NodeMetrics:
         known = known or {}
         next_alias = max([next_alias, *(a + 1 for a in known.values())])
         found: dict[str, DeviceMetrics] = {}
-        self.keys: dict[str, int] = {}  # metric_key → alias of every metric here
         used: set[int] = set()
         for device in devices:
             specs = []
@@ -188,7 +187,6 @@ class NodeMetrics:
                 if alias is None or alias in used:  # (a hand-edited file may repeat one)
                     alias, next_alias = next_alias, next_alias + 1
                 used.add(alias)
-                self.keys[key] = alias
                 specs.append(MetricSpec(point, alias, kind, WIRE[kind]))
             found[device.name] = DeviceMetrics(device.name, tuple(specs))
         self.devices: Mapping[str, DeviceMetrics] = found
@@ -196,6 +194,15 @@ class NodeMetrics:
 
     def device(self, name: str) -> DeviceMetrics | None:
         return self.devices.get(name)
+
+    @property
+    def keys(self) -> dict[str, int]:
+        """metric_key → alias of every metric here: made when asked (once a config), not
+        kept (~1.5 MiB of strings at 500 devices x 30 points)."""
+        return {
+            metric_key(d.name, m.name, m.datatype): m.alias
+            for d in self.devices.values() for m in d.metrics
+        }
 
     @property
     def table(self) -> tuple[tuple[str, str, int, int], ...]:

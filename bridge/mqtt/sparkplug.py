@@ -115,9 +115,10 @@ class AliasBook:
         if self.known is None:
             self.known, self.next_alias = self._read()
         metrics = sp.NodeMetrics(devices, self.known, self.next_alias)
-        if metrics.next_alias != self.next_alias or not metrics.keys.items() <= self.known.items():
+        keys = metrics.keys
+        if metrics.next_alias != self.next_alias or not keys.items() <= self.known.items():
             # Kept for metrics no longer configured too: one put back later gets its own again.
-            self.known = {**self.known, **metrics.keys}
+            self.known = {**self.known, **keys}
             self.next_alias = metrics.next_alias
             doc = {"next": self.next_alias, "aliases": self.known}
             error = _save(self.path, json.dumps(doc, indent=0, sort_keys=True) + "\n")
