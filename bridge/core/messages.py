@@ -7,6 +7,7 @@ Messages are built when a reading is taken, so the buffer and the publisher only
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -86,9 +87,16 @@ class PointPayload:
         return b'{"value":' + body + b',"ts":' + ts + self._tail
 
 
+@functools.lru_cache(maxsize=1024)
+def payload_of(unit: str | None, fmt: Format) -> PointPayload:
+    """The PointPayload for `unit` in `fmt`, one for every point that has them: it is
+    immutable, so the points of all devices share it (~1.5 MiB at 500 devices x 30 points)."""
+    return PointPayload(unit, fmt)
+
+
 def point_payload(value: Value, ts: int, unit: str | None, fmt: Format) -> bytes:
     """`{"value": v, "ts": ms, "unit": u}` (unit left out when the point has none), or `v`."""
-    return PointPayload(unit, fmt).build(value, str(ts).encode())
+    return payload_of(unit, fmt).build(value, str(ts).encode())
 
 
 def device_payload(values: Mapping[str, Value], ts: int) -> bytes:

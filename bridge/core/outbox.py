@@ -6,25 +6,23 @@ build their messages here, so the MQTT contract is built in one place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bridge.config import Device, MqttSettings
 from bridge.core.codec import Value
-from bridge.core.messages import Format, Message, PointPayload, Topics, device_payload
+from bridge.core.messages import (
+    Format,
+    Message,
+    PointPayload,
+    Topics,
+    device_payload,
+    payload_of,
+)
 from bridge.core.normalize import ChangeFilter
 
 if TYPE_CHECKING:
     from bridge.core.sparkplug import DeviceMetrics
     from bridge.core.sparkplug_stored import DeviceData
-
-
-@dataclass(frozen=True, slots=True)
-class _Out:
-    """Per point, everything a per-point message needs, computed once."""
-
-    topic: str
-    payload: PointPayload
 
 
 class Outbox:
@@ -42,13 +40,13 @@ class Outbox:
         topics = Topics(mqtt.topic_prefix)
         self._device_topic = topics.device(device.name)
         fmt: Format = "value" if mqtt.format == "value" else "json"
-        # A topic and payload prefix per point only where messages are per point: at 500
-        # devices x 30 points they are ~6 MiB a per-device or Sparkplug daemon does not use.
+        # Per-point messages: each point's payload encoder (shared by the points with its
+        # unit), its topic made per message from the device's part: a string kept per point
+        # would be ~1.7 MiB at 500 devices x 30 points for a 40 ns concatenation saved.
         per_point = not self._per_device and mqtt.format != "sparkplug"
-        self._out = {
-            p.name: _Out(topics.point(device.name, p.name), PointPayload(p.unit, fmt))
-            for p in device.points
-        } if per_point else {}
+        self._payloads: dict[str, PointPayload] = {
+            p.name: payload_of(p.unit, fmt) for p in device.points} if per_point else {}
+        self._point_topic = topics.point(device.name, "")  # the point's name goes after
         self._deadbands = (
             {p.name: p.deadband for p in device.points} if device.report == "on-change" else {})
         # format: sparkplug: DDATA (without seq: bridge.core.sparkplug_stored) instead of JSON.
@@ -82,11 +80,11 @@ class Outbox:
         if self._per_device:
             payload = device_payload(values, ts)
             return [Message(self._device_topic, payload, self._qos, self._retain, ts)]
-        out = self._out
+        payloads, topic = self._payloads, self._point_topic
         stamp = str(ts).encode()
         qos, retain = self._qos, self._retain
         return [
-            Message(out[n].topic, out[n].payload.build(v, stamp), qos, retain, ts)
+            Message(topic + n, payloads[n].build(v, stamp), qos, retain, ts)
             for n, v in values.items()
         ]
 
