@@ -33,7 +33,7 @@ __all__ = ["FutureBatch", "WireLink", "os_reason", "retrieve"]
 
 _QUICKACK: Final[int | None] = getattr(_socket, "TCP_QUICKACK", None)  # Linux only
 _INET: Final = (_socket.AF_INET, _socket.AF_INET6)
-_RECV_SIZE: Final = 1 << 18  # bytes per read, as asyncio's own (256 KiB)
+_RECV_SIZE: Final = 1 << 16  # bytes per read (asyncio: 256 KiB); what comes is acks and commands
 
 
 def os_reason(exc: BaseException) -> str:
