@@ -10,7 +10,8 @@
 `imports`: a fresh interpreter per step imports every step's modules up to that one, in the
 order the daemon loads them (structlog with rich hidden, as bridge.logs does), and prints its
 VmRSS, RssAnon (heap, stacks) and RssFile (shared libraries and mapped files); the last steps
-load a 10 x 100 config and build the Service from it (the model instances and the plans).
+get a 10 x 100 config from the loader's child, as the daemon does, and build the Service from
+it (the model instances and the plans).
 Steps are cumulative, so each delta is what that package adds over what came before.
 
 `daemon`: mosquitto, the simulator and `m2m-bridge run` as bench/pipeline.py starts them; after
@@ -49,9 +50,8 @@ STEPS: list[tuple[str, str]] = [
     ("bridge.cli (argparse, json, our errors)", "import bridge.cli"),
     ("asyncio (ssl, socket, selectors)", "import asyncio"),
     ("structlog (bridge.logs: rich hidden)", "import bridge.logs"),
-    ("yaml", "import yaml"),
     ("pydantic (pydantic_core)", "import pydantic"),
-    ("bridge.config (the models built)", "import bridge.config"),
+    ("bridge.config.model (validators not built)", "import bridge.config.model"),
     ("pymodbus.client (+ pyserial)", "import pymodbus.client"),
     ("sqlite3 + bridge.buffer", "import bridge.buffer"),
     ("mqtt5 + bridge.mqtt.wire", "import bridge.mqtt.wire"),
@@ -59,7 +59,8 @@ STEPS: list[tuple[str, str]] = [
     ("protobuf + bridge.core.sparkplug_pb2", "import bridge.core.sparkplug_pb2"),
     ("prometheus_client", "import prometheus_client"),
     ("bridge.daemon (the rest of ours)", "import bridge.daemon"),
-    ("config 10 x 100 loaded", "config = bridge.config.load_config(PATH)"),
+    ("config 10 x 100 from the loader's child",
+     "import bridge.config.apart; config = bridge.config.apart.load_config_apart(PATH)"),
     ("Service built", "import bridge.service; service = bridge.service.Service(config)"),
     ("gc.collect() + malloc_trim(0)",
      "import gc, ctypes; gc.collect(); ctypes.CDLL('libc.so.6').malloc_trim(0)"),

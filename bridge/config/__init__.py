@@ -70,11 +70,14 @@ __all__ = [
 _LIBRARY = frozenset({"SUNSPEC", "library_names", "library_path", "unknown_map"})
 _LOADER = frozenset({"load_config", "load_library_map", "state_dir_problem", "with_map"})
 
+if not TYPE_CHECKING:  # mypy sees the imports above, so it still flags a name that is not here
 
-def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module 'bridge.config' has no attribute {name!r}")
-    home = "library" if name in _LIBRARY else "loader" if name in _LOADER else "model"
-    value = getattr(importlib.import_module(f"bridge.config.{home}"), name)
-    globals()[name] = value  # looked up once
-    return value
+    def __getattr__(name: str) -> Any:
+        if name not in __all__:
+            raise AttributeError(f"module 'bridge.config' has no attribute {name!r}")
+        home = "library" if name in _LIBRARY else "loader" if name in _LOADER else "model"
+        # Not kept in this module's globals: a test patching the loader sees its patch undone.
+        return getattr(importlib.import_module(f"bridge.config.{home}"), name)
+
+    def __dir__() -> list[str]:
+        return sorted(__all__)
