@@ -64,7 +64,6 @@ class TestEngineering:
         with pytest.raises(BadValue):
             engineering(P(), float("nan"))
 
-
     @given(
         scale=st.sampled_from([1, 1.0, 0.1, 2, -1]),
         offset=st.sampled_from([0, 0.0, -40, 0.5]),
