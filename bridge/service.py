@@ -2,8 +2,8 @@
 
 Start sinks before sources and stop sources before sinks (Telegraf's rule), so nothing in flight
 is dropped: the publisher starts first, pollers after; on stop the pollers are cancelled, then
-every device's status is set `offline`, then the publisher drains the buffer for at most `grace`
-seconds, publishes the gateway's `offline` and leaves.
+the publisher flushes the live readings for most of `grace` seconds, publishes every device's
+`offline`, then the gateway's, and leaves.
 
 `map: sunspec` devices (bridge.sunspec_maps) run with the map of their SunSpec chain: the
 service keeps the config as loaded and runs it with their maps merged in. A device's first map
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from bridge.mqtt.sparkplug import AliasBook, EdgeNode
 
 log = structlog.get_logger("bridge.service")
+
+# Seconds of the stop's grace kept for the statuses after the readings' flush (at most half).
+STATUS_RESERVE = 2.0
 
 
 def warn_overloaded_links(config: Config, plans: dict[str, tuple[PollGroup, ...]]) -> None:
@@ -215,11 +218,11 @@ class Service:
                     task.cancel()
                 await self.commands.drain(min(grace, 5.0))  # writes in flight get their result
                 # Retained statuses describe now: a stopped bridge polls nothing, so no device
-                # may stay `online` under an `offline` gateway. The publisher sends these
-                # before it drains the buffer and says `offline` for the gateway.
-                for name in self.pollers:
-                    self.publisher.set_status(name, False)
-                self.publisher.stop()
+                # may stay `online` under an `offline` gateway. The publisher says them after
+                # the live readings (flushed for most of the grace, leaving time for these)
+                # and before the gateway's `offline`.
+                self.publisher.stop(offline=list(self.pollers),
+                                    flush=max(grace - STATUS_RESERVE, grace / 2))
                 await self._drain(self._publishing, grace)
                 for link in self.links.values():
                     link.close()

@@ -34,6 +34,13 @@ async def test_sigterm_sets_every_device_and_the_gateway_offline(
                 await live.wait_for(lambda: all(live.last(t) == b"online" for t in statuses))
                 daemon.signal(signal.SIGTERM)
                 assert await asyncio.to_thread(daemon.wait, 30) == 0
+                await live.wait_for(lambda: live.last(statuses[0]) == b"offline")
+            # A device's `offline` is the last word about it, the gateway's the last of all.
+            topics = [t for t, _, _ in live.messages]
+            assert topics[-1] == statuses[0]
+            for device in ("dev", "dev2"):
+                about = [t for t in topics if t.startswith(f"{PREFIX}/{device}/")]
+                assert about[-1] == f"{PREFIX}/{device}/status", about[-5:]
             # A newcomer sees what is retained now.
             async with recording(broker.port, f"{PREFIX}/#") as later:
                 await later.wait_for(lambda: all(later.last(t) == b"offline" for t in statuses))

@@ -467,18 +467,45 @@ async def test_stop_delivers_what_is_live_then_says_offline_and_disconnects(
     broker.hold()
     buffer.put([reading(n) for n in range(25)])
     await eventually(lambda: buffer.in_flight > 0)
-    publisher.set_status("meter", False)  # as the service does before it stops the publisher
-    publisher.stop()
+    publisher.stop(offline=["meter"])  # as the service does
     broker.release()
     await asyncio.wait_for(task, 10)
     assert len(buffer) == 0
     assert broker.payloads(TOPIC) == [b"%d" % n for n in range(25)]
     assert broker.payloads(f"{PREFIX}/meter/status") == [b"online", b"offline"]
+    # The device's `offline` is the last word about it: after every reading (the 25 took
+    # three batches), before the gateway's.
+    order = [(p.topic, p.payload) for p in broker.published]
+    assert order[-27:-2] == [(TOPIC, b"%d" % n) for n in range(25)]
+    assert order[-2] == (f"{PREFIX}/meter/status", b"offline")
     assert (broker.published[-1].topic, broker.published[-1].payload) == (STATUS, b"offline")
     assert broker.published[-1].retain
     assert broker.events[-1] == "disconnect"  # a clean goodbye: the will is not needed
     assert broker.retained[STATUS] == b"offline"
     assert not publisher.connected.is_set()  # m2m_mqtt_connected 0 after the stop
+
+
+async def test_a_stops_flush_is_bounded_and_what_it_could_not_deliver_stays_on_disk(
+    broker: FakeBroker, buffer: DiskBuffer
+) -> None:
+    """A broker that stops acknowledging does not hold the stop for ever: after `flush`
+    seconds the batch in flight goes back to the buffer and the statuses still go out."""
+    publisher = Publisher(settings(), buffer)
+    publisher.set_status("meter", True)
+    task = asyncio.create_task(publisher.run())
+    await connected(publisher)
+    broker.hold()
+    buffer.put([reading(n) for n in range(5)])
+    await eventually(lambda: buffer.in_flight > 0)
+    publisher.stop(offline=["meter"], flush=0.2)
+    await eventually(lambda: buffer.in_flight == 0, what="the flush to give up")
+    broker.release()  # the broker answers again: the statuses are not lost with the batch
+    await asyncio.wait_for(task, 10)
+    assert len(buffer) == 5  # kept for the next run
+    assert broker.payloads(TOPIC) == []
+    assert broker.payloads(f"{PREFIX}/meter/status") == [b"online", b"offline"]
+    assert broker.retained[STATUS] == b"offline"
+    assert broker.events[-1] == "disconnect"
 
 
 async def test_stop_while_the_broker_is_away_ends_without_waiting_for_it(
@@ -489,9 +516,10 @@ async def test_stop_while_the_broker_is_away_ends_without_waiting_for_it(
     publisher = Publisher(settings(), buffer)
     task = asyncio.create_task(publisher.run())
     await eventually(lambda: broker.connects >= 2)
-    publisher.stop()
+    publisher.stop(offline=["meter"])
     await asyncio.wait_for(task, 10)
     assert len(buffer) == 1  # kept for the next run
+    assert publisher.statuses.current == {"meter": False}  # what the metrics say after
 
 
 # ------------------------------------------------------------------ commands

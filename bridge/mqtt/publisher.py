@@ -22,6 +22,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
+import structlog
+
 from bridge.buffer import DiskBuffer
 from bridge.config import MqttSettings
 from bridge.core.messages import Topics
@@ -36,6 +38,8 @@ from bridge.mqtt.wire import Incoming
 if TYPE_CHECKING:
     from bridge.mqtt.sparkplug import EdgeNode
     from bridge.mqtt.sparkplug_publish import NodeGateway
+
+log = structlog.get_logger("bridge.mqtt.publisher")
 
 # A connect-time step: publishes on a fresh session, before the backlog and any reading.
 ConnectStep = Callable[[Session], Awaitable[None]]
@@ -82,6 +86,9 @@ class Publisher:
             self.reconnector.will = node.will
         # On every connect, after the subscriptions and before any reading, in this order.
         self.on_connect: list[ConnectStep] = [self.statuses.publish_all]
+        self._leaving: tuple[str, ...] = ()  # devices to say `offline` for once stopped
+        self._flush_by: float | None = None  # loop time the stop's flush ends by
+        self._flush_timer: asyncio.Timeout | None = None  # the live connection's flush limit
 
     # --- the surface the service, the daemon and the metrics use ---------------------------
 
@@ -140,9 +147,24 @@ class Publisher:
             await self.reconnector.run(self._serve, on_down=self._down)
         finally:
             self.connected.clear()  # m2m_mqtt_connected says 0 once the publisher has left
+            self._leave()  # not connected at the stop: the statuses still say what is true
 
-    def stop(self) -> None:
-        """Finish: deliver what is buffered, publish `offline`, disconnect."""
+    def _leave(self) -> None:
+        for device in self._leaving:
+            self.statuses.set(device, False)
+
+    def stop(self, *, offline: Sequence[str] = (), flush: float | None = None) -> None:
+        """Finish: deliver what is live in the buffer (for at most `flush` seconds; the rest
+        stays on disk for the next run), then say `offline` for the devices named in
+        `offline` and for the gateway, and disconnect.
+
+        Statuses after readings: a device's `offline` (Sparkplug: its DDEATH) is the last
+        thing said about it, never followed by a reading taken before the stop."""
+        self._leaving = tuple(offline)
+        if flush is not None:
+            self._flush_by = asyncio.get_running_loop().time() + flush
+            if self._flush_timer is not None:
+                self._flush_timer.reschedule(self._flush_by)
         self.wake.stop()
 
     # --- one connection -------------------------------------------------------------------
@@ -183,12 +205,24 @@ class Publisher:
             # Sparkplug births may have waited for the primary host: what was read meanwhile
             # is history to it, replayed after the births (is_historical), not live.
             drain.backlog_end = self.buffer.last_id()
-        while True:
-            await self.statuses.publish_changes(session)  # ahead of any reading
-            if self.statuses.leaving:
-                return
-            if not await drain.step():
-                return
+        # Stopping: what is live goes out first, for at most the stop's `flush` (a batch cut
+        # off, even one in flight as the stop came, is requeued and kept), then the devices'
+        # `offline`, so no reading follows a device's last word.
+        try:
+            async with asyncio.timeout_at(self._flush_by) as self._flush_timer:
+                while not self.wake.stopping:
+                    await self.statuses.publish_changes(session)  # ahead of any reading
+                    if self.statuses.leaving:
+                        return
+                    await drain.step()
+                while await drain.step():
+                    pass
+        except TimeoutError:
+            log.warning("stop flush cut short", left_in_buffer=len(self.buffer))
+        finally:
+            self._flush_timer = None
+        self._leave()
+        await self.statuses.publish_changes(session)
 
     def _down(self) -> None:
         """The connection failed or could not be made."""
