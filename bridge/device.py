@@ -9,13 +9,16 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge.config import Device
 from bridge.core.backoff import backoff
 from bridge.core.outbox import Outbox
 from bridge.health import Activity
+
+if TYPE_CHECKING:
+    from bridge.config import Device
 
 BACKOFF_CAP = 60.0
 

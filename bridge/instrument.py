@@ -34,12 +34,11 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic
+from typing import TYPE_CHECKING, Generic
 
 import structlog
 from typing_extensions import TypeVar
 
-from bridge.config import Device, MqttSettings, Point
 from bridge.core.codec import Value
 from bridge.core.messages import Message
 from bridge.core.normalize import engineering
@@ -50,6 +49,9 @@ from bridge.errors import TransportError
 from bridge.health import Activity
 from bridge.transports.line import Line, LinePort, LineReader
 from bridge.transports.ports import InstrumentPort
+
+if TYPE_CHECKING:
+    from bridge.config import Device, MqttSettings, Point
 
 log = structlog.get_logger("bridge.instrument")
 

@@ -30,10 +30,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge.config import Device, MqttSettings, Point
 from bridge.core.codec import Table, Value
 from bridge.core.messages import Message
 from bridge.core.outbox import Outbox
@@ -43,6 +43,9 @@ from bridge.device import DeviceStats, DeviceStatus, poll_on_grid
 from bridge.errors import BridgeError, DeviceError
 from bridge.health import Activity
 from bridge.transports.ports import PollPort
+
+if TYPE_CHECKING:
+    from bridge.config import Device, MqttSettings, Point
 
 log = structlog.get_logger("bridge.poller")
 

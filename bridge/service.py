@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridge.buffer import DiskBuffer
-from bridge.config import Config, Device, LineLink, SerialLink
+from bridge.config.frozen import is_serial
 from bridge.core.bustime import bus_load
 from bridge.core.outbox import Outbox
 from bridge.core.planner import PollGroup, plan_device
@@ -37,6 +37,7 @@ from bridge.transports.line import LinePort
 from bridge.transports.links import build_links, line_link, plan_for
 
 if TYPE_CHECKING:
+    from bridge.config import Config, Device, LineLink
     from bridge.core.sparkplug import NodeMetrics
     from bridge.core.sparkplug_stored import DeviceData
     from bridge.mqtt.sparkplug import AliasBook, EdgeNode
@@ -59,7 +60,7 @@ def warn_overloaded_links(config: Config, plans: dict[str, tuple[PollGroup, ...]
             by_link.setdefault(device.link, []).append(plans[device.name])
     for name, link_plans in by_link.items():
         link = config.link(name)
-        if not isinstance(link, SerialLink):
+        if not is_serial(link):
             continue
         load = bus_load(link, link_plans)
         if load > 1.0:

@@ -166,10 +166,18 @@ class SunSpecMaps:
         it has none (nothing is known to poll)."""
         if not self.maps and not any(is_sunspec(d) for d in config.devices):
             return config
+        from bridge.config.apart import freeze
+        from bridge.config.frozen import Frozen
         from bridge.config.loader import with_map
 
+        def merged(device: Device) -> Device:
+            device_map = self.maps[device.name]
+            if isinstance(device, Frozen):  # the daemon's config: the map's points like its own
+                device_map = freeze(device_map)
+            return with_map(device, device_map)
+
         devices = [
-            with_map(d, self.maps[d.name]) if d.name in self.maps else d
+            merged(d) if d.name in self.maps else d
             for d in config.devices
             if not is_sunspec(d) or d.name in self.maps
         ]

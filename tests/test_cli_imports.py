@@ -172,6 +172,8 @@ async def test_a_json_daemon_holds_no_protobuf_metrics_or_aiomqtt(
     modules = await run_until_polled(daemons, config, listing)
     assert {m.split(".")[0] for m in modules} & OPTIONAL == set()
     assert modules & LOADER == set()
+    # Its config came from the loader's child as frozen objects (bridge.config.frozen).
+    assert {m.split(".")[0] for m in modules} & {"pydantic", "pydantic_core"} == set()
     assert {"mqtt5", "pymodbus"} <= modules  # it ran on our wire client and the real Modbus
 
 

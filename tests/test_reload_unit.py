@@ -19,6 +19,7 @@ import structlog
 import yaml
 
 from bridge.config import Config, load_config
+from bridge.config.apart import freeze
 from bridge.daemon import reload as daemon_reload
 from bridge.mqtt.wireevents import Incoming
 from bridge.service import Service
@@ -45,9 +46,10 @@ def _doc(tmp_path: Path) -> dict[str, Any]:
 
 
 def _config(tmp_path: Path, doc: dict[str, Any], name: str = "bridge.yaml") -> Config:
+    """The config as the daemon holds it (frozen, as its loader child sends it)."""
     path = tmp_path / name
     path.write_text(yaml.safe_dump(doc))
-    return load_config(path)
+    return freeze(load_config(path))
 
 
 @pytest.fixture

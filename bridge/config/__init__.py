@@ -2,9 +2,9 @@
 devices and points; fields: durations, sizes, names), how it is read (loader), YAML with line
 numbers (yamlsource) and secret references (secrets). Import what you need from here.
 
-Names are imported from their module when first used: the daemon, which gets its config from
-a child process (bridge.config.apart), needs the models to unpickle it, never the loader with
-YAML, the map library and secret references behind it.
+Names are imported from their module when first used: the daemon gets its config from a child
+process (bridge.config.apart) as frozen objects (bridge.config.frozen), so it loads neither
+pydantic's models nor the loader with YAML, the map library and secret references behind it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ that peak is ~12 MiB, and after it is freed the allocator keeps most of it (pyma
 an arena only once it is empty). A daemon runs for years with that in its RSS, and a reload
 adds its own peak. Here a child reads and checks the file and hands back the result pickled:
 the daemon only unpickles what it runs (points equal across devices arrive as one object,
-bridge.config.loader.share_points), and the peak dies with the child.
+bridge.config.loader.share_points), and the peak dies with the child. The models arrive as
+bridge.config.frozen objects: the daemon never imports pydantic (~9 MiB resident).
 
 `run` loads at start-up with it and the reload does the same, off the event loop (as before,
 in a thread: bridge.daemon). One-off commands load in process: they exit soon anyway.
@@ -14,13 +15,15 @@ in a thread: bridge.daemon). One-off commands load in process: they exit soon an
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from bridge.config import frozen
 from bridge.errors import ConfigError, ConfigIssue
 
 if TYPE_CHECKING:
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
 # The directory holding the `bridge` package: the child imports this same code, whatever the
 # parent's working directory or way of starting.
 _ROOT = str(Path(__file__).resolve().parent.parent.parent)
+
+T = TypeVar("T")
 
 
 def load_config_apart(path: str | Path, *, check_state_dir: bool = False) -> Config:
@@ -70,8 +75,42 @@ def _main(argv: list[str]) -> int:
     except ConfigError as exc:
         result = ("issues", exc.issues)
     with out:
-        out.write(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+        out.write(frozen_pickle(result))
     return 0
+
+
+def frozen_pickle(obj: object) -> bytes:
+    """`obj` pickled with every pydantic model in it as a bridge.config.frozen object: what
+    unpickles it needs no pydantic."""
+    buffer = io.BytesIO()
+    _FrozenPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+def freeze(obj: T) -> T:
+    """`obj` with its models frozen, in process (a SunSpec map merged into the running config
+    is then like the rest of it)."""
+    return pickle.loads(frozen_pickle(obj))  # type: ignore[no-any-return]
+
+
+class _FrozenPickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, *, protocol: int) -> None:
+        super().__init__(file, protocol=protocol)
+        # One tuple of field names per class: pickled once, then referenced from the memo.
+        self._fields: dict[type, tuple[str, ...]] = {}
+
+    def reducer_override(self, obj: object) -> Any:
+        from pydantic import BaseModel, SecretStr  # noqa: PLC0415 - loaded by now, here only
+
+        if isinstance(obj, BaseModel):
+            cls = type(obj)
+            fields = self._fields.get(cls)
+            if fields is None:
+                fields = self._fields[cls] = (*cls.model_fields, *cls.__private_attributes__)
+            return frozen.make, (cls.__name__, fields, tuple(getattr(obj, f) for f in fields))
+        if isinstance(obj, SecretStr):
+            return frozen.Secret, (obj.get_secret_value(),)
+        return NotImplemented
 
 
 if __name__ == "__main__":

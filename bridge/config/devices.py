@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from bridge.config.fields import Duration, Name, _Model
+from bridge.config.pointmethods import PointMethods
 from bridge.registers import BIT_TABLES, ByteOrder, PointType, Table, register_count
 
 _INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
@@ -87,7 +88,7 @@ class SimHint(_Model):
     drift: float = 0
 
 
-class Point(_Model):
+class Point(_Model, PointMethods):
     """One value on a device. Fields are ordered so each check can see what it depends on."""
 
     name: Name
@@ -123,16 +124,6 @@ class Point(_Model):
         if value == "status":
             raise ValueError("'status' is reserved: <prefix>/<device>/status is the device status")
         return value
-
-    @property
-    def order(self) -> ByteOrder:
-        """The byte order to decode with (set by the loader; ABCD when built by hand)."""
-        return self.byte_order or "ABCD"
-
-    @property
-    def size(self) -> int:
-        """Registers (or bits, on coil/discrete tables) this point spans."""
-        return 1 if self.table in BIT_TABLES else register_count(self.type, self.count)
 
     @model_validator(mode="before")
     @classmethod

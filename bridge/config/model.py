@@ -40,6 +40,7 @@ from bridge.config.fields import (
     Size,
     _Model,
 )
+from bridge.config.frozen import ConfigMethods
 from bridge.errors import ConfigIssue
 from bridge.units import parse_duration, parse_size
 
@@ -183,7 +184,7 @@ class MqttSettings(_Model):
         return data
 
 
-class Config(_Model):
+class Config(_Model, ConfigMethods):
     """The whole configuration file."""
 
     version: Literal[1]
@@ -195,35 +196,6 @@ class Config(_Model):
     _source: str = PrivateAttr("")
     _warnings: list[ConfigIssue] = PrivateAttr(default_factory=list)
     _secrets: frozenset[str] = PrivateAttr(frozenset())
-
-    @property
-    def source(self) -> str:
-        """The path of the main config file, as given to load_config."""
-        return self._source
-
-    @property
-    def secrets(self) -> frozenset[str]:
-        """Every value a secret reference resolved to: logs and errors redact these."""
-        return self._secrets
-
-    @property
-    def warnings(self) -> list[ConfigIssue]:
-        """Legal but suspicious settings (a Modicon-style address), located like errors."""
-        return self._warnings
-
-    def link(self, name: str) -> Link:
-        """The link called `name` (KeyError if there is none)."""
-        for link in self.links:
-            if link.name == name:
-                return link
-        raise KeyError(name)
-
-    def device(self, name: str) -> Device:
-        """The device called `name` (KeyError if there is none)."""
-        for device in self.devices:
-            if device.name == name:
-                return device
-        raise KeyError(name)
 
     @model_validator(mode="before")
     @classmethod

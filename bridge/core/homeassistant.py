@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bridge.config import Config, Device, Point
 from bridge.core.codec import INT_RANGES
 from bridge.core.messages import Message, Topics
 from bridge.registers import BIT_TABLES
+
+if TYPE_CHECKING:
+    from bridge.config import Config, Device, Point
 
 # unit -> (device_class, state_class). Only units that name one quantity: `%` (humidity?
 # battery? valve position?) or `m³` (a tank or a meter?) get no class but `measurement`,

@@ -10,7 +10,6 @@ import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from bridge.config import Device, MqttSettings
 from bridge.core.codec import Value
 from bridge.core.messages import (
     Format,
@@ -23,6 +22,7 @@ from bridge.core.messages import (
 from bridge.core.normalize import ChangeFilter
 
 if TYPE_CHECKING:
+    from bridge.config import Device, MqttSettings
     from bridge.core.sparkplug import DeviceMetrics
     from bridge.core.sparkplug_stored import DeviceData
 

@@ -24,13 +24,16 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from bridge.config import DeviceMap, Point
-from bridge.config.devices import SignatureCheck
 from bridge.core.normalize import engineering
 from bridge.core.plausibility import ORDERS_16, candidates
 from bridge.errors import BridgeError
 from bridge.registers import ByteOrder
+
+if TYPE_CHECKING:
+    from bridge.config import DeviceMap, Point
+    from bridge.config.devices import SignatureCheck
 
 MODEL_OBJECTS = ("ProductCode", "ModelName", "ProductName")
 MIN_KEY = 3  # characters: "e44" is a model, "v2" is not

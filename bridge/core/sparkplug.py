@@ -30,13 +30,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
-from bridge.config import Device, Point
 from bridge.core import sparkplug_pb2 as pb
 from bridge.core.codec import Value
 from bridge.core.sparkplug_frame import Frame
 from bridge.core.sparkplug_types import WIRE, Wire, datatype
+
+if TYPE_CHECKING:
+    from bridge.config import Device, Point
 
 NAMESPACE = "spBv1.0"
 BD_SEQ = "bdSeq"

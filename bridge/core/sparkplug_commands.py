@@ -22,12 +22,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from bridge.config import Point
 from bridge.core import sparkplug_pb2 as pb
 from bridge.core.codec import Value, shortest_float32
 from bridge.core.sparkplug import REBIRTH, DeviceMetrics, MetricSpec
 from bridge.core.writes import CommandRefused, check_value, clip
+
+if TYPE_CHECKING:
+    from bridge.config import Point
 
 _FLOAT32_MAX = 3.4028234663852886e38
 

@@ -15,12 +15,15 @@ Readings replayed from the buffer after an outage are re-encoded once more, with
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-from bridge.config.model import Device, Sparkplug
 from bridge.core import sparkplug as sp
 from bridge.core import sparkplug_pb2 as pb
 from bridge.core.codec import Value
 from bridge.core.messages import Message
+
+if TYPE_CHECKING:
+    from bridge.config.model import Device, Sparkplug
 
 # The `seq` field alone, for every seq: what `sequenced` appends.
 SEQ_FIELD: tuple[bytes, ...] = tuple(

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
-from bridge.config import Point
 from bridge.core import sparkplug_pb2 as pb
 from bridge.core.codec import BIT_TABLES, Value
+
+if TYPE_CHECKING:
+    from bridge.config import Point
 
 _FLOAT32_MAX = 3.4028234663852886e38
 WireValue: TypeAlias = int | float | bool | str

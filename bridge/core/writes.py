@@ -24,12 +24,14 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from bridge.config import Point
 from bridge.core.codec import BIT_TABLES, Field, Value, encode
 from bridge.core.planner import ReadRequest, plan_device
 from bridge.errors import BridgeError, CodecError
+
+if TYPE_CHECKING:
+    from bridge.config import Point
 
 _WHOLE_TOLERANCE = 1e-6
 _SHOWN_PAYLOAD = 60  # characters of a payload quoted in reasons and the audit log

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import structlog
 
-from bridge.config import Config, Device, Point
 from bridge.core.codec import Value
 from bridge.core.messages import Message, Topics
 from bridge.core.outbox import Outbox
@@ -36,6 +35,7 @@ from bridge.transports.ports import WritePort
 from bridge.transports.writestep import ReadBackFailed, write_point
 
 if TYPE_CHECKING:
+    from bridge.config import Config, Device, Point
     from bridge.core.sparkplug import NodeMetrics
 
 log = structlog.get_logger("bridge.mqtt.commands")

@@ -17,10 +17,10 @@ live request, which a reconnect (a clean session) loses anyway.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge.config import MqttSettings
 from bridge.core.backoff import backoff
 from bridge.errors import BrokerError
 from bridge.mqtt.delivery import Counters, Wake
@@ -34,6 +34,9 @@ from bridge.mqtt.session import (
 )
 from bridge.mqtt.wire import Incoming
 from bridge.mqtt.wireevents import VersionRefused
+
+if TYPE_CHECKING:
+    from bridge.config import MqttSettings
 
 log = structlog.get_logger("bridge.mqtt.connection")
 

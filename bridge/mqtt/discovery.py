@@ -14,15 +14,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import structlog
 
 from bridge import __version__
-from bridge.config import Config
 from bridge.core.homeassistant import Discovery
 from bridge.core.messages import Message
 from bridge.mqtt.session import Session
 from bridge.mqtt.wireevents import Incoming
+
+if TYPE_CHECKING:
+    from bridge.config import Config
 
 log = structlog.get_logger("bridge.mqtt.discovery")
 

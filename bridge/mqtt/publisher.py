@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridge.buffer import DiskBuffer
-from bridge.config import MqttSettings
 from bridge.core.messages import Topics
 from bridge.errors import BrokerError
 from bridge.health import Activity
@@ -36,6 +35,7 @@ from bridge.mqtt.statuses import DeviceStatuses, GatewayStatus
 from bridge.mqtt.wire import Incoming
 
 if TYPE_CHECKING:
+    from bridge.config import MqttSettings
     from bridge.mqtt.sparkplug import EdgeNode
     from bridge.mqtt.sparkplug_publish import NodeGateway
 

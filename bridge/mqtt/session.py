@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from bridge.config import MqttSettings
 from bridge.core.messages import Message
 from bridge.errors import BrokerError
 from bridge.mqtt.wire import Incoming, WindowFull, WireClient, WireError
@@ -26,6 +25,8 @@ from bridge.mqtt.wireevents import VersionRefused
 
 if TYPE_CHECKING:
     import aiomqtt
+
+    from bridge.config import MqttSettings
 
 Version = Literal[5, "3.1.1"]
 # A last will: (topic, payload, qos, retain). A bare topic is a retained `offline` there.

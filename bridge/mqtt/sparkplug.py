@@ -32,11 +32,10 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from bridge.config import Config, Device
 from bridge.core import sparkplug as sp
 from bridge.core.codec import Value
 from bridge.core.messages import Message
@@ -47,6 +46,9 @@ from bridge.errors import BrokerError
 from bridge.mqtt.delivery import Wake
 from bridge.mqtt.session import Session, Will
 from bridge.mqtt.wireevents import Incoming
+
+if TYPE_CHECKING:
+    from bridge.config import Config, Device
 
 log = structlog.get_logger("bridge.mqtt.sparkplug")
 

@@ -25,13 +25,16 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from serial_asyncio_fast import open_serial_connection
 
-from bridge.config import LineLink
 from bridge.core.backoff import backoff
 from bridge.errors import TransportError
+
+if TYPE_CHECKING:
+    from bridge.config import LineLink
 
 log = structlog.get_logger("bridge.line")
 

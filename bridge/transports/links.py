@@ -7,30 +7,35 @@ link carries ASCII lines, not Modbus: its instruments own their port (bridge.ins
 
 from __future__ import annotations
 
-from bridge.config import Config, Device, LineLink, SerialLink, TcpLink
+from typing import TYPE_CHECKING, TypeAlias
+
+from bridge.config.frozen import is_line, is_serial
 from bridge.core.bustime import silence
 from bridge.errors import BridgeError
 from bridge.transports.link import Link
 from bridge.transports.modbus import Endpoint, ModbusClient
 
-ModbusLink = TcpLink | SerialLink
+if TYPE_CHECKING:
+    from bridge.config import Config, Device, LineLink, SerialLink, TcpLink
+
+    ModbusLink: TypeAlias = TcpLink | SerialLink
 
 
 def modbus_link(config: Config, device: Device) -> ModbusLink | None:
     """The device's link if it carries Modbus (registers to read and write), else None."""
     link = config.link(device.link)
-    return None if isinstance(link, LineLink) else link
+    return None if is_line(link) else link
 
 
 def line_link(config: Config, device: Device) -> LineLink | None:
     """The device's link if it is an ASCII line (an instrument that owns its port), else None."""
     link = config.link(device.link)
-    return link if isinstance(link, LineLink) else None
+    return link if is_line(link) else None
 
 
 def endpoint_for(link: ModbusLink) -> Endpoint:
     """The transport's view of a configured Modbus link."""
-    if isinstance(link, SerialLink):
+    if is_serial(link):
         return Endpoint(
             link.type, link.port, 0, link.timeout,
             baudrate=link.baudrate, parity=link.parity, stopbits=link.stopbits,
@@ -47,7 +52,7 @@ def link_silence(link: ModbusLink) -> float:
     ASCII slaves turn their transceivers around slowly, and it costs ~4 ms at 9600 baud. A TCP
     socket (rtu-over-tcp included) leaves the line timing to the serial server in front.
     """
-    if isinstance(link, SerialLink):
+    if is_serial(link):
         return silence(link.baudrate) + link.request_delay
     return link.request_delay
 

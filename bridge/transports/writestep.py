@@ -6,9 +6,8 @@ parsing, limits, the request) is pure and lives in bridge.core.writes.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from bridge.config import Point
 from bridge.core.codec import Value
 from bridge.core.normalize import BadValue, engineering
 from bridge.core.planner import ReadRequest
@@ -16,6 +15,9 @@ from bridge.core.writes import plan_write, readback_request
 from bridge.errors import Blame, BridgeError
 from bridge.transports.link import Priority
 from bridge.transports.ports import WritePort
+
+if TYPE_CHECKING:
+    from bridge.config import Point
 
 
 async def write_point(
