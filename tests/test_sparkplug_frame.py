@@ -20,6 +20,7 @@ from bridge.config import Device, Point
 from bridge.core import sparkplug as sp
 from bridge.core import sparkplug_pb2 as pb
 from bridge.core.codec import Value
+from bridge.core.sparkplug_frame import Frames
 from tests.helpers import examples
 
 # point fields, and values a reading may take (in range, out of range, of another type)
@@ -93,3 +94,28 @@ def test_a_frame_reused_decodes_as_its_own_poll_only() -> None:
             name: (None, True, ts) if (name, value) == ("b", 70000) else (value, False, ts)
             for name, value in values.items()
         }
+
+
+@settings(max_examples=examples(100))
+@given(st.lists(st.tuples(st.sampled_from(["d1", "d2", "d3"]), POLL), min_size=1, max_size=8))
+def test_devices_of_one_map_share_a_frame_and_each_poll_carries_its_own_aliases(
+    polls: list[tuple[str, dict[str, Value]]],
+) -> None:
+    """Past the node's frame budget, devices of one shape (one map's) share one frame: polls
+    of them in any order, a value that does not fit among them, each DDATA is that
+    device's, alias for alias. d1's frame is its own (within the budget), d2 and d3 share."""
+    points = [Point(name=name, address=10 * i, **fields)
+              for i, (name, (fields, _)) in enumerate(POINTS.items())]  # fmt: skip
+    node = sp.NodeMetrics([Device(name=name, link="bus", points=points)
+                           for name in ("d1", "d2", "d3")],
+                          frames=Frames(budget=len(points)))  # fmt: skip
+    devices = {name: node.device(name) for name in ("d1", "d2", "d3")}
+    d1, d2, d3 = (d.frame for d in devices.values() if d is not None)
+    assert d2 is d3
+    assert d1 is not d2
+    for ts, (name, values) in enumerate(polls, start=1000):
+        device = devices[name]
+        assert device is not None
+        framed = sp.ddata(device, values, acquired=ts, seq=None, ts=ts + 1)
+        assert _by_alias(framed) == _by_alias(_general(device, values, ts))
+        assert {m.alias for m in pb.Payload.FromString(framed).metrics} <= set(device.aliases)

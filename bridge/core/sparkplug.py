@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from bridge.core import sparkplug_pb2 as pb
 from bridge.core.codec import Value
-from bridge.core.sparkplug_frame import Frame
+from bridge.core.sparkplug_frame import Frame, Frames
 from bridge.core.sparkplug_types import WIRE, Wire, datatype
 
 if TYPE_CHECKING:
@@ -141,21 +141,27 @@ class DeviceMetrics:
     """One device's metrics, found by name or alias (`by_name(name)`, `by_alias(alias)`: the
     metric, or None)."""
 
-    __slots__ = ("_frame", "by_alias", "by_name", "metrics", "name")
+    __slots__ = ("_frame", "_frames", "aliases", "by_alias", "by_name", "metrics", "name")
 
-    def __init__(self, name: str, metrics: tuple[MetricSpec, ...]) -> None:
+    def __init__(
+        self, name: str, metrics: tuple[MetricSpec, ...], frames: Frames | None = None
+    ) -> None:
+        """`frames`: the node's DDATA frames (bridge.core.sparkplug_frame.Frames)."""
         self.name = name
         self.metrics = metrics
+        self.aliases = tuple(m.alias for m in metrics)
         # dict lookups themselves, not methods around them: by_name runs once per value sent
         self.by_name: Callable[[str], MetricSpec | None] = {m.name: m for m in metrics}.get
         self.by_alias: Callable[[int], MetricSpec | None] = {m.alias: m for m in metrics}.get
+        self._frames = Frames() if frames is None else frames
         self._frame: Frame | None = None
 
     @property
     def frame(self) -> Frame:
-        """The device's DDATA of every metric, kept between polls (made on first use)."""
+        """The device's DDATA frame, kept between polls (made on first use): its own, or
+        beyond the node's budget shared with its other devices of this shape."""
         if self._frame is None:
-            self._frame = Frame([(m.name, m.alias, m.datatype) for m in self.metrics])
+            self._frame = self._frames.frame(tuple((m.name, m.datatype) for m in self.metrics))
         return self._frame
 
 
@@ -175,10 +181,14 @@ class NodeMetrics:
         devices: Iterable[Device],
         known: Mapping[str, int] | None = None,
         next_alias: int = FIRST_ALIAS,
+        *,
+        frames: Frames | None = None,
     ) -> None:
+        """`frames`: where the devices' DDATA frames come from (default: a new budget)."""
         known = known or {}
         next_alias = max([next_alias, *(a + 1 for a in known.values())])
         found: dict[str, DeviceMetrics] = {}
+        frames = Frames() if frames is None else frames
         used: set[int] = set()
         for device in devices:
             specs = []
@@ -190,7 +200,7 @@ class NodeMetrics:
                     alias, next_alias = next_alias, next_alias + 1
                 used.add(alias)
                 specs.append(MetricSpec(point, alias, kind, WIRE[kind]))
-            found[device.name] = DeviceMetrics(device.name, tuple(specs))
+            found[device.name] = DeviceMetrics(device.name, tuple(specs), frames)
         self.devices: Mapping[str, DeviceMetrics] = found
         self.next_alias = next_alias
 
@@ -288,7 +298,7 @@ def ddata(
     """
     if not historical and quality == Quality.GOOD:
         frame = device.frame
-        if frame.fill(values, acquired):
+        if frame.fill(values, acquired, device.aliases):
             whole = frame.payload
             whole.timestamp = ts
             if seq is None:

@@ -16,15 +16,47 @@ from bridge.core import sparkplug_pb2 as pb
 from bridge.core.codec import Value
 from bridge.core.sparkplug_types import WIRE, Wire
 
+# Metrics whose devices get a frame of their own (~400 bytes a metric: 1.6 MiB); devices
+# beyond share their shape's frame. Measured (10 devices of one 100-point shape, alternating):
+# a shared frame costs ~0.15 µs a value more (an alias store per metric, ~145 ns in upb).
+FRAME_BUDGET = 4096
+
+
+class Frames:
+    """A node's DDATA frames: a frame of its own for each device while they hold at most
+    `budget` metrics in all, then one frame shared by the devices of each shape (500 devices
+    of one 30-point map hold 1.6 MiB of frames instead of 5.7)."""
+
+    __slots__ = ("_shared", "budget", "kept")
+
+    def __init__(self, budget: int = FRAME_BUDGET) -> None:
+        self.budget = budget
+        self.kept = 0  # metrics in frames of their own
+        self._shared: dict[tuple[tuple[str, int], ...], Frame] = {}
+
+    def frame(self, shape: tuple[tuple[str, int], ...]) -> Frame:
+        """A frame for a device of `shape` ((name, datatype) of its metrics, in order)."""
+        if self.kept + len(shape) <= self.budget:
+            self.kept += len(shape)
+            return Frame(shape)
+        frame = self._shared.get(shape)
+        if frame is None:
+            frame = self._shared[shape] = Frame(shape)
+        return frame
+
 
 class Frame:
-    """A device's DDATA of every metric, kept between polls: what a poll of every point
-    costs is a timestamp and a value set per metric, then one serialization.
+    """The DDATA of every metric of a device, or of the devices of one shape (their points'
+    names and datatypes in order: the devices of one map), kept between polls: what a poll of
+    every point costs is a timestamp and a value set per metric, then one serialization.
+    A shared frame also sets each device's aliases (`fill`; a payload is serialized before
+    the next fill): see `Frames`.
 
     Measured (bench/sparkplug.py, upb): a Metric made per value (`add()`, then its fields)
     costs about twice the serialization of the whole payload, and `add()` alone more than
     setting two fields of a Metric that is already there. The frame's metrics have their
-    alias for good; `fill` sets the rest of every one, so nothing of an earlier poll survives.
+    alias set per fill (unless the same device's again), and `fill` sets the rest of every
+    one, so nothing of an earlier poll survives.
 
     Metrics are grouped by datatype: integer groups (most Modbus points) check their bounds
     at once (min and max, in C), leave the rest to protobuf and only set fields; the others
@@ -33,22 +65,24 @@ class Frame:
     path, which says per metric what it can.
     """
 
-    __slots__ = ("_groups", "_ordered", "payload", "size")
+    __slots__ = ("_aliases", "_groups", "_made", "_ordered", "payload", "size")
 
-    def __init__(self, metrics: Sequence[tuple[str, int, int]]) -> None:
-        """`metrics`: every metric of the device as (name, alias, datatype)."""
+    def __init__(self, metrics: Sequence[tuple[str, int]]) -> None:
+        """`metrics`: every metric of the shape as (name, datatype)."""
         self.payload = pb.Payload()
         self.size = len(metrics)
         add = self.payload.metrics.add
-        made = [add(alias=alias) for _, alias, _ in metrics]
-        names = [name for name, _, _ in metrics]
+        made = [add() for _ in metrics]
+        self._made = made
+        self._aliases: Sequence[int] = ()  # those the metrics carry now
+        names = [name for name, _ in metrics]
         # the values in metric order, as a tuple; KeyError when one is missing
         self._ordered: Callable[[Mapping[str, Value]], tuple[Value, ...]] = (
             operator.itemgetter(*names) if len(names) > 1
             else lambda values: tuple(values[name] for name in names)
         )
         kinds: dict[int, list[int]] = {}
-        for index, (_, _, kind) in enumerate(metrics):
+        for index, (_, kind) in enumerate(metrics):
             kinds.setdefault(kind, []).append(index)
         whole = len(kinds) == 1
         self._groups = tuple(
@@ -59,15 +93,20 @@ class Frame:
             for kind, indexes in kinds.items()
         )
 
-    def fill(self, values: Mapping[str, Value], acquired: int) -> bool:
-        """Every metric's value from `values`, acquired then; False (the frame half filled,
-        not to be sent) unless `values` names every metric and each value fits its own."""
+    def fill(self, values: Mapping[str, Value], acquired: int, aliases: Sequence[int]) -> bool:
+        """Every metric's value from `values`, acquired then, under one device's `aliases`
+        (in metric order); False (the frame half filled, not to be sent) unless `values`
+        names every metric and each value fits its own."""
         if len(values) != self.size:
             return False
         try:
             ordered = self._ordered(values)
         except KeyError:
             return False
+        if aliases is not self._aliases:
+            for metric, alias in zip(self._made, aliases, strict=True):
+                metric.alias = alias
+            self._aliases = aliases
         return all(group.fill(ordered, acquired) for group in self._groups)
 
 
