@@ -207,6 +207,23 @@ async def test_a_failed_batch_is_requeued_and_delivered_in_order_after_a_reconne
     assert publisher.reconnects == 2
 
 
+async def test_a_timeout_in_a_publish_is_a_reconnect_not_a_goodbye(
+    broker: FakeBroker, buffer: DiskBuffer
+) -> None:
+    """A publish that times out while running (not the stop's flush limit) costs a
+    reconnect: the gateway is never said `offline` (the will is for that), the reading is
+    delivered on the next connection."""
+    publisher = Publisher(settings(), buffer)
+    async with running(publisher):
+        await connected(publisher)
+        broker.failures.append(TimeoutError("no PUBACK in time"))
+        buffer.put([reading(1)])
+        await eventually(lambda: len(buffer) == 0, what="the reading to be delivered")
+        assert broker.connects == 2
+        assert broker.payloads(STATUS) == [b"online", b"online"]
+    assert broker.payloads(TOPIC) == [b"1"]
+
+
 async def test_the_backlog_left_at_stop_stays_on_disk_for_the_next_run(
     broker: FakeBroker, tmp_path: Path
 ) -> None:

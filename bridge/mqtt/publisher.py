@@ -208,8 +208,9 @@ class Publisher:
         # Stopping: what is live goes out first, for at most the stop's `flush` (a batch cut
         # off, even one in flight as the stop came, is requeued and kept), then the devices'
         # `offline`, so no reading follows a device's last word.
+        timer = self._flush_timer = asyncio.timeout_at(self._flush_by)
         try:
-            async with asyncio.timeout_at(self._flush_by) as self._flush_timer:
+            async with timer:
                 while not self.wake.stopping:
                     await self.statuses.publish_changes(session)  # ahead of any reading
                     if self.statuses.leaving:
@@ -218,6 +219,8 @@ class Publisher:
                 while await drain.step():
                     pass
         except TimeoutError:
+            if not timer.expired():
+                raise  # not the flush's limit: a failure like any other (a reconnect)
             log.warning("stop flush cut short", left_in_buffer=len(self.buffer))
         finally:
             self._flush_timer = None
