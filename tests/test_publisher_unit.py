@@ -474,16 +474,25 @@ async def test_a_bug_in_a_publish_costs_a_reconnect_not_the_publisher(
 # ------------------------------------------------------------------ stopping
 
 
-async def test_stop_delivers_what_is_live_then_says_offline_and_disconnects(
-    broker: FakeBroker, buffer: DiskBuffer
-) -> None:
+async def held_at_stop(
+    broker: FakeBroker, buffer: DiskBuffer, readings: int
+) -> tuple[Publisher, asyncio.Task[None]]:
+    """A running publisher, connected, device `meter` online, `readings` readings buffered
+    and their first batch in flight, held by the broker."""
     publisher = Publisher(settings(), buffer)
     publisher.set_status("meter", True)
     task = asyncio.create_task(publisher.run())
     await connected(publisher)
     broker.hold()
-    buffer.put([reading(n) for n in range(25)])
+    buffer.put([reading(n) for n in range(readings)])
     await eventually(lambda: buffer.in_flight > 0)
+    return publisher, task
+
+
+async def test_stop_delivers_what_is_live_then_says_offline_and_disconnects(
+    broker: FakeBroker, buffer: DiskBuffer
+) -> None:
+    publisher, task = await held_at_stop(broker, buffer, 25)
     publisher.stop(offline=["meter"])  # as the service does
     broker.release()
     await asyncio.wait_for(task, 10)
@@ -507,13 +516,7 @@ async def test_a_stops_flush_is_bounded_and_what_it_could_not_deliver_stays_on_d
 ) -> None:
     """A broker that stops acknowledging does not hold the stop for ever: after `flush`
     seconds the batch in flight goes back to the buffer and the statuses still go out."""
-    publisher = Publisher(settings(), buffer)
-    publisher.set_status("meter", True)
-    task = asyncio.create_task(publisher.run())
-    await connected(publisher)
-    broker.hold()
-    buffer.put([reading(n) for n in range(5)])
-    await eventually(lambda: buffer.in_flight > 0)
+    publisher, task = await held_at_stop(broker, buffer, 5)
     publisher.stop(offline=["meter"], flush=0.2)
     await eventually(lambda: buffer.in_flight == 0, what="the flush to give up")
     broker.release()  # the broker answers again: the statuses are not lost with the batch
