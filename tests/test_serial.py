@@ -31,7 +31,7 @@ from bridge.service import warn_overloaded_links
 from bridge.transports.link import Link, Priority
 from bridge.transports.links import build_links, link_silence
 from bridge.transports.modbus import Endpoint, LinkKind, ModbusClient
-from tests.helpers import Socat, cli, free_port
+from tests.helpers import Socat, cli, free_port, until
 
 HOLDING_BASE = 1000  # unit u's holding register i holds u * HOLDING_BASE + i
 
@@ -187,6 +187,9 @@ def _line_config(tmp_path: Path, port: Path, *, interval: str, timeout: str,
     return load_config(path)
 
 
+LIVE_POLLS = 20  # successful polls of each live unit the dead-unit test waits for (~5 s)
+
+
 class TimedLink(Link):
     """A Link that records how long each unit held the bus."""
 
@@ -220,10 +223,11 @@ def _pollers(config: Config, link: Link, sink: list[Message],
 
 @pytest.mark.integration
 async def test_dead_unit_does_not_starve_the_line(tmp_path: Path) -> None:
-    """Three units on one line, unit 3 dead: 1 and 2 keep most of their rate, 3 goes offline,
-    and each attempt at 3 costs the bus no more than its timeout (plus the settle wait that
-    keeps a late reply from being taken for the next answer)."""
-    interval, timeout = 0.25, 0.1
+    """Three units on one line, unit 3 dead: 1 and 2 keep polling, 3 goes offline, each
+    attempt at 3 costs the bus no more than its timeout (plus the settle wait that keeps a
+    late reply from being taken for the next answer) and the attempts thin out, so the dead
+    unit holds the bus for a small share of the time, however slow the machine."""
+    timeout = 0.1
     with pty_pair(tmp_path) as line:
         config = _line_config(tmp_path, line.b, interval="250ms", timeout="100ms",
                               units=(1, 2, 3))
@@ -232,40 +236,46 @@ async def test_dead_unit_does_not_starve_the_line(tmp_path: Path) -> None:
             messages: list[Message] = []
             statuses: list[tuple[str, bool]] = []
             pollers = _pollers(config, link, messages, statuses)
+            live = [p for p in pollers if p.device.unit != 3]
             started = time.monotonic()
             tasks = [asyncio.create_task(p.run()) for p in pollers]
-            await asyncio.sleep(5.0)  # the window measured below; its length is not asserted
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+
+            def enough() -> bool:
+                return (all(p.stats.polls - p.stats.failed_polls >= LIVE_POLLS for p in live)
+                        and ("meter-3", False) in statuses
+                        and sum(1 for unit, _ in link.held if unit == 3) >= 3)
+
+            try:
+                await until(enough, 60, lambda: f"{LIVE_POLLS} polls of each live unit, "
+                            f"meter-3 offline: {[p.stats for p in pollers]}")
+                # What happened so far; the attempt the cancel below cuts short is no timeout.
+                held, timeouts = list(link.held), link.client.counters.timeouts
+                live_failures = sum(p.stats.failed_polls for p in live)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                link.close()
             window = time.monotonic() - started
-            link.close()
-    # The live units' rate over the window as this test measured it. Without a dead unit each
-    # gets window / interval polls; a line the dead unit starved (every attempt costing a full
-    # timeout, no back-off, retries) gives them far fewer. 75% leaves room for polls a loaded
-    # machine delays past their tick (skipped, not queued) and still fails a starved line.
-    ticks = window / interval
-    live = [p for p in pollers if p.device.unit != 3]
-    for poller in live:
-        successes = poller.stats.polls - poller.stats.failed_polls
-        assert successes >= 0.75 * ticks, (poller.device.name, window, poller.stats)
     topic = "m2m/serial/meter-1/a"
-    assert len([m for m in messages if m.topic == topic]) >= 0.75 * ticks
+    assert len([m for m in messages if m.topic == topic]) >= LIVE_POLLS
     assert ("meter-3", False) in statuses
     assert ("meter-1", True) in statuses
     assert ("meter-2", True) in statuses
-    dead = [held for unit, held in link.held if unit == 3]
-    assert dead, "the dead unit was never tried"
+    dead = [seconds for unit, seconds in held if unit == 3]
     settle = link.client._settle
     # Under a second timeout: one attempt, never a retry, however late the loop woke.
     assert max(dead) < 2 * timeout + settle, dead
     # Back-off: attempts at the dead unit thin out; with doubling steps from 250 ms (jittered
     # down to half) at most ~7 fit in 5 s, far from the 20 a fixed schedule would make.
-    assert len(dead) <= 8 + (window - 5.0) / 2, (len(dead), window)
+    assert len(dead) <= 8 + max(0.0, window - 5.0) / 2, (len(dead), window)
+    # So the dead unit held the bus for a small share of the time: a fixed schedule without
+    # back-off (an attempt per 250 ms tick, each a 100 ms timeout and the settle) holds it
+    # for more than 40 %, and a slower machine only lengthens the window.
+    assert sum(dead) <= 0.3 * window, (sum(dead), window)
     # Every attempt at the dead unit timed out; a live unit's reply a loaded machine delays
     # past the timeout is the only other timeout there may be.
-    live_failures = sum(p.stats.failed_polls for p in live)
-    assert len(dead) <= link.client.counters.timeouts <= len(dead) + live_failures
+    assert len(dead) <= timeouts <= len(dead) + live_failures
 
 
 async def test_serial_link_silence_and_capacity_warning(tmp_path: Path) -> None:
