@@ -24,6 +24,8 @@ Name = Annotated[str, StringConstraints(pattern=f"^{_NAME_CHARS}+$")]
 
 
 class _Model(BaseModel):
-    # Validators are built at first validation, not at import: the daemon only unpickles the
-    # config its loader child validated (bridge.config.apart) and never needs them.
+    # Validators are built at first validation, not at import (a one-off command that reads
+    # no config pays nothing for them). The daemon holds its config as bridge.config.frozen
+    # objects: fields travel by themselves, but a method or property it uses must live in a
+    # mixin both share (bridge.config.frozen.ConfigMethods, bridge.config.pointmethods).
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, defer_build=True)
