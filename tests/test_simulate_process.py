@@ -100,3 +100,43 @@ def test_a_port_in_use_fails_in_one_line_and_leaves_nothing(tmp_path: Path) -> N
     assert "already in use" in err
     assert "Traceback" not in err
     assert leftovers(temp) == []
+
+
+def test_sigterm_while_a_hundred_devices_are_built_still_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """100 devices take seconds to build (pymodbus makes each one's tables in Python): a
+    SIGTERM then ends the run once they are built, exit 0, nothing left in TMPDIR."""
+    port = free_port()
+    devices = "\n".join(
+        f"  - {{name: d{unit}, link: plc, unit: {unit}, points: [{{name: v, address: 0}}]}}"
+        for unit in range(1, 101)
+    )
+    config = tmp_path / "bridge.yaml"
+    config.write_text(
+        "version: 1\ngateway: {id: sim}\nmqtt: {host: 127.0.0.1, port: 1}\n"
+        f"links:\n  - {{name: plc, type: tcp, host: 127.0.0.1, port: {port}}}\n"
+        f"devices:\n{devices}\n"
+    )
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "simulate", "-c", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(temp)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not any(name.startswith("m2m-sim-") for name in os.listdir(temp)):
+            assert time.monotonic() < deadline, "no m2m-sim-* directory within 30 s"
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)  # while the devices are being built
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        assert "Traceback" not in err
+        assert leftovers(temp) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

@@ -69,18 +69,20 @@ async def run_simulator(
     pace: int | Callable[[SerialLink | LineLink], int] | None = (
         (lambda link: link.baudrate) if baud == "config" else baud
     )
-    serial = SerialSimulator(config, sim, baud=pace, turnaround=turnaround)
     stop = asyncio.Event()
-    try:
-        await sim.start()
-        serial.start()
-        # SIGTERM is how scripts and service managers stop us: a clean return (exit 0) that
-        # removes the ptys' temp directory, where the default action would leave it behind.
-        with _stop_on_sigterm(stop):
+    # SIGTERM is how scripts and service managers stop us: a clean return (exit 0) that
+    # removes the ptys' temp directory, where the default action would leave it behind. Taken
+    # before the directory is made: building hundreds of devices takes a while, and a stop
+    # meanwhile ends the run once they are built.
+    with _stop_on_sigterm(stop):
+        serial = SerialSimulator(config, sim, baud=pace, turnaround=turnaround)
+        try:
+            await sim.start()
+            serial.start()
             for text in serial.announcements():
                 if announce is not None:
                     announce(text)
-            if on_ready is not None:
+            if on_ready is not None and not stop.is_set():
                 on_ready()
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -88,9 +90,9 @@ async def run_simulator(
                     break
                 sim.tick()
                 serial.tick()
-    finally:
-        serial.stop()
-        await sim.stop()
+        finally:
+            serial.stop()
+            await sim.stop()
 
 
 @contextlib.contextmanager
