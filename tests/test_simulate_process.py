@@ -30,10 +30,13 @@ devices:
 """
 
 
-def simulate(tmp_path: Path, port: int) -> tuple[subprocess.Popen[str], Path]:
-    """`simulate` with its own TMPDIR, so its m2m-sim-* directory is ours to look for."""
+def simulate(
+    tmp_path: Path, port: int, text: str | None = None
+) -> tuple[subprocess.Popen[str], Path]:
+    """`simulate` with its own TMPDIR, so its m2m-sim-* directory is ours to look for; the
+    config `text`, else CONFIG on `port`."""
     config = tmp_path / "bridge.yaml"
-    config.write_text(CONFIG.format(port=port))
+    config.write_text(CONFIG.format(port=port) if text is None else text)
     temp = tmp_path / "tmp"
     temp.mkdir()
     process = subprocess.Popen(
@@ -112,19 +115,11 @@ def test_sigterm_while_a_hundred_devices_are_built_still_leaves_nothing(
         f"  - {{name: d{unit}, link: plc, unit: {unit}, points: [{{name: v, address: 0}}]}}"
         for unit in range(1, 101)
     )
-    config = tmp_path / "bridge.yaml"
-    config.write_text(
+    process, temp = simulate(tmp_path, port, (
         "version: 1\ngateway: {id: sim}\nmqtt: {host: 127.0.0.1, port: 1}\n"
         f"links:\n  - {{name: plc, type: tcp, host: 127.0.0.1, port: {port}}}\n"
         f"devices:\n{devices}\n"
-    )
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bridge", "simulate", "-c", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(temp)},
-    )
+    ))
     try:
         deadline = time.monotonic() + 30
         while not any(name.startswith("m2m-sim-") for name in os.listdir(temp)):
