@@ -500,9 +500,11 @@ class BufferMachine(RuleBasedStateMachine):
     def _stored(self) -> list[Message]:
         return [m for row in self.rows.values() for m in row]
 
-    @rule(count=st.integers(0, 12))
-    def put(self, count: int) -> None:
+    @rule(count=st.integers(0, 12), qos0=st.booleans())
+    def put(self, count: int, qos0: bool) -> None:
         batch = [msg(self.n + i) for i in range(count)]
+        if qos0:  # held in memory while live (bridge.buffer.held); the same rows to the model
+            batch = [m._replace(qos=0) for m in batch]
         self.n += count
         self.buf.put(batch)
         # A put bigger than a bound on its own keeps its newest messages that fit.
@@ -563,6 +565,13 @@ class BufferMachine(RuleBasedStateMachine):
             self.buf.requeue([stale])
             if stale not in self.rows:
                 self.buf.ack([stale])
+
+    @rule(on=st.booleans())
+    def live(self, on: bool) -> None:
+        if on:
+            self.buf.go_live(self)
+        else:
+            self.buf.end_live(self)
 
     @rule()
     def reopen(self) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -63,17 +65,23 @@ async def test_link_reconnects_after_device_restart(tmp_path: Path) -> None:
         await sim.stop()
 
 
+# The recorder's persistent session gets QoS 0 messages queued too, as QoS 1 ones.
+QUEUE_QOS0 = "queue_qos0_messages true\n"
+
+
+@pytest.mark.parametrize("qos", [1, 0])
 async def test_readings_taken_while_broker_is_down_arrive_later_in_order(
-    tmp_path: Path,
+    tmp_path: Path, qos: int
 ) -> None:
     """Polling goes on with no broker; once it is up, every reading taken meanwhile arrives,
-    in order, with the time it was taken."""
+    in order, with the time it was taken. At QoS 0 too, though live QoS 0 polls are held in
+    memory rather than stored (bridge.buffer.held): without a broker they are stored."""
     broker_port, device_port = free_port(), free_port()
     topic = "m2m/pipe/dev/counter"
-    with mosquitto(tmp_path, port=broker_port):  # register a persistent subscriber session
+    with mosquitto(tmp_path, QUEUE_QOS0, port=broker_port):  # a persistent subscriber session
         async with recording(broker_port, topic, session="rec"):
             pass
-    config = make_config(tmp_path, broker_port, device_port, qos=1)
+    config = make_config(tmp_path, broker_port, device_port, qos=qos)
     sim = Simulator(config)
     await sim.start()
     service = Service(config)
@@ -91,7 +99,7 @@ async def test_readings_taken_while_broker_is_down_arrive_later_in_order(
             await until(polled, what=f"a poll of {n}")
         down_until = time.time_ns() // 1_000_000
         assert service.buffer.accepted >= 5
-        with mosquitto(tmp_path, port=broker_port):
+        with mosquitto(tmp_path, QUEUE_QOS0, port=broker_port):
             await asyncio.wait_for(service.publisher.connected.wait(), 30)
             connected_at = time.time_ns() // 1_000_000
             async with recording(broker_port, topic, session="rec") as rec:
@@ -114,6 +122,57 @@ async def test_readings_taken_while_broker_is_down_arrive_later_in_order(
     assert live == sorted(live), "live readings out of order"
     taken_offline = [r["value"] for r in readings if r["ts"] <= down_until]
     assert sorted(set(taken_offline)) == [1, 2, 3, 4, 5], (down_until, readings[:5])
+
+
+async def test_live_qos0_readings_never_touch_the_disk_and_a_lost_broker_keeps_them(
+    tmp_path: Path,
+) -> None:
+    """While the broker is connected, QoS 0 polls go out without a row on the disk (no SQLite
+    write per poll on an SD card); once it is gone, what is polled is stored, and arrives when
+    it is back."""
+    broker_port, device_port = free_port(), free_port()
+    topic = "m2m/pipe/dev/counter"
+    config = make_config(tmp_path, broker_port, device_port, qos=0)
+    db = tmp_path / "state" / "buffer.sqlite3"
+    sim = Simulator(config)
+    await sim.start()
+    service = Service(config)
+    stop = asyncio.Event()
+    run = asyncio.create_task(service.run(stop=stop, grace=5))
+    try:
+        with mosquitto(tmp_path, QUEUE_QOS0, port=broker_port):
+            async with recording(broker_port, topic, session="rec") as rec:
+                await asyncio.wait_for(service.publisher.connected.wait(), WAIT)
+                sim.set_value("dev", "counter", 1)
+                await rec.wait_for(lambda: 1 in [v["value"] for v in rec.values(topic)])
+                before = rows_written(db)  # polls before the connection: stored
+                await rec.wait_for(
+                    lambda: [v["value"] for v in rec.values(topic)].count(1) >= 20)
+            assert rows_written(db) == before
+        sim.set_value("dev", "counter", 2)  # polled with no broker: stored
+
+        def stored() -> bool:
+            return rows_written(db) >= 5
+
+        await until(stored, what="readings stored while the broker is gone")
+        with mosquitto(tmp_path, QUEUE_QOS0, port=broker_port):
+            async with recording(broker_port, topic, session="rec") as rec:
+                await rec.wait_for(
+                    lambda: [v["value"] for v in rec.values(topic)].count(2) >= 5)
+            stop.set()
+            await asyncio.wait_for(run, WAIT)
+    finally:
+        stop.set()
+        await sim.stop()
+        if not run.done():
+            run.cancel()
+
+
+def rows_written(db: Path) -> int:
+    """Rows ever written to the buffer (AUTOINCREMENT's high-water mark: also those deleted)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'batches'").fetchone()
+    return 0 if row is None else int(row[0])
 
 
 async def test_replayed_backlog_never_becomes_the_retained_value(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import structlog
 
+from bridge.buffer.held import HeldRow
 from bridge.buffer.rows import sizes
 from bridge.core.messages import Message
 
@@ -45,6 +46,7 @@ class Bounds:
     _uninflight: list[tuple[int, int]]
     _front_ts: float
     _dropping: bool
+    _held: dict[int, HeldRow]
 
     @property
     def oldest_ts(self) -> int | None:
@@ -56,6 +58,8 @@ class Bounds:
             row = self._db.execute("SELECT ts FROM batches ORDER BY id LIMIT 1").fetchone()
         except sqlite3.Error:  # only logging and metrics ask: not worth failing them
             return None
+        if row is None and self._held:  # all of it is held (bridge.buffer.held): newer rows
+            return min(m.ts for m in next(iter(self._held.values())).messages)
         return None if row is None else int(row[0])
 
     def _fit(self, batch: list[Message]) -> tuple[list[Message], list[str]]:

@@ -57,6 +57,11 @@ class FullDisk:
     # so a waiting publisher costs no task of its own per wait).
     on_ready: Callable[[], None] | None
 
+    def _init_direct(self) -> None:
+        self._direct = deque()
+        # The connected publisher, which takes what put() cannot store (None: nobody, lost).
+        self.direct_to = None
+
     def _signal(self) -> None:
         """Something can be taken now: wake whoever waits."""
         if self.on_ready is not None:

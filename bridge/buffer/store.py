@@ -14,7 +14,6 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import structlog
 
 from bridge.buffer.bounds import Bounds
 from bridge.buffer.disk import _SLACK, FullDisk
+from bridge.buffer.held import Held
 from bridge.buffer.rows import CorruptRow, pack, unpack
 from bridge.buffer.schema import INSERT, create, totals
 from bridge.buffer.spans import Spans
@@ -55,7 +55,7 @@ class Stored:
     messages: tuple[Message, ...]
 
 
-class DiskBuffer(Bounds, FullDisk, Spans):
+class DiskBuffer(Bounds, FullDisk, Held, Spans):
     """The store-and-forward buffer: a bounded, ordered SQLite queue (WAL) with in-flight rows.
 
     Polling `put()`s each poll's messages as one row in one transaction; the publisher
@@ -82,7 +82,8 @@ class DiskBuffer(Bounds, FullDisk, Spans):
     milliseconds per poll and wear SD cards, so instead at most every `SYNC_EVERY` seconds one
     put() commits with `synchronous=FULL`, which fsyncs the WAL and with it every commit before
     it: a power cut loses at most the readings of about the last `SYNC_EVERY` seconds, plus
-    acks of that time (those messages are sent again: at-least-once).
+    acks of that time (those messages are sent again: at-least-once). While a publisher is live,
+    QoS 0 polls are held in memory and written only if not delivered soon (bridge.buffer.held).
 
     A failing disk (full, read-only, I/O error) never raises from put(): the batch goes to the
     publisher directly while one is connected (`direct_to`, taken with `take_direct()`), else
@@ -135,7 +136,7 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         self._last_id: int = last_id
         self._inflight: dict[int, int] = {}  # row id -> its messages, taken and not yet back
         # No row at the front is older than this (ms), so expiry needs no query before then.
-        self._front_ts: float = -float("inf")
+        self._front_ts: float = -float("inf") if rows else float("inf")
         self._uninflight: list[tuple[int, int]] = []  # dropped in flight by this transaction
         self._unacked: set[int] = set()  # acked, but the delete failed: retried with the next ack
         # Ranges [start, end] of ids in which every stored row is in flight: take() skips them
@@ -156,10 +157,9 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         self._full = False  # put() refuses for lack of space (one log line per change)
         self._deleting_failed = False
         self._freed = 0  # bytes deleted since the last look at the free pages
-        self._direct: deque[Message] = deque()
         self._recent: dict[int, tuple[Message, ...]] = {}  # by row id, oldest first
-        # The connected publisher, which takes what put() cannot store (None: nobody, lost).
-        self.direct_to: object | None = None
+        self._init_held()
+        self._init_direct()
         self.dropped = 0
         self.accepted = 0
         self.lost = 0  # messages neither stored nor handed to a connected publisher
@@ -174,7 +174,7 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         """Store a poll's messages as one row in one transaction, then apply the bounds.
         Never raises."""
         batch = list(messages)
-        if not batch:
+        if not batch or self._hold(batch):
             return
         if not self._room():
             self._refuse(batch)
@@ -195,6 +195,7 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         sync = time.monotonic() - self._last_sync >= SYNC_EVERY
 
         def insert() -> list[str]:
+            self._insert_held()  # first: ids in put order, and the bounds see them
             self._db.execute(INSERT, row)
             self._rows += 1
             self._count += len(kept)
@@ -205,13 +206,7 @@ class DiskBuffer(Bounds, FullDisk, Spans):
             return trimmed + [r for r in self._enforce_bounds() if r not in trimmed]
 
         try:
-            if sync:
-                self._db.execute("PRAGMA synchronous=FULL")
-            try:
-                reasons = self._transaction(insert)
-            finally:
-                if sync:
-                    self._db.execute("PRAGMA synchronous=NORMAL")
+            reasons = self._synced(insert) if sync else self._transaction(insert)
         except sqlite3.Error as exc:
             self._refuse(batch)
             if not self._failing:
@@ -222,6 +217,7 @@ class DiskBuffer(Bounds, FullDisk, Spans):
             return
         if sync:
             self._last_sync = time.monotonic()
+        self._held_written()
         self.accepted += len(batch)
         self._remember(row[0], tuple(kept))
         if self._failing:
@@ -239,6 +235,14 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         recent[id_] = messages
         if len(recent) > RECENT_ROWS:
             del recent[next(iter(recent))]
+
+    def _synced(self, work: Callable[[], T]) -> T:
+        """`_transaction(work)`, its commit fsynced (and with it every commit before it)."""
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            return self._transaction(work)
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
 
     def _transaction(self, work: Callable[[], T]) -> T:
         """Run `work` in one write transaction; on failure undo it and its bookkeeping too."""
@@ -299,9 +303,44 @@ class DiskBuffer(Bounds, FullDisk, Spans):
 
     def _take_between(self, pos: int, hi: int, limit: int, taken: int, *, out: list[Stored],
                       bad: list[int]) -> tuple[int, int, bool]:
-        """take()'s one query: rows with `pos < id <= hi` into `out` (holding `taken` messages),
-        unreadable ones into `bad`, all now in flight. (The id up to which every stored row is
-        in flight now, the messages in `out`, whether `limit` is reached.)"""
+        """Rows with `pos < id <= hi` into `out` (holding `taken` messages), unreadable ones
+        into `bad`, all now in flight: from the disk (one query), then the held rows, which are
+        newer. (The id up to which every stored row is in flight now, the messages in `out`,
+        whether `limit` is reached.)"""
+        on_disk = min(hi, next(iter(self._held), hi + 1) - 1)
+        covered, full = pos, False
+        if pos < on_disk:
+            covered, taken, full = self._take_stored(pos, on_disk, limit, taken, out=out,
+                                                     bad=bad)
+        if not full and covered < hi and covered >= on_disk:
+            covered, taken, full = self._take_held(covered, hi, limit, taken, out=out)
+        self._add_span(pos + 1, covered)
+        return covered, taken, full
+
+    def _take_held(self, pos: int, hi: int, limit: int, taken: int, *,
+                   out: list[Stored]) -> tuple[int, int, bool]:
+        """`_take_between`'s held rows (`pos < id <= hi`): no query, nothing to unpack."""
+        inflight, last = self._inflight, pos
+        for id_, row in self._held.items():
+            if id_ <= pos:
+                continue
+            if id_ > hi:
+                break
+            if id_ not in inflight:
+                count = len(row.messages)
+                if out and taken + count > limit:
+                    return last, taken, True
+                out.append(Stored(id_, row.messages))
+                taken += count
+                inflight[id_] = count
+            last = id_
+            if taken >= limit:
+                return last, taken, True
+        return hi, taken, False
+
+    def _take_stored(self, pos: int, hi: int, limit: int, taken: int, *, out: list[Stored],
+                     bad: list[int]) -> tuple[int, int, bool]:
+        """`_take_between`'s query, over rows on the disk."""
         want = limit - taken  # rows: each holds one message at least
         seen, last, full = 0, pos, False
         inflight, recent = self._inflight, self._recent
@@ -330,7 +369,6 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         finally:
             cursor.close()  # a statement left running would hold its read snapshot
         covered = hi if not full and seen < want else last
-        self._add_span(pos + 1, covered)
         return covered, taken, full
 
     def _corrupt(self, id_: int, count: int, exc: CorruptRow) -> None:
@@ -344,6 +382,15 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         todo = set(ids) | self._unacked
         if not todo:
             return
+        inflight = self._inflight
+        if self._held:
+            rest = self._release(todo)  # held rows: forgotten, no statement
+            for id_ in todo - rest:
+                inflight.pop(id_, None)
+            todo = rest
+            if not todo:
+                self._forget_spans()
+                return
         try:
             gone = self._freeing(
                 lambda: self._db.execute(_DELETE_IDS, (json.dumps(sorted(todo)),)).fetchall())
@@ -364,12 +411,9 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         freed = sum(size for _, size in gone)
         self._bytes -= freed
         self._freed += freed
-        inflight = self._inflight
         for id_ in todo:
             inflight.pop(id_, None)
-        if not inflight:
-            self._starts.clear()
-            self._ends.clear()
+        self._forget_spans()
         self._shrink()
 
     @property
@@ -383,9 +427,7 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         for id_ in back:
             del self._inflight[id_]
             self._split_span(id_)
-        if not self._inflight:
-            self._starts.clear()
-            self._ends.clear()
+        self._forget_spans()
         if self.available():
             self._signal()
 
@@ -402,9 +444,15 @@ class DiskBuffer(Bounds, FullDisk, Spans):
         """Messages taken and neither acknowledged nor requeued."""
         return sum(self._inflight.values())
 
+    def _forget_spans(self) -> None:
+        if not self._inflight:
+            self._starts.clear()
+            self._ends.clear()
+
     def close(self) -> None:
-        """Checkpoint the WAL into the database file and close."""
-        self.lost += len(self._direct)  # nobody is left to publish them
+        """Write what is held, checkpoint the WAL into the database file and close."""
+        self.end_live(self._live_owner)
+        self.lost += self._held_count + len(self._direct)  # nobody is left to publish them
         self._direct.clear()
         try:
             self._freeing(lambda: self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))

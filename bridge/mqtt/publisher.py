@@ -191,6 +191,7 @@ class Publisher:
             raise _first_error(group) from None
         finally:
             self.dispatch.detach()
+            self.buffer.end_live(self)  # held QoS 0 readings not yet delivered: to the disk
             if self.buffer.direct_to is self:
                 self.buffer.direct_to = None
         await self.gateway.offline(session)
@@ -205,6 +206,8 @@ class Publisher:
             # Sparkplug births may have waited for the primary host: what was read meanwhile
             # is history to it, replayed after the births (is_historical), not live.
             drain.backlog_end = self.buffer.last_id()
+        # Live from here: QoS 0 readings are handed over in memory (bridge.buffer.held).
+        self.buffer.go_live(self)
         # Stopping: what is live goes out first, for at most the stop's `flush` (a batch cut
         # off, even one in flight as the stop came, is requeued and kept), then the devices'
         # `offline`, so no reading follows a device's last word.
