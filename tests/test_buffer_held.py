@@ -186,3 +186,22 @@ def test_held_rows_within_the_bounds_only(path: Path) -> None:
         assert messages(b.take(1000)) == poll(1) + poll(2)
     finally:
         b.close()
+
+
+def test_once_the_disk_is_drained_taking_held_rows_asks_it_nothing(path: Path) -> None:
+    """Rows stored before the connection, delivered and deleted, leave ids below the held ones:
+    taking the held rows still runs no query."""
+    b = open_buffer(path)
+    try:
+        b.put(poll(0))  # before the connection: stored
+        b.ack(ids(b.take(100)))
+        b.go_live(OWNER)
+        seen: list[str] = []
+        b._db.set_trace_callback(seen.append)
+        b.put(poll(1))
+        taken = b.take(500, after=0)
+        assert messages(taken) == poll(1)
+        b.ack(ids(taken))
+        assert seen == []
+    finally:
+        b.close()

@@ -307,7 +307,9 @@ class DiskBuffer(Bounds, FullDisk, Held, Spans):
         into `bad`, all now in flight: from the disk (one query), then the held rows, which are
         newer. (The id up to which every stored row is in flight now, the messages in `out`,
         whether `limit` is reached.)"""
-        on_disk = min(hi, next(iter(self._held), hi + 1) - 1)
+        held = self._held
+        # Every row is held (rows on the disk were all acked): no query to find none.
+        on_disk = pos if self._rows == len(held) else min(hi, next(iter(held), hi + 1) - 1)
         covered, full = pos, False
         if pos < on_disk:
             covered, taken, full = self._take_stored(pos, on_disk, limit, taken, out=out,

@@ -139,7 +139,7 @@ class _WireSession:
                 await self.client.wait_window()
 
     async def publish_batch(self, messages: Sequence[Message]) -> None:
-        await self.client.publish_batch([(m.topic, m.payload, m.qos, m.retain) for m in messages])
+        await self.client.publish_batch(messages)  # a Message is an Outgoing as it is
 
     async def subscribe(self, topics: Sequence[str]) -> None:
         if topics:

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from bridge.mqtt.wireevents import Incoming, WindowFull, WireError
 from bridge.mqtt.wirelink import FutureBatch, WireLink, os_reason, retrieve
-from bridge.mqtt.wireproto import WireState
+from bridge.mqtt.wireproto import Outgoing, WireState
 
 __all__ = ["Incoming", "WindowFull", "WireClient", "WireError"]
 
@@ -175,8 +175,8 @@ class WireClient(WireLink):
         self._schedule_flush()
         return packet_id
 
-    async def publish_batch(self, messages: Sequence[tuple[str, bytes, int, bool]]) -> None:
-        """Publish (topic, payload, qos, retain) messages in order; return when every QoS 1
+    async def publish_batch(self, messages: Sequence[Outgoing]) -> None:
+        """Publish (topic, payload, qos, retain, ...) messages in order; return when every QoS 1
         one is PUBACKed (QoS 0 ones: once handed to the transport).
 
         Respects the broker's Receive Maximum (waits for room mid-batch). A PUBACK with a

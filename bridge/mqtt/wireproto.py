@@ -54,7 +54,11 @@ from bridge.mqtt.wireevents import (
     suback_error,
 )
 
-__all__ = ["MAX_INCOMING", "Batch", "WireState", "frame_size"]
+__all__ = ["MAX_INCOMING", "Batch", "Outgoing", "WireState", "frame_size"]
+
+# A message to publish: (topic, payload, qos, retain), and whatever follows, unread: a
+# bridge.core.messages.Message (its `ts` last) goes as it is, with no tuple made per message.
+Outgoing = tuple[str, bytes, int, bool, *tuple[int, ...]]
 
 _QOS: Final = (QoS.AT_MOST_ONCE, QoS.AT_LEAST_ONCE)
 _QOS1: Final = QoS.AT_LEAST_ONCE
@@ -149,19 +153,18 @@ class WireState:
         self.out += data
         return packet_id
 
-    def publish_many(
-        self, messages: Sequence[tuple[str, bytes, int, bool]], start: int, batch: Batch
-    ) -> int:
+    def publish_many(self, messages: Sequence[Outgoing], start: int, batch: Batch) -> int:
         """Queue messages[start:] as PUBLISHes of `batch` until the window is full; the
         index of the first message not queued (len(messages): all of them)."""
         inflight, subscribing, window = self.inflight, self._subscribing, self.window
         out, max_size = self.out, self.max_packet_size
         aliases, aliased = self.aliases, self._aliased
         if start == 0 and (self.max_qos < 1 or not self.retain_available):
-            for _, _, qos, retain in messages:  # a broker that limits these
-                self._check(qos, retain)
+            for m in messages:  # a broker that limits these
+                self._check(m[2], m[3])
         for index in range(start, len(messages)):
-            topic, payload, qos, retain = messages[index]
+            m = messages[index]
+            topic, payload, qos, retain = m[0], m[1], m[2], m[3]
             alias = aliases.get(topic)
             if alias is not None:
                 topic = ""  # the broker knows it by its alias on this connection
