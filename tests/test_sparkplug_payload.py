@@ -345,6 +345,23 @@ def test_aliases_are_unique_across_the_edge_node_and_stable() -> None:
     assert spec.alias == 5
 
 
+@given(order=st.permutations(range(4)), gap=st.integers(0, 3), probe=st.integers(-2, 20))
+def test_a_metric_is_found_by_alias_whatever_aliases_were_kept(
+    order: list[int], gap: int, probe: int
+) -> None:
+    """Aliases kept from an earlier config (a reload, a restart) may be in any order or have
+    gaps; by_alias finds exactly the metric holding one, and nothing for any other number."""
+    device = _device("m", a={}, b={}, c={}, d={})
+    names = ["a", "b", "c", "d"]
+    known = {sp.metric_key("m", names[i], datatype(device.points[i])): 1 + pos + (gap if pos
+             else 0) for pos, i in enumerate(order)}
+    metrics = sp.NodeMetrics([device], known).device("m")
+    assert metrics is not None
+    by_alias = {m.alias: m for m in metrics.metrics}
+    for alias in [probe, *by_alias]:
+        assert metrics.by_alias(alias) is by_alias.get(alias)
+
+
 def test_ddata_carries_aliases_values_and_timestamps() -> None:
     """tck-id-payloads-alias-data-cmd-requirement: aliases only, no names;
     tck-id-payloads-metric-datatype-not-req: no datatypes;

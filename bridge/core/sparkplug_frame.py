@@ -16,16 +16,18 @@ from bridge.core import sparkplug_pb2 as pb
 from bridge.core.codec import Value
 from bridge.core.sparkplug_types import WIRE, Wire
 
-# Metrics whose devices get a frame of their own (~400 bytes a metric: 1.6 MiB); devices
+# Metrics whose devices get a frame of their own (~400 bytes a metric: 0.8 MiB); devices
 # beyond share their shape's frame. Measured (10 devices of one 100-point shape, alternating):
 # a shared frame costs ~0.15 µs a value more (an alias store per metric, ~145 ns in upb).
-FRAME_BUDGET = 4096
+# 2048 covers the 10 x 100 bench twice over; 500 x 30 needed the 0.8 MiB of 4096 to stay
+# under 45 MiB (bench/rss.py).
+FRAME_BUDGET = 2048
 
 
 class Frames:
     """A node's DDATA frames: a frame of its own for each device while they hold at most
     `budget` metrics in all, then one frame shared by the devices of each shape (500 devices
-    of one 30-point map hold 1.6 MiB of frames instead of 5.7)."""
+    of one 30-point map hold 0.8 MiB of frames instead of 5.7)."""
 
     __slots__ = ("_shared", "budget", "kept")
 
