@@ -32,12 +32,12 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic
 
 import structlog
-from typing_extensions import TypeVar
 
 from bridge.core.codec import Value
 from bridge.core.messages import Message
@@ -91,8 +91,14 @@ def parse_text(point: Point, text: str) -> Value:
 
 
 # The port type a poller was given, so its owner keeps seeing it as that (`poller.port.opens`
-# of a LinePort); a bare `InstrumentPoller` is one on a LinePort.
-PortT = TypeVar("PortT", bound=InstrumentPort, default=LinePort)
+# of a LinePort); a bare `InstrumentPoller` is one on a LinePort. The default (PEP 696) is
+# for the type checker: typing_extensions' TypeVar would cost the daemon 0.5 MiB of RSS.
+if TYPE_CHECKING:
+    from typing_extensions import TypeVar
+
+    PortT = TypeVar("PortT", bound=InstrumentPort, default=LinePort)
+else:
+    PortT = typing.TypeVar("PortT", bound=InstrumentPort)
 
 
 class InstrumentPoller(Generic[PortT]):

@@ -7,8 +7,6 @@ its register facts (`source:`, and bridge/maps/NOTICE).
 
 from __future__ import annotations
 
-import difflib
-from importlib.resources import files
 from pathlib import Path
 
 PREFIX = "library:"
@@ -21,6 +19,10 @@ SUNSPEC = "sunspec"
 def library_dir() -> Path:
     """Where the packaged maps are. setuptools installs package data as plain files (wheel,
     editable and checkout alike), so the Traversable is a filesystem path."""
+    # Imported here: the daemon imports this module for SUNSPEC only, and importlib.resources
+    # brings tempfile and shutil (0.7 MiB of RSS, bench/rss.py).
+    from importlib.resources import files  # noqa: PLC0415 - see above
+
     return Path(str(files("bridge") / "maps"))
 
 
@@ -37,6 +39,8 @@ def library_path(name: str) -> Path | None:
 
 def unknown_map(name: str) -> str:
     """A one-line message for a name the library lacks, with the nearest names if any."""
+    import difflib  # noqa: PLC0415 - a mistake's path only (see library_dir)
+
     names = library_names()
     # "sdm630" is in "eastron-sdm630" but only 60 % similar to it: containment first.
     near = [n for n in names if name.lower() in n] or difflib.get_close_matches(
