@@ -223,14 +223,14 @@ def device_points() -> list[dict[str, Any]]:
 
 
 def write_config(path: Path, *, broker: int, metrics: int, ports: list[int], units: int,
-                 mode: str) -> Path:
+                 mode: str, qos: int = 1) -> Path:
     import yaml
 
     points = device_points()
     doc: dict[str, Any] = {
         "version": 1,
         "gateway": {"id": GATEWAY, "state_dir": str(path.parent / "state")},
-        "mqtt": {"host": "127.0.0.1", "port": broker, "qos": 1, "messages": mode},
+        "mqtt": {"host": "127.0.0.1", "port": broker, "qos": qos, "messages": mode},
         "metrics": {"host": "127.0.0.1", "port": metrics},
         "links": [
             {"name": f"link-{i:02d}", "type": "tcp", "host": "127.0.0.1", "port": port,
@@ -406,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="soak length (default 10)")
     parser.add_argument("--messages", choices=MODES, default="per-point",
                         help="mqtt.messages (default per-point, the heavier mode)")
+    parser.add_argument("--qos", type=int, choices=(0, 1), default=1,
+                        help="mqtt.qos (default 1; at 0 live polls are held in memory, "
+                             "bridge.buffer.held)")
     parser.add_argument("--links", type=int, default=10,
                         help="tcp links, one slave port each (default 10)")
     parser.add_argument("--units", type=int, default=50,
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"m2m-bridge soak: {args.links} tcp links x {args.units} units = {devices} devices x "
           f"{POINTS} points (uint16/float32, one 40-register holding read each), "
-          f"{INTERVAL:g} s polls, {args.messages} messages, qos 1, local mosquitto")
+          f"{INTERVAL:g} s polls, {args.messages} messages, qos {args.qos}, local mosquitto")
     print(f"expected {devices / INTERVAL:.0f} reads/s, {devices * POINTS / INTERVAL:.0f} "
           f"values/s in {devices * POINTS // per_message / INTERVAL:.0f} messages/s; "
           f"{args.minutes:g} min, a sample every {args.sample:g} s")
@@ -462,7 +465,7 @@ def soak(args: argparse.Namespace, tmp: Path, samples: list[Sample], imported: f
         assert broker.process is not None
         metrics = free_port()
         config = write_config(tmp / "soak.yaml", broker=broker.port, metrics=metrics,
-                              ports=ports, units=args.units, mode=args.messages)
+                              ports=ports, units=args.units, mode=args.messages, qos=args.qos)
         log = config.with_suffix(".log")
         start = time.monotonic()
         child = stack.enter_context(daemon(config))

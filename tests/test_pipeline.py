@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,36 @@ async def test_link_reconnects_after_device_restart(tmp_path: Path) -> None:
 QUEUE_QOS0 = "queue_qos0_messages true\n"
 
 
+@dataclass
+class Running:
+    """A Service running in this loop beside its simulated device."""
+
+    sim: Simulator
+    service: Service
+    stop: asyncio.Event
+    run: asyncio.Task[None]
+
+    async def stop_cleanly(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.run, WAIT)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Running]:
+    sim = Simulator(config)
+    await sim.start()
+    service = Service(config)
+    stop = asyncio.Event()
+    run = asyncio.create_task(service.run(stop=stop, grace=5))
+    try:
+        yield Running(sim, service, stop, run)
+    finally:
+        stop.set()
+        await sim.stop()
+        if not run.done():
+            run.cancel()
+
+
 @pytest.mark.parametrize("qos", [1, 0])
 async def test_readings_taken_while_broker_is_down_arrive_later_in_order(
     tmp_path: Path, qos: int
@@ -82,14 +114,10 @@ async def test_readings_taken_while_broker_is_down_arrive_later_in_order(
         async with recording(broker_port, topic, session="rec"):
             pass
     config = make_config(tmp_path, broker_port, device_port, qos=qos)
-    sim = Simulator(config)
-    await sim.start()
-    service = Service(config)
-    stop = asyncio.Event()
-    run = asyncio.create_task(service.run(stop=stop, grace=5))
-    try:
+    async with running(config) as bridge:
+        service = bridge.service
         for n in range(1, 6):  # five distinct values while the broker is down
-            sim.set_value("dev", "counter", n)
+            bridge.sim.set_value("dev", "counter", n)
             # Two more readings: the second was polled after the value was set.
             taken = service.buffer.accepted + 2
 
@@ -104,13 +132,7 @@ async def test_readings_taken_while_broker_is_down_arrive_later_in_order(
             connected_at = time.time_ns() // 1_000_000
             async with recording(broker_port, topic, session="rec") as rec:
                 await rec.wait_for(lambda: any(v["ts"] > down_until for v in rec.values(topic)))
-            stop.set()
-            await asyncio.wait_for(run, WAIT)
-    finally:
-        stop.set()
-        await sim.stop()
-        if not run.done():
-            run.cancel()
+            await bridge.stop_cleanly()
     readings = rec.values(topic)
     # Live readings go out ahead of the backlog (README, "Store and forward"), so order is
     # promised within each: the backlog (everything stored before the connection came up)
@@ -134,38 +156,27 @@ async def test_live_qos0_readings_never_touch_the_disk_and_a_lost_broker_keeps_t
     topic = "m2m/pipe/dev/counter"
     config = make_config(tmp_path, broker_port, device_port, qos=0)
     db = tmp_path / "state" / "buffer.sqlite3"
-    sim = Simulator(config)
-    await sim.start()
-    service = Service(config)
-    stop = asyncio.Event()
-    run = asyncio.create_task(service.run(stop=stop, grace=5))
-    try:
+    async with running(config) as bridge:
         with mosquitto(tmp_path, QUEUE_QOS0, port=broker_port):
             async with recording(broker_port, topic, session="rec") as rec:
-                await asyncio.wait_for(service.publisher.connected.wait(), WAIT)
-                sim.set_value("dev", "counter", 1)
+                await asyncio.wait_for(bridge.service.publisher.connected.wait(), WAIT)
+                bridge.sim.set_value("dev", "counter", 1)
                 await rec.wait_for(lambda: 1 in [v["value"] for v in rec.values(topic)])
                 before = rows_written(db)  # polls before the connection: stored
                 await rec.wait_for(
                     lambda: [v["value"] for v in rec.values(topic)].count(1) >= 20)
             assert rows_written(db) == before
-        sim.set_value("dev", "counter", 2)  # polled with no broker: stored
+        bridge.sim.set_value("dev", "counter", 2)  # polled with no broker: stored
 
         def stored() -> bool:
-            return rows_written(db) >= 5
+            return rows_written(db) >= before + 5
 
         await until(stored, what="readings stored while the broker is gone")
         with mosquitto(tmp_path, QUEUE_QOS0, port=broker_port):
             async with recording(broker_port, topic, session="rec") as rec:
                 await rec.wait_for(
                     lambda: [v["value"] for v in rec.values(topic)].count(2) >= 5)
-            stop.set()
-            await asyncio.wait_for(run, WAIT)
-    finally:
-        stop.set()
-        await sim.stop()
-        if not run.done():
-            run.cancel()
+            await bridge.stop_cleanly()
 
 
 def rows_written(db: Path) -> int:
