@@ -30,7 +30,8 @@ from tests.helpers import (
 pytestmark = pytest.mark.integration  # starts processes or socket servers
 
 PREFIX = "m2m/sf"
-QUEUE = "max_queued_messages 100000\n"  # the recorder's offline session keeps everything
+# The recorder's offline session keeps everything, QoS 0 messages too.
+QUEUE = "max_queued_messages 100000\nqueue_qos0_messages true\n"
 
 
 def write_config(tmp_path: Path, broker: int, device: int, **extra: Any) -> Path:
@@ -39,7 +40,7 @@ def write_config(tmp_path: Path, broker: int, device: int, **extra: Any) -> Path
     doc: dict[str, Any] = {
         "version": 1,
         "gateway": {"id": "sf", "state_dir": str(tmp_path / "state")},
-        "mqtt": {"host": "127.0.0.1", "port": broker, "qos": 1,
+        "mqtt": {"host": "127.0.0.1", "port": broker, "qos": extra.pop("qos", 1),
                  "buffer": extra.pop("buffer", {})},
         "links": [{"name": "plc", "type": "tcp", "host": "127.0.0.1", "port": device,
                    "timeout": "300ms"}],
@@ -68,11 +69,14 @@ async def count_up(sim: Simulator, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("qos", [1, 0])
 async def test_outage_and_kill_9_lose_nothing(
-    tmp_path: Path, device: tuple[Simulator, int]
+    tmp_path: Path, device: tuple[Simulator, int], qos: int
 ) -> None:
     """Broker down with the daemon kill -9'd and restarted meanwhile: every reading arrives,
-    with its original ts, the backlog in order per point."""
+    with its original ts, the backlog in order per point. At QoS 0 too: the polls held in
+    memory while the broker was up (bridge.buffer.held) are written when it goes, and what is
+    polled without it is stored as at QoS 1."""
     sim, port = device
     broker_port, metrics_port = free_port(), free_port()
     topic = f"{PREFIX}/dev/a"
@@ -80,7 +84,7 @@ async def test_outage_and_kill_9_lose_nothing(
         async with recording(broker_port, f"{PREFIX}/#", session="rec"):
             pass  # a persistent session: the broker keeps what arrives while it is away
     # Both daemons serve metrics on one port (one at a time): the test waits on their counters.
-    config = write_config(tmp_path, broker_port, port,
+    config = write_config(tmp_path, broker_port, port, qos=qos,
                           metrics={"host": "127.0.0.1", "port": metrics_port})
     stop = asyncio.Event()
     counter = asyncio.create_task(count_up(sim, stop))
