@@ -67,10 +67,11 @@ def open_buffer(
     max_bytes: int = BIG,
     max_age: float = 7 * 86400,
     clock: Clock | None = None,
+    monotonic: Clock | None = None,
 ) -> DiskBuffer:
     return DiskBuffer(
         path, max_messages=max_messages, max_bytes=max_bytes, max_age=max_age,
-        clock=clock or Clock(),
+        clock=clock or Clock(), monotonic=monotonic or Clock(),
     )
 
 

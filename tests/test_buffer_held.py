@@ -50,7 +50,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 def live(path: Path, clock: Clock) -> Iterator[DiskBuffer]:
-    b = open_buffer(path, clock=clock)
+    """A buffer whose publisher is live; `clock` times how long a row is held."""
+    b = open_buffer(path, monotonic=clock)
     b.go_live(OWNER)
     yield b
     b.close()
@@ -121,6 +122,23 @@ def test_a_row_not_delivered_within_hold_age_is_written(
     live.ack(ids(stuck))  # delivered after all: deleted from the disk like any row
     assert on_disk(path) == [2, 3]
     assert messages(live.take(1000)) == poll(1) + poll(2)
+
+
+def test_a_wall_clock_stepped_back_keeps_no_row_held(path: Path) -> None:
+    """NTP stepping the clock back an hour does not hold a row for an hour: holding is timed
+    on the monotonic clock."""
+    wall, monotonic = Clock(), Clock()
+    b = open_buffer(path, clock=wall, monotonic=monotonic)
+    try:
+        b.go_live(OWNER)
+        b.put(poll(0))
+        b.take(100)
+        wall.now -= 3600
+        monotonic.now += 2 * HOLD_AGE
+        b.put(poll(1))
+        assert on_disk(path) == [1, 2]
+    finally:
+        b.close()
 
 
 def test_no_more_than_hold_max_messages_are_held(live: DiskBuffer, path: Path) -> None:

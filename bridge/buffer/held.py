@@ -47,7 +47,7 @@ HOLD_MIN_MAX_AGE = 60.0
 class HeldRow(NamedTuple):
     messages: tuple[Message, ...]
     size: int  # as the bounds count it
-    since: float  # clock() when held
+    since: float  # monotonic() when held
 
 
 class Held:
@@ -58,7 +58,7 @@ class Held:
     max_messages: int
     max_bytes: int
     max_age: float
-    clock: Callable[[], float]
+    monotonic: Callable[[], float]  # how long a row is held: not the wall clock, which jumps
     accepted: int
     lost: int
     _db: sqlite3.Connection
@@ -81,7 +81,8 @@ class Held:
     _remember: Callable[[int, tuple[Message, ...]], None]
     _transaction: Callable[[Callable[[], None]], None]
 
-    def _init_held(self) -> None:
+    def _init_held(self, monotonic: Callable[[], float]) -> None:
+        self.monotonic = monotonic
         self._held = {}
         self._held_count = 0
         self._live_owner = None
@@ -102,7 +103,7 @@ class Held:
             return False
         n = len(batch)
         held = self._held
-        now = self.clock()
+        now = self.monotonic()
         if held and (self._held_count + n > HOLD_MAX
                      or now - next(iter(held.values())).since > HOLD_AGE):
             return False

@@ -101,6 +101,7 @@ class DiskBuffer(Bounds, FullDisk, Held, Spans):
         max_bytes: int,
         max_age: float,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = Path(path)
         self.max_messages = max_messages
@@ -158,7 +159,7 @@ class DiskBuffer(Bounds, FullDisk, Held, Spans):
         self._deleting_failed = False
         self._freed = 0  # bytes deleted since the last look at the free pages
         self._recent: dict[int, tuple[Message, ...]] = {}  # by row id, oldest first
-        self._init_held()
+        self._init_held(monotonic)
         self._init_direct()
         self.dropped = 0
         self.accepted = 0
