@@ -37,7 +37,7 @@ from bridge.core.messages import Message
 
 log = structlog.get_logger("bridge.buffer")
 
-HOLD_MAX = 2_000  # messages held at most: two wire batches (bridge.mqtt.session.WIRE_BATCH)
+HOLD_MAX = 2_000  # messages held at most: four wire batches (bridge.mqtt.session.WIRE_BATCH)
 HOLD_AGE = 1.0  # seconds a held row may wait to be taken and delivered before it is written
 # A buffer that ages readings out within this many seconds judges every row on the disk
 # (expiry reads the stored rows only).
