@@ -43,7 +43,7 @@ class _Sized(argparse.HelpFormatter):
                  width: int | None = None) -> None:
         if width is None:
             try:
-                columns = int(os.environ.get("COLUMNS", "")) or 0
+                columns = int(os.environ.get("COLUMNS", ""))
             except ValueError:
                 columns = 0
             if columns <= 0:

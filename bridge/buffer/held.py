@@ -60,7 +60,6 @@ class Held:
     max_age: float
     monotonic: Callable[[], float]  # how long a row is held: not the wall clock, which jumps
     accepted: int
-    lost: int
     _db: sqlite3.Connection
     _rows: int
     _count: int
@@ -69,8 +68,6 @@ class Held:
     _front_ts: float
     _full: bool
     _failing: bool
-    _inflight: dict[int, int]
-    _recent: dict[int, tuple[Message, ...]]
     _held: dict[int, HeldRow]  # by id, oldest first; every id above every stored row's
     _held_count: int  # messages in _held
     _live_owner: object | None
